@@ -1,0 +1,119 @@
+@0xecb7065ed3d1122c;
+# The capsa capability schema. One file for every side: the host, the WASM
+# guests and the microVM agent all compile this same schema.
+
+interface Executor {
+  # Turns bytes into running processes. The root Executor is what PID0
+  # bootstraps; children get one with their parent's limits and one less level
+  # of nesting, unless their parent chose another capability for them.
+
+  runBytes @0 (bytes :Data, args :List(Text), env :List(EnvVar), options :Options)
+           -> (process :Process);
+  # The format is detected from the bytes: a WASM component, a WASM core module
+  # (WASI preview 1) or an x86-64 ELF executable (microVM). Anything else fails
+  # with an exception that says what the bytes were. Bad modules, missing
+  # imports and exceeded quotas also fail here, before a Process exists.
+
+  echo @1 (message :Text) -> (response :Text);
+  # Returns the message unchanged. For transport tests and benchmarks.
+}
+
+struct EnvVar {
+  name @0 :Text;
+  value @1 :Text;
+}
+
+enum StdioMode {
+  rpc @0;
+  # stdin/stdout carry the child's own Cap'n Proto connection; its bootstrap
+  # is `Options.bootstrap`, its export is `Process.bootstrap()`.
+  data @1;
+  # stdin/stdout/stderr are plain byte streams reached through the Process,
+  # so an unmodified WASI CLI program runs.
+}
+
+struct Options {
+  # Zero means "inherit from the parent" for every limit.
+
+  memoryLimitBytes @0 :UInt64;
+  # Upper bound on the child's linear memories and tables together.
+  deadlineMillis @1 :UInt64;
+  # Wall-clock deadline from the start; the child is killed when it passes.
+  cpuBudgetMillis @2 :UInt64;
+  # CPU time the child may spend executing guest code, in milliseconds
+  # (counted in epoch ticks).
+  stdio @3 :StdioMode;
+  name @4 :Text;
+  # Label for the child's log lines; defaults to a generated one.
+
+  bootstrap :union {
+    # What the child gets when it bootstraps its connection (RPC mode only).
+    inherit @5 :Void;
+    # An Executor with the parent's limits and one less level of nesting.
+    none @6 :Void;
+    # No capability: calls on the child's bootstrap fail.
+    capability @7 :AnyPointer;
+    # Exactly this capability: the parent's own Executor, an attenuated
+    # wrapper the parent implements, a microVM's Executor, ...
+  }
+
+  vm :group {
+    # microVM options (ELF bytes only).
+    vcpus @8 :UInt32;
+    memoryMib @9 :UInt32;
+    kernel @10 :Data;
+    initramfs @11 :Data;
+  }
+}
+
+interface Process {
+  # A running child. Dropping the last reference kills it.
+
+  wait @0 () -> (status :ExitStatus);
+  # Resolves when the child has ended; any number of concurrent waiters get
+  # the same answer.
+
+  kill @1 ();
+  # Ends the child at once, even inside an infinite loop.
+
+  stdin @2 () -> (sink :ByteSink);
+  stdout @3 () -> (source :ByteSource);
+  stderr @4 () -> (source :ByteSource);
+  # The child's stdio in data mode. In RPC mode stdin/stdout carry the
+  # connection and these fail; stderr is then the host log.
+
+  bootstrap @5 () -> (cap :AnyPointer);
+  # The capability the child exports on its connection (RPC mode).
+}
+
+interface ByteSink {
+  write @0 (data :Data) -> stream;
+  # Flow-controlled: the caller is held back while the child does not read.
+  close @1 ();
+  # End of stream: the child reads EOF.
+}
+
+interface ByteSource {
+  read @0 (maxBytes :UInt32) -> (data :Data, eof :Bool);
+  # Up to maxBytes; waits until at least one byte is there or the stream
+  # ended. The child is held back while nobody reads (bounded buffer).
+}
+
+struct ExitStatus {
+  union {
+    exited @0 :Int32;
+    # The child returned or called exit with this code.
+    trapped @1 :Text;
+    # A WebAssembly trap (including a Rust panic); the text says which.
+    killed @2 :Void;
+    # Process.kill, the last reference dropped, or the parent went away.
+    deadlineExceeded @3 :Void;
+    cpuBudgetExceeded @4 :Void;
+    outOfMemory @5 :UInt64;
+    # The child trapped after the host refused to grow its memory past this
+    # limit (bytes).
+    failed @6 :Text;
+    # The child could not run to completion for a reason outside the guest
+    # (instantiation failed, the VM did not boot, ...).
+  }
+}

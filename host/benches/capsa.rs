@@ -1,0 +1,512 @@
+//! `cargo xtask bench`: capsa's performance figures, each beside a peer
+//! measured in the same run where one exists. Medians throughout.
+//!
+//! Needs the guests built by the xtask (`CAPSA_GUESTS`).
+
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use capnp_rpc::{twoparty, RpcSystem};
+use capsa::schema::{byte_sink, executor, StdioMode};
+use capsa::{Host, HostConfig};
+
+fn guests() -> PathBuf {
+    std::env::var_os("CAPSA_GUESTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/guests/out"))
+}
+
+fn guest(name: &str) -> Vec<u8> {
+    let p = guests().join(format!("{name}.wasm"));
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}; run `cargo xtask bench`", p.display()))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    assert!(!v.is_empty(), "no samples");
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn local<F: std::future::Future>(f: F) -> F::Output {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tokio::task::LocalSet::new().block_on(&rt, f)
+}
+
+struct Report {
+    rows: Vec<(String, String, String)>,
+}
+
+impl Report {
+    fn row(&mut self, what: &str, capsa: String, peer: String) {
+        println!("{what:<58} {capsa:>18}   {peer}");
+        self.rows.push((what.into(), capsa, peer));
+    }
+}
+
+fn us(ns: f64) -> String {
+    format!("{:.1} µs", ns / 1000.0)
+}
+
+/// The bootstrap PID0 gets in the benchmarks: the root Executor, except that
+/// `echo("bench:<name>:<ns>,<ns>,...")` also records the samples a guest took.
+struct Recorder {
+    root: executor::Client,
+    samples: Rc<RefCell<Vec<(String, Vec<f64>)>>>,
+}
+
+impl executor::Server for Recorder {
+    async fn run_bytes(
+        self: Rc<Self>,
+        params: executor::RunBytesParams,
+        mut results: executor::RunBytesResults,
+    ) -> Result<(), capnp::Error> {
+        let mut req = self.root.run_bytes_request();
+        req.get().set_bytes(params.get()?.get_bytes()?);
+        req.get().set_args(params.get()?.get_args()?)?;
+        req.get().set_options(params.get()?.get_options()?)?;
+        let resp = req.send().promise.await?;
+        results.get().set_process(resp.get()?.get_process()?);
+        Ok(())
+    }
+
+    async fn echo(
+        self: Rc<Self>,
+        params: executor::EchoParams,
+        mut results: executor::EchoResults,
+    ) -> Result<(), capnp::Error> {
+        let msg = params.get()?.get_message()?.to_str()?;
+        if let Some(rest) = msg.strip_prefix("bench:") {
+            if let Some((name, list)) = rest.split_once(':') {
+                let v = list.split(',').filter_map(|s| s.parse().ok()).collect();
+                self.samples.borrow_mut().push((name.to_string(), v));
+            }
+        }
+        results.get().set_response(msg);
+        Ok(())
+    }
+}
+
+fn guest_samples(args: &[&str], want: &str) -> Vec<f64> {
+    local(async {
+        let host = Host::new(HostConfig::default()).unwrap();
+        let samples = Rc::new(RefCell::new(Vec::new()));
+        let recorder: executor::Client = capnp_rpc::new_client(Recorder {
+            root: host.root_executor(),
+            samples: samples.clone(),
+        });
+        let status = host
+            .run_pid0_with(
+                &guest("pid0"),
+                args.iter().map(|s| s.to_string()).collect(),
+                recorder.client,
+            )
+            .await
+            .unwrap();
+        assert!(status.success(), "bench pid0: {status}");
+        let found = samples
+            .borrow()
+            .iter()
+            .find(|(n, _)| n == want)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("the guest reported no {want} samples"));
+        found
+    })
+}
+
+/// An Executor that only echoes, for the peer measurements.
+struct EchoOnly;
+
+impl executor::Server for EchoOnly {
+    async fn echo(
+        self: Rc<Self>,
+        params: executor::EchoParams,
+        mut results: executor::EchoResults,
+    ) -> Result<(), capnp::Error> {
+        results.get().set_response(params.get()?.get_message()?);
+        Ok(())
+    }
+}
+
+/// A ByteSink that drops what it is given, for the throughput peer.
+struct Discard;
+
+impl byte_sink::Server for Discard {
+    async fn write(self: Rc<Self>, params: byte_sink::WriteParams) -> Result<(), capnp::Error> {
+        std::hint::black_box(params.get()?.get_data()?);
+        Ok(())
+    }
+}
+
+/// capnp-rpc between two threads of this process over a Unix socket: the
+/// peer for the round-trip and throughput figures.
+fn unix_socket_peer<C, F, Fut, T>(server: capnp::capability::Client, client: F) -> T
+where
+    C: capnp::capability::FromClientHook,
+    F: FnOnce(C) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    a.set_nonblocking(true).unwrap();
+    b.set_nonblocking(true).unwrap();
+    let client_thread = std::thread::spawn(move || {
+        local(async move {
+            let stream = tokio::net::UnixStream::from_std(b).unwrap();
+            let (r, w) = tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
+            let net = twoparty::VatNetwork::new(r, w, Side::Client, Default::default());
+            let mut rpc = RpcSystem::new(Box::new(net), None);
+            let cap: C = rpc.bootstrap(Side::Server);
+            let disconnect = rpc.get_disconnector();
+            tokio::task::spawn_local(rpc);
+            let out = client(cap).await;
+            let _ = disconnect.await;
+            out
+        })
+    });
+    local(async move {
+        let stream = tokio::net::UnixStream::from_std(a).unwrap();
+        let (r, w) = tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
+        let net = twoparty::VatNetwork::new(r, w, Side::Server, Default::default());
+        let _ = RpcSystem::new(Box::new(net), Some(server)).await;
+    });
+    client_thread.join().unwrap()
+}
+
+use futures::AsyncReadExt as _;
+
+const ECHOES: usize = 20_000;
+
+fn echo_peer() -> Vec<f64> {
+    let server: executor::Client = capnp_rpc::new_client(EchoOnly);
+    unix_socket_peer(server.client, |exec: executor::Client| async move {
+        let mut v = Vec::with_capacity(ECHOES);
+        for _ in 0..ECHOES {
+            let t = Instant::now();
+            let mut req = exec.echo_request();
+            req.get().set_message("x");
+            req.send().promise.await.unwrap();
+            v.push(t.elapsed().as_nanos() as f64);
+        }
+        v
+    })
+}
+
+fn throughput_peer(chunk: usize, total: usize) -> f64 {
+    let server: byte_sink::Client = capnp_rpc::new_client(Discard);
+    unix_socket_peer(server.client, move |sink: byte_sink::Client| async move {
+        let data = vec![7u8; chunk];
+        let t = Instant::now();
+        for _ in 0..total / chunk {
+            let mut req = sink.write_request();
+            req.get().set_data(&data);
+            req.send().await.unwrap();
+        }
+        total as f64 / t.elapsed().as_secs_f64()
+    })
+}
+
+/// Host → guest → host through `hello cat` in data mode, `chunk` bytes a write.
+fn throughput_capsa(chunk: usize, total: usize) -> f64 {
+    local(async move {
+        let host = Host::new(HostConfig::default()).unwrap();
+        let root = host.root_executor();
+        let mut req = root.run_bytes_request();
+        req.get().set_bytes(&guest("hello"));
+        req.get().init_args(1).set(0, "cat");
+        req.get().init_options().set_stdio(StdioMode::Data);
+        let p = req
+            .send()
+            .promise
+            .await
+            .unwrap()
+            .get()
+            .unwrap()
+            .get_process()
+            .unwrap();
+        let sink = p.stdin_request().send().pipeline.get_sink();
+        let source = p.stdout_request().send().pipeline.get_source();
+        let t = Instant::now();
+        let writer = tokio::task::spawn_local(async move {
+            let data = vec![7u8; chunk];
+            for _ in 0..total / chunk {
+                let mut req = sink.write_request();
+                req.get().set_data(&data);
+                req.send().await.unwrap();
+            }
+            sink.close_request().send().promise.await.unwrap();
+        });
+        let mut got = 0;
+        loop {
+            let mut req = source.read_request();
+            req.get().set_max_bytes(chunk as u32);
+            let resp = req.send().promise.await.unwrap();
+            let r = resp.get().unwrap();
+            got += r.get_data().unwrap().len();
+            if r.get_eof() {
+                break;
+            }
+        }
+        writer.await.unwrap();
+        assert_eq!(got, total);
+        let rate = total as f64 / t.elapsed().as_secs_f64();
+        host.shutdown().await;
+        rate
+    })
+}
+
+/// runBytes(child-echo).process.bootstrap().echo(), pipelined, timed to the
+/// echo's answer.
+async fn spawn_to_first_call(root: &executor::Client, bytes: &[u8]) -> f64 {
+    let t = Instant::now();
+    let mut req = root.run_bytes_request();
+    req.get().set_bytes(bytes);
+    let p = req.send().pipeline.get_process();
+    let exec: executor::Client = capnp::capability::FromClientHook::new(
+        p.bootstrap_request().send().pipeline.get_cap().as_cap(),
+    );
+    let mut e = exec.echo_request();
+    e.get().set_message("first");
+    e.send().promise.await.unwrap();
+    let ns = t.elapsed().as_nanos() as f64;
+    p.kill_request().send().promise.await.unwrap();
+    ns
+}
+
+fn spawn_cold(runs: usize) -> Vec<f64> {
+    let bytes = guest("child-echo");
+    (0..runs)
+        .map(|_| {
+            local(async {
+                let host = Host::new(HostConfig::default()).unwrap();
+                let ns = spawn_to_first_call(&host.root_executor(), &bytes).await;
+                host.shutdown().await;
+                ns
+            })
+        })
+        .collect()
+}
+
+fn spawn_cached(runs: usize) -> Vec<f64> {
+    let bytes = guest("child-echo");
+    local(async {
+        let host = Host::new(HostConfig::default()).unwrap();
+        let root = host.root_executor();
+        spawn_to_first_call(&root, &bytes).await;
+        let mut v = Vec::new();
+        for _ in 0..runs {
+            v.push(spawn_to_first_call(&root, &bytes).await);
+        }
+        host.shutdown().await;
+        v
+    })
+}
+
+/// The whole hello component run to exit, in-process, cached.
+fn hello_in_capsa(runs: usize) -> Vec<f64> {
+    let bytes = guest("hello");
+    local(async {
+        let host = Host::new(HostConfig::default()).unwrap();
+        let root = host.root_executor();
+        let mut v = Vec::new();
+        for i in 0..=runs {
+            let t = Instant::now();
+            let mut req = root.run_bytes_request();
+            req.get().set_bytes(&bytes);
+            req.get().init_options().set_stdio(StdioMode::Data);
+            let p = req.send().pipeline.get_process();
+            let out = p.stdout_request().send().pipeline.get_source();
+            loop {
+                let resp = out.read_request().send().promise.await.unwrap();
+                if resp.get().unwrap().get_eof() {
+                    break;
+                }
+            }
+            p.wait_request().send().promise.await.unwrap();
+            if i > 0 {
+                v.push(t.elapsed().as_nanos() as f64);
+            }
+        }
+        host.shutdown().await;
+        v
+    })
+}
+
+/// `wasmtime run hello.wasm`, the wasmtime CLI as a separate process.
+fn hello_in_wasmtime_cli(runs: usize) -> Option<Vec<f64>> {
+    let exe = std::env::var_os("CAPSA_PEER_WASMTIME").map(PathBuf::from)?;
+    let hello = guests().join("hello.wasm");
+    let mut v = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let out = std::process::Command::new(&exe)
+            .arg("run")
+            .arg(&hello)
+            .output()
+            .ok()?;
+        assert!(out.status.success());
+        v.push(t.elapsed().as_nanos() as f64);
+    }
+    Some(v)
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// Host memory per idle live child, with `n` children each answering echo.
+fn memory_per_child(n: usize) -> (f64, usize) {
+    let config = HostConfig {
+        max_children: n as u32 + 1,
+        ..HostConfig::default()
+    };
+    local(async move {
+        let host = Host::new(config).unwrap();
+        let root = host.root_executor();
+        let bytes = guest("child-echo");
+        // Warm the compile cache and the allocator before the baseline.
+        let warm = spawn_to_first_call(&root, &bytes).await;
+        std::hint::black_box(warm);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let before = rss_bytes();
+        let mut procs = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut req = root.run_bytes_request();
+            req.get().set_bytes(&bytes);
+            let p = req.send().pipeline.get_process();
+            let exec: executor::Client = capnp::capability::FromClientHook::new(
+                p.bootstrap_request().send().pipeline.get_cap().as_cap(),
+            );
+            let mut e = exec.echo_request();
+            e.get().set_message("alive");
+            e.send().promise.await.unwrap();
+            procs.push(p);
+        }
+        let live = host.live_cells();
+        let after = rss_bytes();
+        drop(procs);
+        host.shutdown().await;
+        ((after.saturating_sub(before)) as f64 / n as f64, live)
+    })
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; anything else narrows the run.
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let want = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+    let mut r = Report { rows: Vec::new() };
+    println!(
+        "capsa bench: {} cores, {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(
+                |c| c.lines().find(|l| l.starts_with("model name")).map(|l| l
+                    .split(':')
+                    .nth(1)
+                    .unwrap_or("")
+                    .trim()
+                    .to_string())
+            )
+            .unwrap_or_default()
+    );
+    println!("{:<58} {:>18}   peer (same run)", "what (median)", "capsa");
+
+    if want("echo") {
+        let pid0 = median(guest_samples(
+            &["bench-echo", &ECHOES.to_string()],
+            "pid0-echo",
+        ));
+        let peer = median(echo_peer());
+        r.row(
+            "echo round trip PID0 <-> host",
+            us(pid0),
+            format!(
+                "capnp-rpc over a Unix socket, two threads: {} (capsa/peer {:.2})",
+                us(peer),
+                pid0 / peer
+            ),
+        );
+        let nested = median(guest_samples(
+            &["bench-nested", &ECHOES.to_string()],
+            "nested-echo",
+        ));
+        r.row(
+            "echo round trip grandchild <-> host",
+            us(nested),
+            format!("(vs PID0: {:.2})", nested / pid0),
+        );
+    }
+    if want("spawn") {
+        let cold = median(spawn_cold(10));
+        let cached = median(spawn_cached(200));
+        r.row(
+            "runBytes -> first RPC call, cold (compile)",
+            us(cold),
+            String::new(),
+        );
+        r.row(
+            "runBytes -> first RPC call, cached",
+            us(cached),
+            String::new(),
+        );
+        let ours = median(hello_in_capsa(50));
+        let peer = match hello_in_wasmtime_cli(20) {
+            Some(v) => {
+                let p = median(v);
+                format!(
+                    "`wasmtime run` (wasmtime-cli 48): {} (capsa/peer {:.3})",
+                    us(p),
+                    ours / p
+                )
+            }
+            None => "`wasmtime run`: not installed (CAPSA_PEER_WASMTIME unset)".into(),
+        };
+        r.row("hello component run to exit, cached", us(ours), peer);
+    }
+    if want("throughput") {
+        let total = 512 << 20;
+        for chunk in [64 << 10, 1 << 20] {
+            let ours = median((0..3).map(|_| throughput_capsa(chunk, total)).collect());
+            let peer = median((0..3).map(|_| throughput_peer(chunk, total)).collect());
+            r.row(
+                &format!(
+                    "byte stream host -> guest -> host, {} KiB writes",
+                    chunk >> 10
+                ),
+                format!("{:.2} GB/s", ours / 1e9),
+                format!(
+                    "capnp-rpc ByteSink over a Unix socket: {:.2} GB/s (ratio {:.2})",
+                    peer / 1e9,
+                    ours / peer
+                ),
+            );
+        }
+    }
+    if want("memory") {
+        let n = 10_000;
+        let (per, live) = memory_per_child(n);
+        r.row(
+            &format!("host memory per idle live child ({live} live)"),
+            format!("{:.0} KiB", per / 1024.0),
+            String::new(),
+        );
+    }
+    let _ = r.rows;
+}

@@ -1,0 +1,403 @@
+//! A cell is one running guest: its store, its stdio pipes, its RPC
+//! connection (in RPC mode) and the task that drives it to an exit status.
+//!
+//! Every guest, PID0 included, is started by [`spawn`]. The task it starts
+//! owns the wasmtime `Store`; ending the task (kill, deadline, normal exit)
+//! drops the store, closes the guest's ends of its pipes and so ends its RPC
+//! connection, which releases every capability the guest held.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use capnp_rpc::{twoparty, RpcSystem};
+use tokio::sync::watch;
+use wasmtime::{Store, UpdateDeadline};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
+
+use crate::engine::{CellState, Compiled, CpuBudgetExceeded, MemoryLimiter, P2Wasi, Runtime};
+use crate::pipe::{self, GuestInput, GuestOutput, PipeReader, PipeWriter};
+use crate::status::{ExitStatus, Limits};
+
+/// How a child's stdin/stdout are wired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StdioMode {
+    /// stdin/stdout carry the guest's own Cap'n Proto connection.
+    Rpc,
+    /// stdin/stdout/stderr are plain byte streams reached through the Process.
+    Data,
+}
+
+/// Everything needed to start a guest besides its compiled code.
+pub struct CellSpec {
+    pub name: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub limits: Limits,
+    pub stdio: StdioMode,
+    /// RPC mode: the capability the guest gets when it bootstraps.
+    pub bootstrap: Option<capnp::capability::Client>,
+    /// RPC mode: whether to ask for the capability the guest exports.
+    pub want_export: bool,
+}
+
+/// The host's ends of a data-mode guest's stdio.
+pub struct DataStdio {
+    pub stdin: Rc<PipeWriter>,
+    pub stdout: Rc<PipeReader>,
+    pub stderr: Rc<PipeReader>,
+}
+
+/// The handle on a running (or finished) cell. Dropping it does not kill the
+/// cell; the Process capability does that in its own `Drop`.
+pub struct Cell {
+    pub id: u64,
+    pub name: String,
+    kill: Rc<KillSwitch>,
+    status: watch::Receiver<Option<ExitStatus>>,
+    /// Data mode only.
+    pub data: Option<DataStdio>,
+    /// RPC mode: the capability the guest exports.
+    pub export: Option<capnp::capability::Client>,
+}
+
+impl Cell {
+    /// Ends the cell with `reason`, unless it has already ended.
+    pub fn kill(&self, reason: ExitStatus) {
+        self.kill.fire(reason);
+    }
+
+    /// The exit status, once the cell has ended.
+    pub fn try_status(&self) -> Option<ExitStatus> {
+        self.status.borrow().clone()
+    }
+
+    /// Waits for the cell to end.
+    pub async fn wait(&self) -> ExitStatus {
+        wait_status(self.status.clone()).await
+    }
+
+    /// A receiver that resolves with the exit status, for waiting without
+    /// holding the cell.
+    pub fn status_receiver(&self) -> watch::Receiver<Option<ExitStatus>> {
+        self.status.clone()
+    }
+
+    pub(crate) fn kill_switch(&self) -> Rc<KillSwitch> {
+        self.kill.clone()
+    }
+}
+
+pub async fn wait_status(mut rx: watch::Receiver<Option<ExitStatus>>) -> ExitStatus {
+    match rx.wait_for(Option::is_some).await {
+        Ok(s) => s.clone().unwrap_or(ExitStatus::Killed),
+        // The task is gone without a word: it was dropped with the runtime.
+        Err(_) => ExitStatus::Killed,
+    }
+}
+
+/// Ends a cell from outside its task.
+pub struct KillSwitch(watch::Sender<Option<ExitStatus>>);
+
+impl KillSwitch {
+    pub fn fire(&self, reason: ExitStatus) {
+        self.0.send_if_modified(|r| {
+            if r.is_none() {
+                *r = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+/// Capacity of stdio pipes.
+const PIPE_CAPACITY: usize = pipe::DEFAULT_CAPACITY;
+/// stderr lines kept for the exit status of a trapped guest.
+const STDERR_TAIL: usize = 4;
+
+/// Starts `compiled` as a new cell. `on_exit` runs once the cell has ended.
+///
+/// Must be called inside a `tokio::task::LocalSet`.
+pub fn spawn(
+    runtime: &Runtime,
+    id: u64,
+    compiled: Compiled,
+    spec: CellSpec,
+    on_exit: impl FnOnce(&ExitStatus) + 'static,
+) -> Rc<Cell> {
+    let (stdin_host, stdin_guest) = pipe::guest_input(PIPE_CAPACITY);
+    let (stdout_guest, stdout_host) = pipe::guest_output(PIPE_CAPACITY);
+    let (stderr_guest, stderr_host) = pipe::guest_output(PIPE_CAPACITY);
+    let label = format!("{}#{}", spec.name, id);
+
+    let mut builder = WasiCtxBuilder::new();
+    builder
+        .arg(&spec.name)
+        .args(&spec.args)
+        .envs(&spec.env)
+        .stdin(stdin_guest.clone())
+        .stdout(stdout_guest.clone())
+        .stderr(stderr_guest.clone())
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false);
+
+    let (kill_tx, kill_rx) = watch::channel(None);
+    let (status_tx, status_rx) = watch::channel(None);
+    let tail = Rc::new(RefCell::new(VecDeque::new()));
+
+    let mut data = None;
+    let mut export = None;
+    let mut rpc_task = None;
+    match spec.stdio {
+        StdioMode::Data => {
+            data = Some(DataStdio {
+                stdin: Rc::new(stdin_host),
+                stdout: Rc::new(stdout_host),
+                stderr: Rc::new(stderr_host),
+            });
+        }
+        StdioMode::Rpc => {
+            tokio::task::spawn_local(log_stderr(label.clone(), stderr_host, tail.clone()));
+            let network = twoparty::VatNetwork::new(
+                stdout_host,
+                stdin_host,
+                Side::Server,
+                capnp::message::ReaderOptions::new(),
+            );
+            let mut rpc = RpcSystem::new(Box::new(network), spec.bootstrap);
+            if spec.want_export {
+                export = Some(rpc.bootstrap::<capnp::capability::Client>(Side::Client));
+            }
+            rpc_task = Some(rpc);
+        }
+    }
+
+    let kill = Rc::new(KillSwitch(kill_tx));
+    if let Some(rpc) = rpc_task {
+        // A guest that breaks its connection (garbage on stdout, a bad
+        // message) is ended with the reason: it can no longer be reached.
+        let kill = Rc::downgrade(&kill);
+        let label = label.clone();
+        tokio::task::spawn_local(async move {
+            if let Err(e) = rpc.await {
+                tracing::debug!(cell = %label, "RPC connection ended: {e}");
+                if let Some(k) = kill.upgrade() {
+                    k.fire(ExitStatus::Failed(format!("broken RPC connection: {e}")));
+                }
+            }
+        });
+    }
+
+    let limits = spec.limits.clone();
+    let run = run_guest(runtime, compiled, builder, limits.clone(), tail.clone());
+    tokio::task::spawn_local(drive(
+        label.clone(),
+        run,
+        kill_rx,
+        limits,
+        status_tx,
+        GuestEnds {
+            stdin: stdin_guest,
+            stdout: stdout_guest,
+            stderr: stderr_guest,
+        },
+        on_exit,
+    ));
+
+    Rc::new(Cell {
+        id,
+        name: spec.name,
+        kill,
+        status: status_rx,
+        data,
+        export,
+    })
+}
+
+struct GuestEnds {
+    stdin: GuestInput,
+    stdout: GuestOutput,
+    stderr: GuestOutput,
+}
+
+impl GuestEnds {
+    fn close(&self) {
+        self.stdin.close();
+        self.stdout.close();
+        self.stderr.close();
+    }
+}
+
+/// Runs the guest until it exits, is killed, or passes its deadline.
+async fn drive(
+    label: String,
+    run: impl std::future::Future<Output = ExitStatus>,
+    mut kill_rx: watch::Receiver<Option<ExitStatus>>,
+    limits: Limits,
+    status_tx: watch::Sender<Option<ExitStatus>>,
+    ends: GuestEnds,
+    on_exit: impl FnOnce(&ExitStatus),
+) {
+    let deadline = async {
+        match limits.deadline {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    let status = tokio::select! {
+        biased;
+        reason = kill_rx.wait_for(Option::is_some) => match reason {
+            Ok(r) => r.clone().unwrap_or(ExitStatus::Killed),
+            Err(_) => ExitStatus::Killed,
+        },
+        _ = deadline => ExitStatus::DeadlineExceeded,
+        status = run => status,
+    };
+    // The store is gone with `run`; closing the pipes ends the RPC
+    // connection and tells data-mode readers the streams are over.
+    ends.close();
+    tracing::debug!(cell = %label, "{status}");
+    on_exit(&status);
+    status_tx.send_replace(Some(status));
+}
+
+fn run_guest(
+    runtime: &Runtime,
+    compiled: Compiled,
+    mut builder: WasiCtxBuilder,
+    limits: Limits,
+    tail: Rc<RefCell<VecDeque<String>>>,
+) -> impl std::future::Future<Output = ExitStatus> {
+    let engine = runtime.engine().clone();
+    async move {
+        match compiled {
+            Compiled::Component(pre) => {
+                let wasi = P2Wasi::new(builder.build());
+                let mut store = new_store(&engine, wasi, &limits);
+                let result = async {
+                    let command = pre.instantiate_async(&mut store).await?;
+                    command.wasi_cli_run().call_run(&mut store).await
+                }
+                .await;
+                let result = result.map(|r| if r.is_ok() { 0 } else { 1 });
+                classify(result, store.data().limiter.refused, &limits, &tail)
+            }
+            Compiled::Module(pre) => {
+                let wasi: WasiP1Ctx = builder.build_p1();
+                let mut store = new_store(&engine, wasi, &limits);
+                let result = async {
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+                    start.call_async(&mut store, ()).await?;
+                    Ok(0)
+                }
+                .await;
+                classify(result, store.data().limiter.refused, &limits, &tail)
+            }
+        }
+    }
+}
+
+fn new_store<W: Send + 'static>(
+    engine: &wasmtime::Engine,
+    wasi: W,
+    limits: &Limits,
+) -> Store<CellState<W>> {
+    let mut store = Store::new(
+        engine,
+        CellState {
+            wasi,
+            limiter: MemoryLimiter {
+                limit: limits.memory_bytes,
+                refused: false,
+            },
+            ticks: 0,
+            cpu_budget: limits.cpu_ticks,
+        },
+    );
+    store.limiter(|s| &mut s.limiter);
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(|mut ctx| {
+        let state = ctx.data_mut();
+        state.ticks += 1;
+        if state.cpu_budget.is_some_and(|b| state.ticks > b) {
+            return Err(wasmtime::Error::new(CpuBudgetExceeded));
+        }
+        // Yield to the host at every tick: this is what lets a kill, a
+        // deadline or another guest get in while this one computes.
+        Ok(UpdateDeadline::Yield(1))
+    });
+    store
+}
+
+/// Turns the outcome of running a guest into its exit status.
+fn classify(
+    result: wasmtime::Result<i32>,
+    memory_refused: bool,
+    limits: &Limits,
+    tail: &RefCell<VecDeque<String>>,
+) -> ExitStatus {
+    let err = match result {
+        Ok(code) => return ExitStatus::Exited(code),
+        Err(e) => e,
+    };
+    if let Some(exit) = err.downcast_ref::<I32Exit>() {
+        return ExitStatus::Exited(exit.0);
+    }
+    if err.downcast_ref::<CpuBudgetExceeded>().is_some() {
+        return ExitStatus::CpuBudgetExceeded;
+    }
+    if memory_refused {
+        return ExitStatus::OutOfMemory(limits.memory_bytes);
+    }
+    let mut message = match err.downcast_ref::<wasmtime::Trap>() {
+        Some(trap) => trap.to_string(),
+        None => format!("{err:#}"),
+    };
+    let tail = tail.borrow();
+    if !tail.is_empty() {
+        message.push_str("; stderr: ");
+        message.push_str(&tail.iter().cloned().collect::<Vec<_>>().join(" | "));
+    }
+    ExitStatus::Trapped(message)
+}
+
+/// Copies an RPC-mode guest's stderr to the host log, line by line, labelled
+/// with the cell, and keeps the last lines for its exit status.
+async fn log_stderr(label: String, stderr: PipeReader, tail: Rc<RefCell<VecDeque<String>>>) {
+    let mut line = Vec::new();
+    loop {
+        let chunk = stderr.read_chunk(8192).await;
+        let eof = chunk.is_empty();
+        line.extend_from_slice(&chunk);
+        while let Some(pos) = line.iter().position(|&b| b == b'\n') {
+            let rest = line.split_off(pos + 1);
+            emit(&label, &line[..pos], &tail);
+            line = rest;
+        }
+        // A guest that never ends its line must not grow the host.
+        if line.len() > 4096 || (eof && !line.is_empty()) {
+            emit(&label, &line, &tail);
+            line.clear();
+        }
+        if eof {
+            return;
+        }
+    }
+}
+
+fn emit(label: &str, line: &[u8], tail: &RefCell<VecDeque<String>>) {
+    let text = String::from_utf8_lossy(line);
+    let text = text.trim_end_matches('\r');
+    tracing::info!(target: "capsa::guest", "[{label}] {text}");
+    let mut tail = tail.borrow_mut();
+    if tail.len() == STDERR_TAIL {
+        tail.pop_front();
+    }
+    tail.push_back(text.to_string());
+}

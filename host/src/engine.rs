@@ -1,0 +1,237 @@
+//! The wasmtime engine, its linkers, and the cache of compiled guests.
+//!
+//! One [`Runtime`] per host. Guests are compiled once per distinct content
+//! (keyed by SHA-256) and kept as pre-instantiated images, so a second
+//! `runBytes` of the same bytes costs an instantiation, not a compile.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, ResourceTable};
+use wasmtime::{Config, Engine, Module, ResourceLimiter};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::bindings::CommandPre;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::format::{self, Format};
+use crate::SpawnError;
+
+/// How often the engine's epoch advances. A running guest yields to the host
+/// at every tick, so this bounds how long a kill or a deadline waits for a
+/// guest stuck in a loop, and it is the unit of the CPU budget.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// WASI state of a component (preview 2).
+pub struct P2Wasi {
+    ctx: WasiCtx,
+    table: ResourceTable,
+}
+
+impl P2Wasi {
+    pub fn new(ctx: WasiCtx) -> Self {
+        P2Wasi {
+            ctx,
+            table: ResourceTable::new(),
+        }
+    }
+}
+
+/// Store data of one running guest.
+pub struct CellState<W> {
+    pub wasi: W,
+    pub limiter: MemoryLimiter,
+    /// Epoch ticks this guest has been running for.
+    pub ticks: u64,
+    pub cpu_budget: Option<u64>,
+}
+
+impl WasiView for CellState<P2Wasi> {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi.ctx,
+            table: &mut self.wasi.table,
+        }
+    }
+}
+
+/// Refuses to grow any memory or table past the process's limit, and
+/// remembers that it did so the exit status can say "out of memory".
+pub struct MemoryLimiter {
+    pub limit: u64,
+    pub refused: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let ok = desired as u64 <= self.limit;
+        self.refused |= !ok;
+        Ok(ok)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        // A table element is a pointer-sized reference.
+        let ok = (desired as u64).saturating_mul(8) <= self.limit;
+        self.refused |= !ok;
+        Ok(ok)
+    }
+}
+
+/// The trap raised when a guest has used up its CPU budget.
+#[derive(Debug, thiserror::Error)]
+#[error("CPU budget exceeded")]
+pub struct CpuBudgetExceeded;
+
+/// A guest compiled and linked against the host's WASI, ready to instantiate.
+#[derive(Clone)]
+pub enum Compiled {
+    Component(CommandPre<CellState<P2Wasi>>),
+    Module(wasmtime::InstancePre<CellState<WasiP1Ctx>>),
+}
+
+pub struct Runtime {
+    engine: Engine,
+    components: wasmtime::component::Linker<CellState<P2Wasi>>,
+    modules: wasmtime::Linker<CellState<WasiP1Ctx>>,
+    cache: RefCell<HashMap<[u8; 32], Compiled>>,
+    _ticker: EpochTicker,
+}
+
+impl Runtime {
+    pub fn new() -> wasmtime::Result<Runtime> {
+        let mut config = Config::new();
+        config
+            .epoch_interruption(true)
+            .wasm_component_model(true)
+            // Bounds-checked memories with a modest reservation: ten thousand
+            // idle children must fit in the address space and in the
+            // kernel's limit on mappings.
+            .memory_reservation(64 << 20)
+            .memory_guard_size(64 << 10)
+            .memory_reservation_for_growth(16 << 20)
+            .async_stack_size(1 << 20)
+            .max_wasm_stack(512 << 10);
+        let engine = Engine::new(&config)?;
+
+        let mut components = wasmtime::component::Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut components)?;
+        let mut modules = wasmtime::Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut modules, |s: &mut CellState<WasiP1Ctx>| {
+            &mut s.wasi
+        })?;
+
+        Ok(Runtime {
+            _ticker: EpochTicker::start(engine.clone()),
+            engine,
+            components,
+            modules,
+            cache: RefCell::new(HashMap::new()),
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Compiles `bytes` (or finds them in the cache) and links them.
+    ///
+    /// Compilation runs on a blocking thread so the host keeps serving other
+    /// guests meanwhile.
+    pub async fn compile(&self, bytes: Arc<[u8]>) -> Result<Compiled, SpawnError> {
+        let kind = format::detect(&bytes)?;
+        let key: [u8; 32] = Sha256::digest(&bytes).into();
+        if let Some(hit) = self.cache.borrow().get(&key) {
+            return Ok(hit.clone());
+        }
+        let engine = self.engine.clone();
+        let compiled = match kind {
+            Format::Elf => return Err(SpawnError::VmDisabled),
+            Format::Component => {
+                let component =
+                    tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
+                        .await
+                        .map_err(|e| SpawnError::Compile(e.to_string()))?
+                        .map_err(|e| SpawnError::Compile(format!("{e:#}")))?;
+                let pre = self
+                    .components
+                    .instantiate_pre(&component)
+                    .map_err(|e| SpawnError::Link(format!("{e:#}")))?;
+                Compiled::Component(
+                    CommandPre::new(pre).map_err(|e| SpawnError::Link(format!("{e:#}")))?,
+                )
+            }
+            Format::Module => {
+                let module = tokio::task::spawn_blocking(move || Module::new(&engine, &bytes))
+                    .await
+                    .map_err(|e| SpawnError::Compile(e.to_string()))?
+                    .map_err(|e| SpawnError::Compile(format!("{e:#}")))?;
+                if module.get_export("_start").is_none() {
+                    return Err(SpawnError::Link(
+                        "the module exports no `_start`: not a WASI command".into(),
+                    ));
+                }
+                Compiled::Module(
+                    self.modules
+                        .instantiate_pre(&module)
+                        .map_err(|e| SpawnError::Link(format!("{e:#}")))?,
+                )
+            }
+        };
+        self.cache.borrow_mut().insert(key, compiled.clone());
+        Ok(compiled)
+    }
+
+    /// Number of distinct guests compiled so far.
+    pub fn cached(&self) -> usize {
+        self.cache.borrow().len()
+    }
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> EpochTicker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("capsa-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawning the epoch thread");
+        EpochTicker {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! The `Executor` capability: `runBytes` and `echo`.
+//!
+//! Every Executor carries the nesting depth of the children it starts and the
+//! limits they inherit. The default bootstrap of a child is a new Executor one
+//! level deeper with the child's own limits, so quotas compose down the tree.
+
+use std::cell::Cell as Counter;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use capsa_schema::capsa_capnp::{executor, options, StdioMode as WireStdio};
+
+use crate::cell::{CellSpec, StdioMode};
+use crate::engine::EPOCH_TICK;
+use crate::error::SpawnError;
+use crate::host::Host;
+use crate::process::ProcessImpl;
+use crate::status::Limits;
+
+pub struct ExecutorImpl {
+    host: Host,
+    /// Nesting level of the children this Executor starts (PID0's are 1).
+    depth: u32,
+    limits: Limits,
+    /// Children of this Executor that are still running.
+    live: Rc<Counter<u32>>,
+}
+
+impl ExecutorImpl {
+    pub fn new(host: Host, depth: u32, limits: Limits) -> Self {
+        ExecutorImpl {
+            host,
+            depth,
+            limits,
+            live: Rc::new(Counter::new(0)),
+        }
+    }
+
+    /// Reserves a live-child slot, or refuses when the quotas are used up.
+    fn reserve(&self) -> Result<Slot, SpawnError> {
+        let config = self.host.config();
+        if self.depth > config.max_depth {
+            return Err(SpawnError::Depth(config.max_depth));
+        }
+        if self.live.get() >= config.max_children {
+            return Err(SpawnError::Children(config.max_children));
+        }
+        self.live.set(self.live.get() + 1);
+        Ok(Slot(self.live.clone()))
+    }
+}
+
+/// One live child counted against its Executor; released when dropped.
+pub(crate) struct Slot(Rc<Counter<u32>>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
+}
+
+fn text_list(list: capnp::text_list::Reader<'_>, what: &str) -> capnp::Result<Vec<String>> {
+    list.iter()
+        .map(|t| {
+            t?.to_string()
+                .map_err(|_| capnp::Error::failed(format!("{what} must be UTF-8")))
+        })
+        .collect()
+}
+
+impl executor::Server for ExecutorImpl {
+    async fn run_bytes(
+        self: Rc<Self>,
+        params: executor::RunBytesParams,
+        mut results: executor::RunBytesResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let bytes: Arc<[u8]> = Arc::from(p.get_bytes()?);
+        let args = text_list(p.get_args()?, "arguments")?;
+        let mut env = Vec::new();
+        for var in p.get_env()? {
+            let name = var.get_name()?.to_string();
+            let value = var.get_value()?.to_string();
+            match (name, value) {
+                (Ok(n), Ok(v)) if !n.is_empty() && !n.contains('=') => env.push((n, v)),
+                _ => {
+                    return Err(capnp::Error::failed(
+                        "environment variables need a UTF-8 name without '=' and a UTF-8 value"
+                            .into(),
+                    ))
+                }
+            }
+        }
+        // An unset struct reads as its defaults: every limit inherited.
+        let opts: options::Reader<'_> = p.get_options()?;
+
+        let slot = self.reserve()?;
+        let cpu_ticks = opts.get_cpu_budget_millis() * 1000 / EPOCH_TICK.as_micros() as u64;
+        let limits = self.limits.narrowed(
+            opts.get_memory_limit_bytes(),
+            opts.get_deadline_millis(),
+            cpu_ticks,
+        );
+        let stdio = match opts.get_stdio()? {
+            WireStdio::Rpc => StdioMode::Rpc,
+            WireStdio::Data => StdioMode::Data,
+        };
+        let bootstrap = match opts.get_bootstrap().which()? {
+            options::bootstrap::Inherit(()) => Some(
+                capnp_rpc::new_client::<executor::Client, _>(ExecutorImpl::new(
+                    self.host.clone(),
+                    self.depth + 1,
+                    limits.clone(),
+                ))
+                .client,
+            ),
+            options::bootstrap::None(()) => None,
+            options::bootstrap::Capability(cap) => {
+                Some(cap.get_as_capability::<capnp::capability::Client>()?)
+            }
+        };
+        let name = match opts.get_name()?.to_str() {
+            Ok("") | Err(_) => format!("child{}", self.depth),
+            Ok(n) => n.to_string(),
+        };
+        let spec = CellSpec {
+            name,
+            args,
+            env,
+            limits,
+            stdio,
+            bootstrap,
+            want_export: stdio == StdioMode::Rpc,
+        };
+        let cell = self.host.spawn(bytes, spec, Some(slot)).await?;
+        results
+            .get()
+            .set_process(capnp_rpc::new_client(ProcessImpl::new(cell)));
+        Ok(())
+    }
+
+    async fn echo(
+        self: Rc<Self>,
+        params: executor::EchoParams,
+        mut results: executor::EchoResults,
+    ) -> Result<(), capnp::Error> {
+        results.get().set_response(params.get()?.get_message()?);
+        Ok(())
+    }
+}

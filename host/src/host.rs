@@ -1,0 +1,197 @@
+//! The host: one wasmtime runtime, the registry of live cells, and the entry
+//! points an embedder uses (`run_pid0`, `root_executor`, `shutdown`).
+//!
+//! A `Host` is single-threaded (capnp-rpc is): create and use it inside a
+//! `tokio::task::LocalSet` on a current-thread runtime.
+
+use std::cell::{Cell as Counter, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use capsa_schema::capsa_capnp::executor;
+use tokio::sync::watch;
+
+use crate::cell::{self, Cell, CellSpec, KillSwitch, StdioMode};
+use crate::engine::Runtime;
+use crate::error::SpawnError;
+use crate::executor::{ExecutorImpl, Slot};
+use crate::status::{ExitStatus, Limits};
+
+/// Host-wide settings.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    /// Limits of PID0; every descendant's are at most these.
+    pub limits: Limits,
+    /// Deepest nesting level a child may have (PID0's children are level 1).
+    pub max_depth: u32,
+    /// Most children one Executor may have running at once.
+    pub max_children: u32,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            limits: Limits::default(),
+            max_depth: 8,
+            max_children: 64,
+        }
+    }
+}
+
+/// A handle on the host; clones share it.
+#[derive(Clone)]
+pub struct Host(Rc<Inner>);
+
+struct Inner {
+    runtime: Runtime,
+    config: HostConfig,
+    next_id: Counter<u64>,
+    cells: RefCell<HashMap<u64, Live>>,
+    closed: Counter<bool>,
+}
+
+struct Live {
+    kill: Rc<KillSwitch>,
+    status: watch::Receiver<Option<ExitStatus>>,
+}
+
+/// Why a host could not be created.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up the WebAssembly engine: {0}")]
+pub struct HostError(String);
+
+impl Host {
+    pub fn new(config: HostConfig) -> Result<Host, HostError> {
+        let runtime = Runtime::new().map_err(|e| HostError(format!("{e:#}")))?;
+        Ok(Host(Rc::new(Inner {
+            runtime,
+            config,
+            next_id: Counter::new(0),
+            cells: RefCell::new(HashMap::new()),
+            closed: Counter::new(false),
+        })))
+    }
+
+    pub fn config(&self) -> &HostConfig {
+        &self.0.config
+    }
+
+    /// A new root Executor: what PID0 bootstraps. Its children are at
+    /// nesting level 1 and run under the host's limits.
+    pub fn root_executor(&self) -> executor::Client {
+        capnp_rpc::new_client(ExecutorImpl::new(
+            self.clone(),
+            1,
+            self.0.config.limits.clone(),
+        ))
+    }
+
+    /// Runs `bytes` as PID0 with the root Executor as its bootstrap, waits for
+    /// it to exit, then kills whatever it left running.
+    pub async fn run_pid0(
+        &self,
+        bytes: &[u8],
+        args: Vec<String>,
+    ) -> Result<ExitStatus, SpawnError> {
+        self.run_pid0_with(bytes, args, self.root_executor().client)
+            .await
+    }
+
+    /// Like [`Host::run_pid0`], with the capability PID0 bootstraps chosen by
+    /// the embedder (for instance a wrapper around [`Host::root_executor`]).
+    pub async fn run_pid0_with(
+        &self,
+        bytes: &[u8],
+        args: Vec<String>,
+        bootstrap: capnp::capability::Client,
+    ) -> Result<ExitStatus, SpawnError> {
+        let spec = CellSpec {
+            name: "pid0".into(),
+            args,
+            env: Vec::new(),
+            limits: self.0.config.limits.clone(),
+            stdio: StdioMode::Rpc,
+            bootstrap: Some(bootstrap),
+            want_export: false,
+        };
+        let pid0 = self.spawn(Arc::from(bytes), spec, None).await?;
+        let status = pid0.wait().await;
+        self.shutdown().await;
+        Ok(status)
+    }
+
+    /// Compiles (or finds in the cache) and starts a guest.
+    pub(crate) async fn spawn(
+        &self,
+        bytes: Arc<[u8]>,
+        spec: CellSpec,
+        slot: Option<Slot>,
+    ) -> Result<Rc<Cell>, SpawnError> {
+        if self.0.closed.get() {
+            return Err(SpawnError::ShuttingDown);
+        }
+        let compiled = self.0.runtime.compile(bytes).await?;
+        if self.0.closed.get() {
+            return Err(SpawnError::ShuttingDown);
+        }
+        let id = self.0.next_id.get();
+        self.0.next_id.set(id + 1);
+        let weak = Rc::downgrade(&self.0);
+        let cell = cell::spawn(&self.0.runtime, id, compiled, spec, move |_| {
+            drop(slot);
+            if let Some(inner) = weak.upgrade() {
+                inner.cells.borrow_mut().remove(&id);
+            }
+        });
+        // The cell may already have ended (an instant failure): only track
+        // it while it runs.
+        if cell.try_status().is_none() {
+            self.0.cells.borrow_mut().insert(
+                id,
+                Live {
+                    kill: cell.kill_switch(),
+                    status: cell.status_receiver(),
+                },
+            );
+        }
+        Ok(cell)
+    }
+
+    /// Cells currently running, at every nesting level.
+    pub fn live_cells(&self) -> usize {
+        self.0.cells.borrow().len()
+    }
+
+    /// Distinct guests compiled so far.
+    pub fn compiled_guests(&self) -> usize {
+        self.0.runtime.cached()
+    }
+
+    /// Kills every running cell and waits until all have ended. New spawns
+    /// are refused from here on.
+    pub async fn shutdown(&self) {
+        self.0.closed.set(true);
+        loop {
+            let live: Vec<Live> = self
+                .0
+                .cells
+                .borrow()
+                .values()
+                .map(|l| Live {
+                    kill: l.kill.clone(),
+                    status: l.status.clone(),
+                })
+                .collect();
+            if live.is_empty() {
+                return;
+            }
+            for l in &live {
+                l.kill.fire(ExitStatus::Killed);
+            }
+            for l in live {
+                cell::wait_status(l.status).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! capsa: a capability host for sandboxed code.
+//!
+//! The host runs one WebAssembly component, PID0, and serves it Cap'n Proto
+//! capabilities over PID0's own WASI stdin/stdout. The root capability is an
+//! [`Executor`](capsa_schema::capsa_capnp::executor) whose `runBytes` turns
+//! bytes into a running `Process`: WASM components and WASI preview 1 modules
+//! run as nested children with their own connection.
+//!
+//! Module map:
+//! - [`host`]: the [`Host`], its registry of live cells and the embedder's
+//!   entry points;
+//! - [`executor`], [`process`], [`stream`]: the capabilities;
+//! - [`cell`]: one running guest and the task that drives it;
+//! - [`engine`]: wasmtime configuration, linkers and the compile cache;
+//! - [`pipe`]: the bounded in-memory pipes behind every guest's stdio;
+//! - [`format`]: telling components, modules and ELF files apart.
+
+pub mod cell;
+pub mod engine;
+pub mod error;
+pub mod executor;
+pub mod format;
+pub mod host;
+pub mod pipe;
+pub mod process;
+pub mod status;
+pub mod stream;
+
+pub use error::SpawnError;
+pub use host::{Host, HostConfig, HostError};
+pub use status::{ExitStatus, Limits};
+
+pub use capsa_schema::capsa_capnp as schema;

@@ -1,0 +1,124 @@
+//! The `capsa` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use capsa::{Host, HostConfig, Limits};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "capsa",
+    version,
+    about = "A capability host for sandboxed code"
+)]
+struct Cli {
+    /// More log output: -v for debug, -vv for trace.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run PID0, a WebAssembly component, serving it the root Executor over
+    /// its stdin/stdout. Exits with PID0's exit code.
+    Run {
+        /// The PID0 component.
+        pid0: PathBuf,
+        /// Memory limit of every guest, in MiB.
+        #[arg(long, default_value_t = 512)]
+        memory_mib: u64,
+        /// Wall-clock deadline for PID0 (and so for everything it runs), in seconds.
+        #[arg(long)]
+        deadline: Option<f64>,
+        /// CPU budget of each guest, in milliseconds of execution.
+        #[arg(long)]
+        cpu_ms: Option<u64>,
+        /// Deepest nesting level a child may have.
+        #[arg(long, default_value_t = 8)]
+        max_depth: u32,
+        /// Most children one Executor may have running at once.
+        #[arg(long, default_value_t = 64)]
+        max_children: u32,
+        /// Arguments for PID0.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli.command) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("capsa: {e:#}");
+            ExitCode::from(125)
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn,capsa::guest=info",
+        1 => "debug,cranelift=info,wasmtime=info",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAPSA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+fn run(command: Command) -> anyhow::Result<i32> {
+    match command {
+        Command::Run {
+            pid0,
+            memory_mib,
+            deadline,
+            cpu_ms,
+            max_depth,
+            max_children,
+            args,
+        } => {
+            let bytes =
+                std::fs::read(&pid0).with_context(|| format!("reading {}", pid0.display()))?;
+            let deadline = deadline
+                .map(|s| {
+                    Duration::try_from_secs_f64(s)
+                        .context("--deadline must be a positive number of seconds")
+                })
+                .transpose()?;
+            let config = HostConfig {
+                limits: Limits {
+                    memory_bytes: memory_mib << 20,
+                    deadline,
+                    cpu_ticks: cpu_ms
+                        .map(|ms| ms * 1000 / capsa::engine::EPOCH_TICK.as_micros() as u64),
+                },
+                max_depth,
+                max_children,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let local = tokio::task::LocalSet::new();
+            let status = local.block_on(&rt, async move {
+                let host = Host::new(config)?;
+                anyhow::Ok(host.run_pid0(&bytes, args).await?)
+            })?;
+            if !status.success() {
+                eprintln!("capsa: pid0 {status}");
+            }
+            Ok(status.code())
+        }
+    }
+}

@@ -1,0 +1,450 @@
+//! In-memory byte pipes between the host and a guest's stdio.
+//!
+//! A pipe is a bounded buffer shared by one host end and one guest end. The
+//! bound is the flow control: a guest writing to a pipe nobody drains sees
+//! `check-write` return 0 and parks, and a host writer waits for the guest to
+//! read. Host memory per pipe is therefore at most its capacity.
+//!
+//! The guest ends implement `wasmtime-wasi`'s stdio traits (they serve both
+//! WASI preview 2 components and preview 1 modules, which wasmtime runs on
+//! top of preview 2 streams); the host ends implement the `futures` I/O traits
+//! that capnp-rpc's two-party transport takes.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use wasmtime_wasi::cli::{IsTerminal, StdinStream, StdoutStream};
+use wasmtime_wasi_io::poll::Pollable;
+use wasmtime_wasi_io::streams::{InputStream, OutputStream, StreamError, StreamResult};
+
+/// Default capacity of a pipe, in bytes.
+pub const DEFAULT_CAPACITY: usize = 256 * 1024;
+
+#[derive(Default)]
+struct State {
+    buf: VecDeque<u8>,
+    capacity: usize,
+    /// The writing end is gone: once drained, readers see end of stream.
+    write_closed: bool,
+    /// The reading end is gone: writers see a closed stream.
+    read_closed: bool,
+    reader: Option<Waker>,
+    writer: Option<Waker>,
+}
+
+impl State {
+    fn space(&self) -> usize {
+        self.capacity.saturating_sub(self.buf.len())
+    }
+
+    fn wake_reader(&mut self) {
+        if let Some(w) = self.reader.take() {
+            w.wake();
+        }
+    }
+
+    fn wake_writer(&mut self) {
+        if let Some(w) = self.writer.take() {
+            w.wake();
+        }
+    }
+
+    fn take(&mut self, max: usize) -> Bytes {
+        let n = max.min(self.buf.len());
+        let (a, b) = self.buf.as_slices();
+        let mut out = Vec::with_capacity(n);
+        let from_a = n.min(a.len());
+        out.extend_from_slice(&a[..from_a]);
+        out.extend_from_slice(&b[..n - from_a]);
+        self.buf.drain(..n);
+        if self.buf.is_empty() && self.buf.capacity() > 64 * 1024 {
+            // An idle pipe should not pin a large buffer.
+            self.buf = VecDeque::new();
+        }
+        self.wake_writer();
+        Bytes::from(out)
+    }
+}
+
+#[derive(Clone)]
+struct Shared(Arc<Mutex<State>>);
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock only means another thread panicked while holding it;
+        // the buffer itself is always consistent.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.lock();
+        if !s.buf.is_empty() || s.write_closed {
+            Poll::Ready(())
+        } else {
+            s.reader = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.lock();
+        if s.space() > 0 || s.read_closed {
+            Poll::Ready(())
+        } else {
+            s.writer = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+}
+
+fn shared(capacity: usize) -> Shared {
+    Shared(Arc::new(Mutex::new(State {
+        capacity: capacity.max(1),
+        ..State::default()
+    })))
+}
+
+/// Creates a pipe of `capacity` bytes between two host tasks.
+pub fn pipe(capacity: usize) -> (PipeWriter, PipeReader) {
+    let s = shared(capacity);
+    (PipeWriter(s.clone()), PipeReader(s))
+}
+
+/// A pipe the host writes and a guest reads: the guest's stdin.
+pub(crate) fn guest_input(capacity: usize) -> (PipeWriter, GuestInput) {
+    let s = shared(capacity);
+    (PipeWriter(s.clone()), GuestInput(s))
+}
+
+/// A pipe a guest writes and the host reads: the guest's stdout or stderr.
+pub(crate) fn guest_output(capacity: usize) -> (GuestOutput, PipeReader) {
+    let s = shared(capacity);
+    (GuestOutput(s.clone()), PipeReader(s))
+}
+
+/// The reading end of a pipe. Dropping it closes the pipe for the writer.
+pub struct PipeReader(Shared);
+
+/// The writing end of a pipe. Dropping it signals end of stream to the reader.
+pub struct PipeWriter(Shared);
+
+impl PipeReader {
+    /// Reads up to `max` bytes, waiting until at least one is there. An empty
+    /// result means end of stream.
+    pub async fn read_chunk(&self, max: usize) -> Bytes {
+        futures::future::poll_fn(|cx| self.0.poll_readable(cx)).await;
+        self.0.lock().take(max.max(1))
+    }
+}
+
+impl PipeWriter {
+    /// Writes all of `data`, waiting for room as the reader drains the pipe.
+    pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            futures::future::poll_fn(|cx| self.0.poll_writable(cx)).await;
+            let mut s = self.0.lock();
+            if s.read_closed {
+                return Err(io::ErrorKind::BrokenPipe.into());
+            }
+            let n = s.space().min(data.len());
+            s.buf.extend(&data[..n]);
+            s.wake_reader();
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// Signals end of stream; further writes fail.
+    pub fn close(&self) {
+        let mut s = self.0.lock();
+        s.write_closed = true;
+        s.wake_reader();
+    }
+}
+
+impl Drop for PipeReader {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.read_closed = true;
+        s.buf = VecDeque::new();
+        s.wake_writer();
+    }
+}
+
+impl Drop for PipeWriter {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl futures::io::AsyncRead for PipeReader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        if out.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        futures::ready!(self.0.poll_readable(cx));
+        let mut s = self.0.lock();
+        let n = out.len().min(s.buf.len());
+        for (dst, src) in out.iter_mut().zip(s.buf.drain(..n)) {
+            *dst = src;
+        }
+        if n > 0 {
+            s.wake_writer();
+        }
+        Poll::Ready(Ok(n))
+    }
+}
+
+impl futures::io::AsyncWrite for PipeWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        futures::ready!(self.0.poll_writable(cx));
+        let mut s = self.0.lock();
+        if s.read_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        if s.write_closed {
+            return Poll::Ready(Err(io::Error::other("pipe closed by the host")));
+        }
+        let n = s.space().min(data.len());
+        s.buf.extend(&data[..n]);
+        s.wake_reader();
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.close();
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The guest's view of a pipe it reads (its stdin).
+///
+/// Cloned whenever the guest asks for its stdin again; closing is the host
+/// end's business, so dropping a clone changes nothing.
+#[derive(Clone)]
+pub(crate) struct GuestInput(Shared);
+
+/// The guest's view of a pipe it writes (its stdout or stderr).
+#[derive(Clone)]
+pub(crate) struct GuestOutput(Shared);
+
+impl GuestOutput {
+    /// Marks the guest's side finished: the host reader sees end of stream
+    /// once it has drained what the guest wrote.
+    pub(crate) fn close(&self) {
+        let mut s = self.0.lock();
+        s.write_closed = true;
+        s.wake_reader();
+    }
+}
+
+impl GuestInput {
+    /// Marks the guest's side finished: a host writer sees a closed pipe.
+    pub(crate) fn close(&self) {
+        let mut s = self.0.lock();
+        s.read_closed = true;
+        s.buf = VecDeque::new();
+        s.wake_writer();
+    }
+}
+
+#[async_trait::async_trait]
+impl Pollable for GuestInput {
+    async fn ready(&mut self) {
+        futures::future::poll_fn(|cx| self.0.poll_readable(cx)).await
+    }
+}
+
+#[async_trait::async_trait]
+impl InputStream for GuestInput {
+    fn read(&mut self, size: usize) -> StreamResult<Bytes> {
+        let mut s = self.0.lock();
+        if s.buf.is_empty() && s.write_closed {
+            return Err(StreamError::Closed);
+        }
+        Ok(s.take(size))
+    }
+}
+
+#[async_trait::async_trait]
+impl Pollable for GuestOutput {
+    async fn ready(&mut self) {
+        futures::future::poll_fn(|cx| self.0.poll_writable(cx)).await
+    }
+}
+
+#[async_trait::async_trait]
+impl OutputStream for GuestOutput {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        let mut s = self.0.lock();
+        if s.read_closed {
+            return Err(StreamError::Closed);
+        }
+        // `check-write` granted at most `space()`; a guest that writes more
+        // than it was granted is told so rather than growing the buffer.
+        if bytes.len() > s.space() {
+            return Err(StreamError::Trap(wasmtime::format_err!(
+                "write of {} bytes exceeds the {} bytes permitted by check-write",
+                bytes.len(),
+                s.space()
+            )));
+        }
+        s.buf.extend(&bytes[..]);
+        s.wake_reader();
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        if self.0.lock().read_closed {
+            return Err(StreamError::Closed);
+        }
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        let s = self.0.lock();
+        if s.read_closed {
+            return Err(StreamError::Closed);
+        }
+        Ok(s.space())
+    }
+}
+
+impl IsTerminal for GuestInput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl IsTerminal for GuestOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdinStream for GuestInput {
+    fn p2_stream(&self) -> Box<dyn InputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncRead + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl StdoutStream for GuestOutput {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl tokio::io::AsyncRead for GuestInput {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        futures::ready!(self.0.poll_readable(cx));
+        let mut s = self.0.lock();
+        let n = buf.remaining().min(s.buf.len());
+        let chunk = s.take(n);
+        buf.put_slice(&chunk);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for GuestOutput {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        futures::ready!(self.0.poll_writable(cx));
+        let mut s = self.0.lock();
+        if s.read_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let n = s.space().min(data.len());
+        s.buf.extend(&data[..n]);
+        s.wake_reader();
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.close();
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn bounded_and_ordered() {
+        let (w, mut guest) = guest_input(4);
+        let writer = tokio::spawn(async move { w.write_all(b"abcdefghij").await });
+        let mut got = Vec::new();
+        while got.len() < 10 {
+            guest.ready().await;
+            let chunk = guest.read(3).unwrap();
+            assert!(chunk.len() <= 3);
+            got.extend_from_slice(&chunk);
+        }
+        writer.await.unwrap().unwrap();
+        assert_eq!(got, b"abcdefghij");
+    }
+
+    #[tokio::test]
+    async fn check_write_is_the_budget() {
+        let (mut out, r) = guest_output(8);
+        assert_eq!(out.check_write().unwrap(), 8);
+        out.write(Bytes::from_static(b"12345")).unwrap();
+        assert_eq!(out.check_write().unwrap(), 3);
+        assert!(matches!(
+            out.write(Bytes::from_static(b"6789")),
+            Err(StreamError::Trap(_))
+        ));
+        assert_eq!(r.read_chunk(100).await.as_ref(), b"12345");
+        assert_eq!(out.check_write().unwrap(), 8);
+    }
+
+    #[tokio::test]
+    async fn end_of_stream_both_ways() {
+        let (w, mut r) = pipe(16);
+        w.write_all(b"hi").await.unwrap();
+        w.close();
+        let mut s = String::new();
+        r.read_to_string(&mut s).await.unwrap();
+        assert_eq!(s, "hi");
+
+        let (mut out, r2) = guest_output(16);
+        drop(r2);
+        assert!(matches!(out.check_write(), Err(StreamError::Closed)));
+    }
+}

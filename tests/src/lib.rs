@@ -1,0 +1,313 @@
+//! Helpers for capsa's end-to-end tests: the built guests, a host on a
+//! current-thread runtime, and a Cap'n Proto connection to it over in-memory
+//! pipes that records every message crossing it.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use capnp_rpc::{twoparty, RpcSystem};
+use capsa::schema::{executor, process, StdioMode};
+use capsa::{ExitStatus, Host, HostConfig};
+use futures::io::{AsyncRead, AsyncWrite};
+
+/// Folder of the built guests: `$CAPSA_GUESTS`, set by `cargo xtask`, or
+/// the xtask's output folder in this workspace.
+pub fn guests_dir() -> PathBuf {
+    match std::env::var_os("CAPSA_GUESTS") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/guests/out"),
+    }
+}
+
+/// The bytes of a built guest, e.g. `guest("child-echo")`.
+pub fn guest(name: &str) -> Vec<u8> {
+    let path = guests_dir().join(format!("{name}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; build the guests with `cargo xtask test`",
+            path.display()
+        )
+    })
+}
+
+/// Runs `f` with a fresh host on a current-thread runtime.
+pub fn with_host<F, Fut, T>(config: HostConfig, f: F) -> T
+where
+    F: FnOnce(Host) -> Fut,
+    Fut: Future<Output = T>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let host = Host::new(config).expect("host");
+        let out = f(host.clone()).await;
+        host.shutdown().await;
+        out
+    })
+}
+
+/// Options for [`run`].
+#[derive(Default)]
+pub struct Run<'a> {
+    pub args: &'a [&'a str],
+    pub data: bool,
+    pub memory_limit: u64,
+    pub deadline_ms: u64,
+    pub cpu_ms: u64,
+    pub name: &'a str,
+}
+
+/// Sends `runBytes` for `bytes` with `opts` and returns the request's
+/// promise.
+pub fn run_request(
+    exec: &executor::Client,
+    bytes: &[u8],
+    opts: Run<'_>,
+) -> capnp::capability::RemotePromise<executor::run_bytes_results::Owned> {
+    let mut req = exec.run_bytes_request();
+    {
+        let mut p = req.get();
+        p.set_bytes(bytes);
+        let mut args = p.reborrow().init_args(opts.args.len() as u32);
+        for (i, a) in opts.args.iter().enumerate() {
+            args.set(i as u32, *a);
+        }
+        let mut o = p.init_options();
+        o.set_stdio(if opts.data {
+            StdioMode::Data
+        } else {
+            StdioMode::Rpc
+        });
+        o.set_memory_limit_bytes(opts.memory_limit);
+        o.set_deadline_millis(opts.deadline_ms);
+        o.set_cpu_budget_millis(opts.cpu_ms);
+        o.set_name(opts.name);
+    }
+    req.send()
+}
+
+/// Starts `bytes` and returns its Process, or the exception's text.
+pub async fn run(
+    exec: &executor::Client,
+    bytes: &[u8],
+    opts: Run<'_>,
+) -> Result<process::Client, String> {
+    let resp = run_request(exec, bytes, opts)
+        .promise
+        .await
+        .map_err(|e| e.to_string())?;
+    resp.get()
+        .and_then(|r| r.get_process())
+        .map_err(|e| e.to_string())
+}
+
+pub async fn wait(p: &process::Client) -> ExitStatus {
+    let resp = p.wait_request().send().promise.await.expect("wait");
+    ExitStatus::read_from(resp.get().unwrap().get_status().unwrap()).unwrap()
+}
+
+/// Reads a data-mode stream to its end.
+pub async fn read_all(source: capsa::schema::byte_source::Client) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let mut req = source.read_request();
+        req.get().set_max_bytes(1 << 20);
+        let resp = req.send().promise.await.expect("read");
+        let r = resp.get().unwrap();
+        out.extend_from_slice(r.get_data().unwrap());
+        if r.get_eof() {
+            return out;
+        }
+    }
+}
+
+pub async fn stdout_of(p: &process::Client) -> Vec<u8> {
+    let src = p
+        .stdout_request()
+        .send()
+        .promise
+        .await
+        .expect("stdout")
+        .get()
+        .unwrap()
+        .get_source()
+        .unwrap();
+    read_all(src).await
+}
+
+/// The bootstrap capability of `p` as an Executor.
+pub fn exported_executor(p: &process::Client) -> executor::Client {
+    let pipeline = p.bootstrap_request().send().pipeline;
+    capnp::capability::FromClientHook::new(pipeline.get_cap().as_cap())
+}
+
+pub async fn echo(exec: &executor::Client, msg: &str) -> Result<String, String> {
+    let mut req = exec.echo_request();
+    req.get().set_message(msg);
+    let resp = req.send().promise.await.map_err(|e| e.to_string())?;
+    Ok(resp
+        .get()
+        .unwrap()
+        .get_response()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string())
+}
+
+/// Which way a message crossed the recorded connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// Client to host.
+    Out,
+    /// Host to client.
+    In,
+}
+
+/// Every byte a client wrote and read, in the order it happened.
+#[derive(Default)]
+pub struct Wire {
+    pub events: Vec<(Dir, Vec<u8>)>,
+}
+
+impl Wire {
+    /// The Cap'n Proto RPC messages that crossed, in order, with their
+    /// direction: `(Dir, "call" | "return" | ...)`, and the interface and
+    /// method ids of calls.
+    pub fn messages(&self) -> Vec<(Dir, String)> {
+        use capnp_rpc::rpc_capnp::message;
+        let mut out = Vec::new();
+        for dir in [Dir::Out, Dir::In] {
+            let bytes: Vec<u8> = self
+                .events
+                .iter()
+                .filter(|(d, _)| *d == dir)
+                .flat_map(|(_, b)| b.clone())
+                .collect();
+            // Position (in this direction's bytes) at which each message
+            // ended, to order the two directions against each other.
+            let mut slice = &bytes[..];
+            let mut offset = 0;
+            while !slice.is_empty() {
+                let before = slice.len();
+                let msg = capnp::serialize::read_message(&mut slice, Default::default())
+                    .expect("well-formed message");
+                offset += before - slice.len();
+                let root: message::Reader<'_> = msg.get_root().unwrap();
+                let kind = match root.which().unwrap() {
+                    message::Call(c) => {
+                        let c = c.unwrap();
+                        format!("call {:x}/{}", c.get_interface_id(), c.get_method_id())
+                    }
+                    message::Return(_) => "return".into(),
+                    message::Bootstrap(_) => "bootstrap".into(),
+                    message::Finish(_) => "finish".into(),
+                    message::Resolve(_) => "resolve".into(),
+                    message::Release(_) => "release".into(),
+                    message::Disembargo(_) => "disembargo".into(),
+                    _ => "other".into(),
+                };
+                out.push((dir, offset, kind));
+            }
+        }
+        // Rebuild the interleaving from the event log.
+        let mut seen = [0usize; 2];
+        let mut order = Vec::new();
+        for (dir, chunk) in &self.events {
+            let i = (*dir == Dir::In) as usize;
+            seen[i] += chunk.len();
+            for (d, off, kind) in &out {
+                if d == dir && *off <= seen[i] && *off > seen[i] - chunk.len() {
+                    order.push((*d, kind.clone()));
+                }
+            }
+        }
+        order
+    }
+}
+
+struct Recorded<T> {
+    inner: T,
+    dir: Dir,
+    wire: Rc<RefCell<Wire>>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Recorded<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            if n > 0 {
+                self.wire
+                    .borrow_mut()
+                    .events
+                    .push((self.dir, buf[..n].to_vec()));
+            }
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Recorded<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            if n > 0 {
+                self.wire
+                    .borrow_mut()
+                    .events
+                    .push((self.dir, buf[..n].to_vec()));
+            }
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+/// Serves `bootstrap` over a pair of in-memory pipes and returns the
+/// client's view of it, plus the record of everything that crossed.
+pub fn connect(bootstrap: capnp::capability::Client) -> (executor::Client, Rc<RefCell<Wire>>) {
+    let (c2s_w, c2s_r) = capsa::pipe::pipe(1 << 20);
+    let (s2c_w, s2c_r) = capsa::pipe::pipe(1 << 20);
+    let server = twoparty::VatNetwork::new(c2s_r, s2c_w, Side::Server, Default::default());
+    tokio::task::spawn_local(RpcSystem::new(Box::new(server), Some(bootstrap)));
+    let wire = Rc::new(RefCell::new(Wire::default()));
+    let client = twoparty::VatNetwork::new(
+        Recorded {
+            inner: s2c_r,
+            dir: Dir::In,
+            wire: wire.clone(),
+        },
+        Recorded {
+            inner: c2s_w,
+            dir: Dir::Out,
+            wire: wire.clone(),
+        },
+        Side::Client,
+        Default::default(),
+    );
+    let mut rpc = RpcSystem::new(Box::new(client), None);
+    let exec: executor::Client = rpc.bootstrap(Side::Server);
+    tokio::task::spawn_local(rpc);
+    (exec, wire)
+}

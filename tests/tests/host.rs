@@ -1,0 +1,647 @@
+//! The WASM capability host end to end: real guests on a real host, driven
+//! through the same Cap'n Proto interfaces PID0 uses.
+
+use std::time::Duration;
+
+use capsa::{ExitStatus, HostConfig};
+use capsa_tests::*;
+
+fn host<F, Fut, T>(f: F) -> T
+where
+    F: FnOnce(capsa::Host) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    with_host(HostConfig::default(), f)
+}
+
+/// A child that answers echo: the "host keeps serving the others" witness.
+async fn healthy(exec: &capsa::schema::executor::Client) -> capsa::schema::process::Client {
+    let p = run(
+        exec,
+        &guest("child-echo"),
+        Run {
+            args: &["witness"],
+            ..Run::default()
+        },
+    )
+    .await
+    .expect("spawn witness");
+    let reply = echo(&exported_executor(&p), "still there?").await.unwrap();
+    assert!(reply.contains("still there?"), "{reply}");
+    p
+}
+
+async fn still_healthy(witness: &capsa::schema::process::Client) {
+    let reply = echo(&exported_executor(witness), "after the fault").await;
+    assert!(reply.unwrap().contains("after the fault"));
+}
+
+#[test]
+fn child_makes_concurrent_calls_and_spawns_a_grandchild() {
+    host(|host| async move {
+        let root = host.root_executor();
+        let child = run(
+            &root,
+            &guest("child-echo"),
+            Run {
+                args: &["child"],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        let child_exec = exported_executor(&child);
+        let reply = echo(&child_exec, "ping").await.unwrap();
+        assert_eq!(reply, "child-echo[child]: 8 concurrent echoes ok: ping");
+
+        // Through the child's own Executor: three levels.
+        let grandchild = run(
+            &child_exec,
+            &guest("child-echo"),
+            Run {
+                args: &["grandchild"],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        let reply = echo(&exported_executor(&grandchild), "deep").await.unwrap();
+        assert_eq!(
+            reply,
+            "child-echo[grandchild]: 8 concurrent echoes ok: deep"
+        );
+        assert_eq!(host.live_cells(), 2);
+    });
+}
+
+#[test]
+fn data_mode_runs_plain_wasi_programs_p2_and_p1() {
+    host(|host| async move {
+        let root = host.root_executor();
+        for name in ["hello", "hello-p1"] {
+            let p = run(
+                &root,
+                &guest(name),
+                Run {
+                    args: &["a", "b"],
+                    data: true,
+                    ..Run::default()
+                },
+            )
+            .await
+            .unwrap();
+            let out = String::from_utf8(stdout_of(&p).await).unwrap();
+            assert_eq!(
+                out.trim_end(),
+                "hello from a plain WASI program: a b",
+                "{name}"
+            );
+            assert_eq!(wait(&p).await, ExitStatus::Exited(0), "{name}");
+
+            let p = run(
+                &root,
+                &guest(name),
+                Run {
+                    args: &["exit", "3"],
+                    data: true,
+                    ..Run::default()
+                },
+            )
+            .await
+            .unwrap();
+            assert_eq!(wait(&p).await, ExitStatus::Exited(3), "{name}");
+        }
+    });
+}
+
+#[test]
+fn data_mode_streams_stdin_to_stdout() {
+    host(|host| async move {
+        let root = host.root_executor();
+        let p = run(
+            &root,
+            &guest("hello"),
+            Run {
+                args: &["cat"],
+                data: true,
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        let sink = p.stdin_request().send().pipeline.get_sink();
+        let input: Vec<u8> = (0..3 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
+        let writer = {
+            let input = input.clone();
+            let sink = sink.clone();
+            tokio::task::spawn_local(async move {
+                for chunk in input.chunks(100_000) {
+                    let mut req = sink.write_request();
+                    req.get().set_data(chunk);
+                    req.send().await.unwrap();
+                }
+                sink.close_request().send().promise.await.unwrap();
+            })
+        };
+        let out = stdout_of(&p).await;
+        writer.await.unwrap();
+        assert_eq!(out.len(), input.len());
+        assert!(out == input);
+        assert_eq!(wait(&p).await, ExitStatus::Exited(0));
+    });
+}
+
+#[test]
+fn a_writer_nobody_reads_is_held_back() {
+    host(|host| async move {
+        let root = host.root_executor();
+        let total = 64 << 20;
+        let p = run(
+            &root,
+            &guest("hello"),
+            Run {
+                args: &["emit", &total.to_string(), "65536"],
+                data: true,
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        // Nobody reads: the guest must be parked on a full pipe, not done.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let waited = tokio::time::timeout(Duration::from_millis(10), wait(&p)).await;
+        assert!(
+            waited.is_err(),
+            "the guest finished without a reader: {waited:?}"
+        );
+        assert_eq!(stdout_of(&p).await.len(), total);
+        assert_eq!(wait(&p).await, ExitStatus::Exited(0));
+    });
+}
+
+#[test]
+fn promise_pipelining_costs_one_round_trip() {
+    host(|host| async move {
+        let (root, wire) = connect(host.root_executor().client);
+        echo(&root, "warm up").await.unwrap();
+        let before = wire.borrow().events.len();
+
+        // runBytes(...).process.bootstrap().echo(...) without waiting.
+        let spawn = run_request(
+            &root,
+            &guest("child-echo"),
+            Run {
+                args: &["p"],
+                ..Run::default()
+            },
+        );
+        let child = spawn.pipeline.get_process();
+        let exec = exported_executor(&child);
+        let mut req = exec.echo_request();
+        req.get().set_message("pipelined");
+        let reply = req.send().promise.await.unwrap();
+        assert_eq!(
+            reply
+                .get()
+                .unwrap()
+                .get_response()
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            "child-echo[p]: 8 concurrent echoes ok: pipelined"
+        );
+
+        let messages: Vec<(Dir, String)> = {
+            let w = wire.borrow();
+            let tail = Wire {
+                events: w.events[before..].to_vec(),
+            };
+            tail.messages()
+        };
+        // All three calls leave before anything comes back.
+        let first_in = messages.iter().position(|(d, _)| *d == Dir::In).unwrap();
+        let calls_out: Vec<_> = messages[..first_in]
+            .iter()
+            .filter(|(d, k)| *d == Dir::Out && k.starts_with("call"))
+            .collect();
+        assert_eq!(calls_out.len(), 3, "{messages:?}");
+        let later_calls = messages[first_in..]
+            .iter()
+            .filter(|(d, k)| *d == Dir::Out && k.starts_with("call"))
+            .count();
+        assert_eq!(later_calls, 0, "a call waited for a reply: {messages:?}");
+    });
+}
+
+#[test]
+fn any_number_of_waiters_get_the_same_status() {
+    host(|host| async move {
+        let root = host.root_executor();
+        let p = run(
+            &root,
+            &guest("hello"),
+            Run {
+                args: &["exit", "5"],
+                data: true,
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        let waits: Vec<_> = (0..10).map(|_| wait(&p)).collect();
+        for status in futures::future::join_all(waits).await {
+            assert_eq!(status, ExitStatus::Exited(5));
+        }
+        // And after the fact.
+        assert_eq!(wait(&p).await, ExitStatus::Exited(5));
+    });
+}
+
+#[test]
+fn kill_interrupts_an_infinite_loop() {
+    host(|host| async move {
+        let root = host.root_executor();
+        let witness = healthy(&root).await;
+        let p = run(
+            &root,
+            &guest("faulty"),
+            Run {
+                args: &["loop"],
+                data: true,
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The loop yields at epoch ticks, so the host still serves others.
+        still_healthy(&witness).await;
+        p.kill_request().send().promise.await.unwrap();
+        assert_eq!(wait(&p).await, ExitStatus::Killed);
+        still_healthy(&witness).await;
+    });
+}
+
+#[test]
+fn deadline_and_cpu_budget_end_an_infinite_loop() {
+    host(|host| async move {
+        let root = host.root_executor();
+        let witness = healthy(&root).await;
+        let p = run(
+            &root,
+            &guest("faulty"),
+            Run {
+                args: &["loop"],
+                data: true,
+                deadline_ms: 200,
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(wait(&p).await, ExitStatus::DeadlineExceeded);
+        let p = run(
+            &root,
+            &guest("faulty"),
+            Run {
+                args: &["loop"],
+                data: true,
+                cpu_ms: 50,
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(wait(&p).await, ExitStatus::CpuBudgetExceeded);
+        // A deadline also ends a guest blocked in host I/O.
+        let p = run(
+            &root,
+            &guest("faulty"),
+            Run {
+                args: &["block-stdin"],
+                data: true,
+                deadline_ms: 100,
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(wait(&p).await, ExitStatus::DeadlineExceeded);
+        still_healthy(&witness).await;
+    });
+}
+
+#[test]
+fn dropping_the_last_process_reference_kills_the_child() {
+    host(|host| async move {
+        let root = host.root_executor();
+        let p = run(
+            &root,
+            &guest("faulty"),
+            Run {
+                args: &["block-stdin"],
+                data: true,
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        let p2 = run(
+            &root,
+            &guest("faulty"),
+            Run {
+                args: &["loop"],
+                data: true,
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(host.live_cells(), 2);
+        drop((p, p2));
+        for _ in 0..200 {
+            if host.live_cells() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{} children survived their Process", host.live_cells());
+    });
+}
+
+#[test]
+fn pid0_exit_leaves_nothing_running() {
+    host(|host| async move {
+        let status = host.run_pid0(&guest("pid0"), vec![]).await.unwrap();
+        assert_eq!(status, ExitStatus::Exited(0));
+        assert_eq!(host.live_cells(), 0);
+    });
+}
+
+#[test]
+fn nesting_depth_is_bounded() {
+    let config = HostConfig {
+        max_depth: 2,
+        ..HostConfig::default()
+    };
+    with_host(config, |host| async move {
+        let root = host.root_executor();
+        let child = run(&root, &guest("child-echo"), Run::default())
+            .await
+            .unwrap();
+        let level2 = run(
+            &exported_executor(&child),
+            &guest("child-echo"),
+            Run::default(),
+        )
+        .await
+        .unwrap();
+        let err = run(
+            &exported_executor(&level2),
+            &guest("child-echo"),
+            Run::default(),
+        )
+        .await
+        .err()
+        .expect("runBytes should fail");
+        assert!(err.contains("nesting depth limit of 2 reached"), "{err}");
+    });
+}
+
+#[test]
+fn live_children_are_bounded_per_executor() {
+    let config = HostConfig {
+        max_children: 2,
+        ..HostConfig::default()
+    };
+    with_host(config, |host| async move {
+        let root = host.root_executor();
+        let block = || Run {
+            args: &["block-stdin"],
+            data: true,
+            ..Run::default()
+        };
+        let a = run(&root, &guest("faulty"), block()).await.unwrap();
+        let _b = run(&root, &guest("faulty"), block()).await.unwrap();
+        let err = run(&root, &guest("faulty"), block())
+            .await
+            .err()
+            .expect("runBytes should fail");
+        assert!(err.contains("live children limit of 2"), "{err}");
+        a.kill_request().send().promise.await.unwrap();
+        wait(&a).await;
+        run(&root, &guest("faulty"), block())
+            .await
+            .expect("a slot was freed");
+    });
+}
+
+#[test]
+fn same_bytes_compile_once() {
+    host(|host| async move {
+        let root = host.root_executor();
+        for _ in 0..3 {
+            let p = run(
+                &root,
+                &guest("hello"),
+                Run {
+                    data: true,
+                    ..Run::default()
+                },
+            )
+            .await
+            .unwrap();
+            wait(&p).await;
+        }
+        assert_eq!(host.compiled_guests(), 1);
+    });
+}
+
+#[test]
+fn bad_bytes_get_clear_errors() {
+    host(|host| async move {
+        let root = host.root_executor();
+        let witness = healthy(&root).await;
+
+        let err = run(&root, b"GET / HTTP/1.1\r\n", Run::default())
+            .await
+            .err()
+            .expect("runBytes should fail");
+        assert!(
+            err.contains(
+                "not a WASM component, WASM module or ELF executable: first bytes 47 45 54"
+            ),
+            "{err}"
+        );
+        let hello = guest("hello");
+        let err = run(&root, &hello[..hello.len() / 2], Run::default())
+            .await
+            .err()
+            .expect("runBytes should fail");
+        assert!(err.contains("invalid WebAssembly"), "{err}");
+        let err = run(&root, b"\0as", Run::default())
+            .await
+            .err()
+            .expect("runBytes should fail");
+        assert!(err.contains("truncated"), "{err}");
+
+        let mut elf = vec![0u8; 64];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[18] = 0x3e;
+        let err = run(&root, &elf, Run::default())
+            .await
+            .err()
+            .expect("runBytes should fail");
+        assert!(err.contains("microVMs are not enabled"), "{err}");
+
+        let missing = wat::parse_str(
+            r#"(component (import "capsa:missing/thing" (instance (export "f" (func)))))"#,
+        )
+        .unwrap();
+        let err = run(&root, &missing, Run::default())
+            .await
+            .err()
+            .expect("runBytes should fail");
+        assert!(
+            err.contains("cannot link") && err.contains("capsa:missing/thing"),
+            "{err}"
+        );
+
+        let no_start = wat::parse_str("(module)").unwrap();
+        let err = run(&root, &no_start, Run::default())
+            .await
+            .err()
+            .expect("runBytes should fail");
+        assert!(err.contains("_start"), "{err}");
+
+        still_healthy(&witness).await;
+    });
+}
+
+#[test]
+fn traps_panics_and_exhaustion_are_exit_statuses() {
+    host(|host| async move {
+        let root = host.root_executor();
+        let witness = healthy(&root).await;
+        let faulty = guest("faulty");
+
+        let p = run(
+            &root,
+            &faulty,
+            Run {
+                args: &["trap"],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        match wait(&p).await {
+            ExitStatus::Trapped(m) => assert!(m.contains("unreachable"), "{m}"),
+            s => panic!("trap: {s}"),
+        }
+
+        let p = run(
+            &root,
+            &faulty,
+            Run {
+                args: &["panic"],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        match wait(&p).await {
+            ExitStatus::Trapped(m) => assert!(m.contains("panicked on purpose"), "{m}"),
+            s => panic!("panic: {s}"),
+        }
+
+        let p = run(
+            &root,
+            &faulty,
+            Run {
+                args: &["alloc"],
+                memory_limit: 32 << 20,
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(wait(&p).await, ExitStatus::OutOfMemory(32 << 20));
+
+        still_healthy(&witness).await;
+    });
+}
+
+#[test]
+fn a_guest_exiting_mid_call_fails_the_call() {
+    host(|host| async move {
+        let root = host.root_executor();
+        let witness = healthy(&root).await;
+        let p = run(
+            &root,
+            &guest("faulty"),
+            Run {
+                args: &["exit-mid-call"],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        let err = echo(&exported_executor(&p), "bye")
+            .await
+            .err()
+            .expect("runBytes should fail");
+        assert!(
+            err.to_lowercase().contains("disconnected") || err.contains("closed"),
+            "{err}"
+        );
+        assert_eq!(wait(&p).await, ExitStatus::Exited(7));
+        still_healthy(&witness).await;
+    });
+}
+
+#[test]
+fn garbage_on_the_rpc_channel_ends_that_guest_only() {
+    host(|host| async move {
+        let root = host.root_executor();
+        let witness = healthy(&root).await;
+        let p = run(
+            &root,
+            &guest("faulty"),
+            Run {
+                args: &["garbage"],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        match wait(&p).await {
+            ExitStatus::Failed(m) => assert!(m.contains("broken RPC connection"), "{m}"),
+            s => panic!("garbage: {s}"),
+        }
+        assert!(echo(&exported_executor(&p), "hello?").await.is_err());
+        still_healthy(&witness).await;
+    });
+}
+
+#[test]
+fn the_capsa_binary_runs_the_demo() {
+    let exe = std::env::current_exe().unwrap();
+    let capsa = exe.parent().unwrap().parent().unwrap().join("capsa");
+    let out = std::process::Command::new(&capsa)
+        .arg("run")
+        .arg(guests_dir().join("pid0.wasm"))
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", capsa.display()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("three levels"), "{stderr}");
+    assert!(
+        stderr.contains("hello from a plain WASI program"),
+        "{stderr}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "PID0's stdout is its RPC channel, not the terminal's"
+    );
+}
