@@ -118,6 +118,8 @@ impl KillSwitch {
 const PIPE_CAPACITY: usize = pipe::DEFAULT_CAPACITY;
 /// stderr lines kept for the exit status of a trapped guest.
 const STDERR_TAIL: usize = 4;
+/// How long a trapped guest's stderr may take to reach the log.
+const STDERR_DRAIN: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Starts `compiled` as a new cell. `on_exit` runs once the cell has ended.
 ///
@@ -153,6 +155,8 @@ pub fn spawn(
     let mut data = None;
     let mut export = None;
     let mut rpc_task = None;
+    let mut held_stdin = None;
+    let mut stderr_drained = None;
     match spec.stdio {
         StdioMode::Data => {
             data = Some(DataStdio {
@@ -162,10 +166,22 @@ pub fn spawn(
             });
         }
         StdioMode::Rpc => {
-            tokio::task::spawn_local(log_stderr(label.clone(), stderr_host, tail.clone()));
+            let label_for_log = label.clone();
+            let tail_for_log = tail.clone();
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            stderr_drained = Some(done_rx);
+            tokio::task::spawn_local(async move {
+                log_stderr(label_for_log, stderr_host, tail_for_log).await;
+                let _ = done_tx.send(());
+            });
+            let stdin_host = Rc::new(stdin_host);
+            held_stdin = Some(stdin_host.clone());
+            // The connection never closes the guest's stdin itself: a guest
+            // whose connection broke must still be running when the kill
+            // below reaches it, not see EOF and exit 0 first.
             let network = twoparty::VatNetwork::new(
                 stdout_host,
-                stdin_host,
+                pipe::KeepOpen(stdin_host),
                 Side::Server,
                 capnp::message::ReaderOptions::new(),
             );
@@ -194,7 +210,7 @@ pub fn spawn(
     }
 
     let limits = spec.limits.clone();
-    let run = run_guest(runtime, compiled, builder, limits.clone(), tail.clone());
+    let run = run_guest(runtime, compiled, builder, limits.clone());
     tokio::task::spawn_local(drive(
         label.clone(),
         run,
@@ -205,6 +221,9 @@ pub fn spawn(
             stdin: stdin_guest,
             stdout: stdout_guest,
             stderr: stderr_guest,
+            _held_stdin: held_stdin,
+            stderr_drained,
+            tail,
         },
         on_exit,
     ));
@@ -223,6 +242,11 @@ struct GuestEnds {
     stdin: GuestInput,
     stdout: GuestOutput,
     stderr: GuestOutput,
+    /// RPC mode: the host's end of stdin, kept open until the cell ends.
+    _held_stdin: Option<Rc<PipeWriter>>,
+    /// RPC mode: resolves once the stderr logger has seen end of stream.
+    stderr_drained: Option<tokio::sync::oneshot::Receiver<()>>,
+    tail: Rc<RefCell<VecDeque<String>>>,
 }
 
 impl GuestEnds {
@@ -236,11 +260,11 @@ impl GuestEnds {
 /// Runs the guest until it exits, is killed, or passes its deadline.
 async fn drive(
     label: String,
-    run: impl std::future::Future<Output = ExitStatus>,
+    run: impl std::future::Future<Output = Outcome>,
     mut kill_rx: watch::Receiver<Option<ExitStatus>>,
     limits: Limits,
     status_tx: watch::Sender<Option<ExitStatus>>,
-    ends: GuestEnds,
+    mut ends: GuestEnds,
     on_exit: impl FnOnce(&ExitStatus),
 ) {
     let deadline = async {
@@ -249,21 +273,40 @@ async fn drive(
             None => std::future::pending().await,
         }
     };
-    let status = tokio::select! {
+    let outcome = tokio::select! {
         biased;
         reason = kill_rx.wait_for(Option::is_some) => match reason {
-            Ok(r) => r.clone().unwrap_or(ExitStatus::Killed),
-            Err(_) => ExitStatus::Killed,
+            Ok(r) => Err(r.clone().unwrap_or(ExitStatus::Killed)),
+            Err(_) => Err(ExitStatus::Killed),
         },
-        _ = deadline => ExitStatus::DeadlineExceeded,
-        status = run => status,
+        _ = deadline => Err(ExitStatus::DeadlineExceeded),
+        outcome = run => Ok(outcome),
     };
     // The store is gone with `run`; closing the pipes ends the RPC
     // connection and tells data-mode readers the streams are over.
     ends.close();
+    let status = match outcome {
+        Err(status) => status,
+        Ok(outcome) => {
+            // A trapped guest's last stderr lines (a panic message) belong
+            // in its status: let the logger drain what the guest wrote.
+            if outcome.result.is_err() {
+                if let Some(drained) = ends.stderr_drained.take() {
+                    let _ = tokio::time::timeout(STDERR_DRAIN, drained).await;
+                }
+            }
+            classify(outcome, &limits, &ends.tail)
+        }
+    };
     tracing::debug!(cell = %label, "{status}");
     on_exit(&status);
     status_tx.send_replace(Some(status));
+}
+
+/// What running a guest to its end gave, before it is named an exit status.
+struct Outcome {
+    result: wasmtime::Result<i32>,
+    memory_refused: bool,
 }
 
 fn run_guest(
@@ -271,8 +314,7 @@ fn run_guest(
     compiled: Compiled,
     mut builder: WasiCtxBuilder,
     limits: Limits,
-    tail: Rc<RefCell<VecDeque<String>>>,
-) -> impl std::future::Future<Output = ExitStatus> {
+) -> impl std::future::Future<Output = Outcome> {
     let engine = runtime.engine().clone();
     async move {
         match compiled {
@@ -284,8 +326,10 @@ fn run_guest(
                     command.wasi_cli_run().call_run(&mut store).await
                 }
                 .await;
-                let result = result.map(|r| if r.is_ok() { 0 } else { 1 });
-                classify(result, store.data().limiter.refused, &limits, &tail)
+                Outcome {
+                    result: result.map(|r| if r.is_ok() { 0 } else { 1 }),
+                    memory_refused: store.data().limiter.refused,
+                }
             }
             Compiled::Module(pre) => {
                 let wasi: WasiP1Ctx = builder.build_p1();
@@ -297,7 +341,10 @@ fn run_guest(
                     Ok(0)
                 }
                 .await;
-                classify(result, store.data().limiter.refused, &limits, &tail)
+                Outcome {
+                    result,
+                    memory_refused: store.data().limiter.refused,
+                }
             }
         }
     }
@@ -336,13 +383,8 @@ fn new_store<W: Send + 'static>(
 }
 
 /// Turns the outcome of running a guest into its exit status.
-fn classify(
-    result: wasmtime::Result<i32>,
-    memory_refused: bool,
-    limits: &Limits,
-    tail: &RefCell<VecDeque<String>>,
-) -> ExitStatus {
-    let err = match result {
+fn classify(outcome: Outcome, limits: &Limits, tail: &RefCell<VecDeque<String>>) -> ExitStatus {
+    let err = match outcome.result {
         Ok(code) => return ExitStatus::Exited(code),
         Err(e) => e,
     };
@@ -352,7 +394,7 @@ fn classify(
     if err.downcast_ref::<CpuBudgetExceeded>().is_some() {
         return ExitStatus::CpuBudgetExceeded;
     }
-    if memory_refused {
+    if outcome.memory_refused {
         return ExitStatus::OutOfMemory(limits.memory_bytes);
     }
     let mut message = match err.downcast_ref::<wasmtime::Trap>() {

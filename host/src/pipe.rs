@@ -203,12 +203,8 @@ impl futures::io::AsyncRead for PipeReader {
     }
 }
 
-impl futures::io::AsyncWrite for PipeWriter {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
+impl PipeWriter {
+    fn poll_write_shared(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         futures::ready!(self.0.poll_writable(cx));
         let mut s = self.0.lock();
         if s.read_closed {
@@ -222,6 +218,16 @@ impl futures::io::AsyncWrite for PipeWriter {
         s.wake_reader();
         Poll::Ready(Ok(n))
     }
+}
+
+impl futures::io::AsyncWrite for PipeWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_shared(cx, data)
+    }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
@@ -229,6 +235,28 @@ impl futures::io::AsyncWrite for PipeWriter {
 
     fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.close();
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A writer that never closes the pipe: end of stream is left to whoever
+/// owns the [`PipeWriter`].
+pub struct KeepOpen(pub std::rc::Rc<PipeWriter>);
+
+impl futures::io::AsyncWrite for KeepOpen {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.0.poll_write_shared(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
 }

@@ -7,6 +7,7 @@
 
 mod cmd;
 mod guests;
+mod kernel;
 mod tools;
 
 use std::path::{Path, PathBuf};
@@ -25,7 +26,8 @@ tasks:
   test [args]     check formatting, then build everything and run every test
                   (args go to the test binaries, e.g. a name filter)
   bench [args]    build the guests and run the benchmarks (args go to the bench)
-  guests          install missing tools and build the guests";
+  guests          install missing tools and build the guests
+  kernel          build the microVM guest kernel (cached by config and patches)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
         ("test", rest) => test(&root, passthrough(rest)).map(|()| ExitCode::SUCCESS),
         ("bench", rest) => bench(&root, passthrough(rest)).map(|()| ExitCode::SUCCESS),
         ("guests", []) => prepare(&root).map(|()| ExitCode::SUCCESS),
+        ("kernel", []) => kernel::ensure_kernel(&root).map(|_| ExitCode::SUCCESS),
         ("help" | "-h" | "--help", _) => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

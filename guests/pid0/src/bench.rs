@@ -1,0 +1,57 @@
+//! Benchmarks. Samples are reported to the host through
+//! `echo("bench:<name>:<ns>,<ns>,...")`, where the benchmark harness reads
+//! them.
+
+use capsa_schema::capsa_capnp::{executor, StdioMode};
+use guest_runtime::log;
+use wasip2::clocks::monotonic_clock;
+
+use crate::calls::{echo, exported_executor, Spawn};
+use crate::guests::CHILD_ECHO;
+
+/// Times `rounds` sequential echo round trips to the root executor.
+pub async fn echo_rounds(root: executor::Client, rounds: usize) -> capnp::Result<()> {
+    let mut samples = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let start = monotonic_clock::now();
+        echo(&root, "x").await?;
+        samples.push(monotonic_clock::now() - start);
+    }
+    report(&root, "pid0-echo", &samples).await
+}
+
+/// Starts a child and, through it, a grandchild in `bench-echo` mode, both
+/// bootstrapping the root executor. The grandchild times its own echoes and
+/// reports them; its `echo` answers only once it has.
+pub async fn nested(root: executor::Client, rounds: usize) -> capnp::Result<()> {
+    let child = Spawn {
+        bytes: CHILD_ECHO,
+        args: &["bench-child"],
+        stdio: StdioMode::Rpc,
+        name: "bench-child",
+        bootstrap: Some(&root),
+    }
+    .start(&root)
+    .await?;
+    let child_executor = exported_executor(&child).await?;
+    let rounds = rounds.to_string();
+    let grandchild = Spawn {
+        bytes: CHILD_ECHO,
+        args: &["bench-echo", &rounds],
+        stdio: StdioMode::Rpc,
+        name: "bench-grandchild",
+        bootstrap: Some(&root),
+    }
+    .start(&child_executor)
+    .await?;
+    let grandchild_executor = exported_executor(&grandchild).await?;
+    let answer = echo(&grandchild_executor, "done?").await?;
+    log!("pid0: nested bench reported: {answer}");
+    Ok(())
+}
+
+async fn report(root: &executor::Client, name: &str, samples: &[u64]) -> capnp::Result<()> {
+    let samples: Vec<String> = samples.iter().map(u64::to_string).collect();
+    echo(root, &format!("bench:{name}:{}", samples.join(","))).await?;
+    Ok(())
+}

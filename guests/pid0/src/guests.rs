@@ -1,0 +1,19 @@
+//! The guests PID0 carries, embedded when it is built.
+
+/// The RPC-mode child: echoes through its host, forwards `runBytes`.
+pub const CHILD_ECHO: &[u8] = include_bytes!(env!(
+    "CAPSA_CHILD_ECHO_WASM",
+    "set CAPSA_CHILD_ECHO_WASM to the built child-echo component"
+));
+
+/// A plain WASI program, as a component (WASI preview 2).
+pub const HELLO: &[u8] = include_bytes!(env!(
+    "CAPSA_HELLO_WASM",
+    "set CAPSA_HELLO_WASM to the built hello component"
+));
+
+/// The same program as a core module (WASI preview 1).
+pub const HELLO_P1: &[u8] = include_bytes!(env!(
+    "CAPSA_HELLO_P1_WASM",
+    "set CAPSA_HELLO_P1_WASM to the built hello core module (wasm32-wasip1)"
+));

@@ -1,0 +1,62 @@
+//! PID0 of the capsa demo: the first guest, holding the root `Executor`.
+//!
+//! Arguments:
+//! - none: the demo ([`demo::run`]);
+//! - `pipeline`: spawn, bootstrap and echo in one pipelined round;
+//! - `bench-echo N`: time N echo round trips to the root executor;
+//! - `bench-nested N`: time N echoes from a grandchild.
+//!
+//! Progress goes to stderr; stdout is the connection to the host. Any failure
+//! is logged and ends PID0 with exit code 1.
+
+mod bench;
+mod calls;
+mod demo;
+mod guests;
+
+use guest_runtime::{log, Connection};
+
+enum Mode {
+    Demo,
+    Pipeline,
+    BenchEcho(usize),
+    BenchNested(usize),
+}
+
+fn parse(args: &[String]) -> Result<Mode, String> {
+    let rounds = |n: &str| n.parse().map_err(|e| format!("bad round count {n:?}: {e}"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        [] => Ok(Mode::Demo),
+        ["pipeline"] => Ok(Mode::Pipeline),
+        ["bench-echo", n] => rounds(n).map(Mode::BenchEcho),
+        ["bench-nested", n] => rounds(n).map(Mode::BenchNested),
+        _ => Err(format!(
+            "unknown arguments {args:?}; expected none, `pipeline`, \
+             `bench-echo N` or `bench-nested N`"
+        )),
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mode = match parse(&args) {
+        Ok(mode) => mode,
+        Err(e) => {
+            log!("pid0: {e}");
+            std::process::exit(2);
+        }
+    };
+    let connection = Connection::open(|_| None);
+    let root = connection.host();
+    let result = match mode {
+        Mode::Demo => connection.run_until(demo::run(root)),
+        Mode::Pipeline => connection.run_until(demo::pipeline(root)),
+        Mode::BenchEcho(rounds) => connection.run_until(bench::echo_rounds(root, rounds)),
+        Mode::BenchNested(rounds) => connection.run_until(bench::nested(root, rounds)),
+    };
+    if let Err(e) = result {
+        log!("pid0: failed: {e}");
+        std::process::exit(1);
+    }
+}
