@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::cmd::{human, on_path, run, stdout_of, step};
+use crate::cmd::{human, on_path, run, step};
+use crate::tools::{as_root, package_installed};
 
 /// The Debian package whose tarball the kernel is built from.
 const SOURCE_PACKAGE: &str = "linux-source-6.1";
@@ -188,33 +189,6 @@ fn ensure_packages() -> Result<()> {
         .args(&missing))
     .with_context(|| format!("installing the kernel build packages failed; {manual}"))?;
     Ok(())
-}
-
-fn package_installed(pkg: &str) -> bool {
-    stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
-        .is_ok_and(|status| status.trim_end().ends_with(" installed"))
-}
-
-/// Makes commands that run as root: directly when we are root, else through sudo.
-fn as_root() -> Result<fn(&str) -> Command> {
-    fn direct(program: &str) -> Command {
-        let mut cmd = Command::new(program);
-        cmd.env("DEBIAN_FRONTEND", "noninteractive");
-        cmd
-    }
-    fn sudo(program: &str) -> Command {
-        let mut cmd = Command::new("sudo");
-        cmd.args(["DEBIAN_FRONTEND=noninteractive", program]);
-        cmd
-    }
-    let uid = stdout_of(Command::new("id").arg("-u")).unwrap_or_default();
-    if uid.trim() == "0" {
-        Ok(direct)
-    } else if on_path("sudo") {
-        Ok(sudo)
-    } else {
-        bail!("not running as root and sudo is not available")
-    }
 }
 
 /// Unpacks the source once and applies the patches; a tree patched with an

@@ -1,6 +1,7 @@
 //! Installing what a fresh machine lacks: the wasm targets for the guests, the
 //! Cap'n Proto compiler for the schema crate, and rustfmt for the format check.
 
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -90,7 +91,7 @@ fn capnp_works() -> bool {
 }
 
 /// Makes commands that run as root: directly when we are root, else through sudo.
-fn as_root() -> Result<fn(&str) -> Command> {
+pub(crate) fn as_root() -> Result<fn(&str) -> Command> {
     fn direct(program: &str) -> Command {
         let mut cmd = Command::new(program);
         cmd.env("DEBIAN_FRONTEND", "noninteractive");
@@ -98,7 +99,7 @@ fn as_root() -> Result<fn(&str) -> Command> {
     }
     fn sudo(program: &str) -> Command {
         let mut cmd = Command::new("sudo");
-        cmd.arg(program);
+        cmd.args(["DEBIAN_FRONTEND=noninteractive", program]);
         cmd
     }
     let uid = stdout_of(Command::new("id").arg("-u")).unwrap_or_default();
@@ -109,6 +110,54 @@ fn as_root() -> Result<fn(&str) -> Command> {
     } else {
         bail!("not running as root and sudo is not available")
     }
+}
+
+pub(crate) fn package_installed(pkg: &str) -> bool {
+    stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .is_ok_and(|status| status.trim_end().ends_with(" installed"))
+}
+
+/// Installs the Debian package `pkg` with apt unless it is installed;
+/// `why` says what needs it.
+fn ensure_deb(pkg: &str, why: &str) -> Result<()> {
+    if package_installed(pkg) {
+        return Ok(());
+    }
+    let manual = format!("install it yourself (`apt-get install {pkg}`) and run again");
+    if !on_path("apt-get") {
+        bail!("{why} needs the Debian package {pkg} and apt-get is not available; {manual}");
+    }
+    let root_cmd = as_root().with_context(|| {
+        format!("{why} needs the Debian package {pkg} and installing it needs root; {manual}")
+    })?;
+    eprintln!("==> installing {pkg}: {why} needs it");
+    run(root_cmd("apt-get").arg("update"))
+        .with_context(|| format!("`apt-get update` failed; {manual}"))?;
+    run(root_cmd("apt-get").args(["install", "-y", "--no-install-recommends", pkg]))
+        .with_context(|| format!("installing {pkg} failed; {manual}"))
+}
+
+/// Debian's static busybox, the ELF the microVM tests run in a guest;
+/// returns its path.
+pub(crate) fn ensure_busybox() -> Result<PathBuf> {
+    ensure_deb("busybox-static", "the microVM end-to-end test")?;
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .context(
+            "busybox-static is installed but /bin/busybox is missing; reinstall busybox-static",
+        )
+}
+
+/// QEMU, the reference the microVM boot benchmark compares against (capsa
+/// itself never runs it); returns the `qemu-system-x86_64` command.
+pub(crate) fn ensure_qemu() -> Result<PathBuf> {
+    ensure_deb(
+        "qemu-system-x86",
+        "the microVM boot benchmark (its QEMU reference)",
+    )?;
+    Ok(PathBuf::from("qemu-system-x86_64"))
 }
 
 /// rustfmt ships with rustup's default profile but not its minimal one.

@@ -1,0 +1,142 @@
+//! The agent's `Executor`: runs x86-64 ELF executables as child processes.
+
+use std::cell::Cell;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration;
+
+use capsa_schema::capsa_capnp::executor;
+
+use crate::format::check_elf;
+use crate::process::{self, ProcessImpl, Spec};
+use crate::reaper::Reaper;
+
+/// What every connection's Executor shares.
+pub struct Runner {
+    pub reaper: Rc<Reaper>,
+    /// Private folder (mode 0700) the executables are written to.
+    pub dir: PathBuf,
+    serial: Cell<u64>,
+}
+
+impl Runner {
+    pub fn new(reaper: Rc<Reaper>, dir: PathBuf) -> Self {
+        Runner {
+            reaper,
+            dir,
+            serial: Cell::new(0),
+        }
+    }
+}
+
+pub struct ExecutorImpl {
+    runner: Rc<Runner>,
+}
+
+impl ExecutorImpl {
+    pub fn new(runner: Rc<Runner>) -> Self {
+        ExecutorImpl { runner }
+    }
+}
+
+fn invalid(what: String) -> capnp::Error {
+    capnp::Error::failed(what)
+}
+
+fn text(reader: capnp::text::Reader<'_>, what: &str) -> Result<String, capnp::Error> {
+    let s = reader
+        .to_str()
+        .map_err(|_| invalid(format!("{what} is not valid UTF-8")))?;
+    if s.contains('\0') {
+        return Err(invalid(format!("{what} contains a NUL byte")));
+    }
+    Ok(s.to_string())
+}
+
+impl executor::Server for ExecutorImpl {
+    async fn run_bytes(
+        self: Rc<Self>,
+        params: executor::RunBytesParams,
+        mut results: executor::RunBytesResults,
+    ) -> Result<(), capnp::Error> {
+        let params = params.get()?;
+        let bytes = params.get_bytes()?;
+        check_elf(bytes).map_err(|e| invalid(e.to_string()))?;
+
+        let mut args = Vec::new();
+        for (i, arg) in params.get_args()?.iter().enumerate() {
+            args.push(text(arg?, &format!("argument {i}"))?);
+        }
+        let mut env = Vec::new();
+        for (i, var) in params.get_env()?.iter().enumerate() {
+            let name = text(var.get_name()?, &format!("environment variable {i}'s name"))?;
+            if name.is_empty() || name.contains('=') {
+                return Err(invalid(format!(
+                    "environment variable name {name:?} is empty or contains '='"
+                )));
+            }
+            let value = text(var.get_value()?, &format!("environment variable {name}"))?;
+            env.push((name, value));
+        }
+
+        let serial = self.runner.serial.get() + 1;
+        self.runner.serial.set(serial);
+        // Stdio is always plain data: an ELF executable has no Cap'n Proto
+        // connection of its own, so `options.stdio` and `options.bootstrap`
+        // do not apply.
+        let (name, deadline, memory_limit) = if params.has_options() {
+            let options = params.get_options()?;
+            let name = if options.has_name() {
+                text(options.get_name()?, "options.name")?
+            } else {
+                String::new()
+            };
+            let deadline = match options.get_deadline_millis() {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            };
+            let memory = match options.get_memory_limit_bytes() {
+                0 => None,
+                b => Some(b),
+            };
+            (name, deadline, memory)
+        } else {
+            (String::new(), None, None)
+        };
+        let name = if name.is_empty() {
+            format!("elf-{serial}")
+        } else {
+            name
+        };
+
+        let child = process::spawn(
+            &self.runner.reaper,
+            &self.runner.dir,
+            serial,
+            Spec {
+                bytes,
+                name: name.clone(),
+                args,
+                env,
+                deadline,
+                memory_limit,
+            },
+        )
+        .map_err(|e| capnp::Error::failed(format!("could not start {name}: {e}")))?;
+        eprintln!("capsa-agent: started {name}");
+        results
+            .get()
+            .set_process(capnp_rpc::new_client(ProcessImpl::new(child)));
+        Ok(())
+    }
+
+    async fn echo(
+        self: Rc<Self>,
+        params: executor::EchoParams,
+        mut results: executor::EchoResults,
+    ) -> Result<(), capnp::Error> {
+        let message = params.get()?.get_message()?;
+        results.get().set_response(message);
+        Ok(())
+    }
+}

@@ -1,0 +1,218 @@
+//! capsa-agent: PID 1 of a capsa microVM.
+//!
+//! In the VM it mounts the usual file systems, reaps every zombie, and serves
+//! capsa's `Executor` capability over Cap'n Proto on vsock port 1024: ELF
+//! bytes given to `runBytes` run as child processes with their stdio exposed
+//! as flow-controlled streams. When the last client connection closes it ends
+//! the VM. Progress goes to the console (stderr), never to a data stream.
+//!
+//! With `--listen` the same server runs as an ordinary process on a Unix,
+//! loopback TCP or vsock socket, which is how it is tested on machines whose
+//! KVM cannot run a guest's user space.
+
+mod executor;
+mod format;
+mod init;
+mod listen;
+mod process;
+mod reaper;
+mod serve;
+mod status;
+mod stream;
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::rc::Rc;
+
+use crate::executor::Runner;
+use crate::listen::{Endpoint, Listener};
+use crate::reaper::Reaper;
+use crate::serve::Lifetime;
+
+/// The vsock port the agent listens on inside a VM.
+pub const VSOCK_PORT: u32 = 1024;
+
+const USAGE: &str = "\
+usage: capsa-agent [--listen ENDPOINT | --listen-fd N] [--once]
+
+As PID 1 (inside a capsa microVM) it needs no arguments: it mounts /proc,
+/sys, /dev and /tmp, serves on vsock:1024 and ends the VM when its last
+client disconnects.
+
+  --listen ENDPOINT  serve on unix:PATH (created mode 0600),
+                     tcp:127.0.0.1:PORT (loopback only) or vsock:PORT
+  --listen-fd N      serve on the already listening socket N
+  --once             exit after the first connection closes";
+
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Args {
+    endpoint: Option<Endpoint>,
+    once: bool,
+    help: bool,
+}
+
+impl Args {
+    fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
+        let mut parsed = Args::default();
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            let mut value = |flag: &str| args.next().ok_or(format!("{flag} needs a value"));
+            let endpoint = match arg.as_str() {
+                "--listen" => Endpoint::parse(&value("--listen")?)?,
+                "--listen-fd" => {
+                    let n = value("--listen-fd")?;
+                    Endpoint::Fd(
+                        n.parse()
+                            .map_err(|_| format!("{n:?} is not a file descriptor"))?,
+                    )
+                }
+                "--once" => {
+                    parsed.once = true;
+                    continue;
+                }
+                "-h" | "--help" => {
+                    parsed.help = true;
+                    continue;
+                }
+                other => return Err(format!("unknown argument {other:?}")),
+            };
+            if parsed.endpoint.replace(endpoint).is_some() {
+                return Err("give one of --listen and --listen-fd, once".into());
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+fn main() -> ExitCode {
+    let pid1 = std::process::id() == 1;
+    if pid1 {
+        init::power_off_on_panic();
+    }
+    let args = match Args::parse(std::env::args().skip(1)) {
+        Ok(args) if args.help => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("capsa-agent: {e}\n\n{USAGE}");
+            return finish(pid1, ExitCode::from(2));
+        }
+    };
+    if !pid1 && args.endpoint.is_none() {
+        eprintln!("capsa-agent: not running as PID 1: give --listen or --listen-fd\n\n{USAGE}");
+        return ExitCode::from(2);
+    }
+    if pid1 {
+        // Before the runtime exists: nothing else runs yet.
+        init::mount_filesystems();
+    }
+    let code = match run(args, pid1) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("capsa-agent: {e}");
+            ExitCode::FAILURE
+        }
+    };
+    finish(pid1, code)
+}
+
+/// PID 1 never exits: it ends the VM instead.
+fn finish(pid1: bool, code: ExitCode) -> ExitCode {
+    if pid1 {
+        init::power_off();
+    }
+    code
+}
+
+fn run(args: Args, pid1: bool) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        // Subscribed to SIGCHLD before any child exists.
+        let reaper = Reaper::start(pid1).map_err(|e| format!("cannot watch SIGCHLD: {e}"))?;
+        let dir = private_dir(pid1)?;
+        let endpoint = args.endpoint.unwrap_or(Endpoint::Vsock(VSOCK_PORT));
+        let listener =
+            Listener::bind(&endpoint).map_err(|e| format!("cannot listen on {endpoint:?}: {e}"))?;
+        eprintln!("capsa-agent: listening on {}", listener.describe());
+
+        let lifetime = match (pid1, args.once) {
+            (_, true) => Lifetime::Once,
+            (true, false) => Lifetime::UntilIdle,
+            (false, false) => Lifetime::Forever,
+        };
+        let runner = Rc::new(Runner::new(reaper, dir.clone()));
+        let stop = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            let mut int =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            std::io::Result::Ok(())
+        };
+        tokio::select! {
+            () = serve::serve(listener, runner, lifetime) => {}
+            stopped = stop, if !pid1 => {
+                stopped.map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+                eprintln!("capsa-agent: terminated");
+            }
+        }
+        // Whatever is still running goes with the agent (the Process
+        // capabilities dropped above have already sent SIGKILL).
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    })
+}
+
+/// A folder only the agent can reach, for the executables it is given:
+/// `/tmp/capsa-agent` in the VM, a per-process one elsewhere.
+fn private_dir(pid1: bool) -> Result<PathBuf, String> {
+    let dir = if pid1 {
+        PathBuf::from("/tmp/capsa-agent")
+    } else {
+        std::env::temp_dir().join(format!("capsa-agent-{}", std::process::id()))
+    };
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, String> {
+        Args::parse(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn parses_arguments() {
+        assert_eq!(parse(&[]), Ok(Args::default()));
+        assert_eq!(
+            parse(&["--listen", "unix:/s", "--once"]),
+            Ok(Args {
+                endpoint: Some(Endpoint::Unix("/s".into())),
+                once: true,
+                help: false
+            })
+        );
+        assert_eq!(
+            parse(&["--listen-fd", "3"]).map(|a| a.endpoint),
+            Ok(Some(Endpoint::Fd(3)))
+        );
+        assert!(parse(&["--listen"]).is_err());
+        assert!(parse(&["--listen", "unix:/a", "--listen-fd", "3"]).is_err());
+        assert!(parse(&["--frobnicate"]).is_err());
+    }
+}

@@ -1,0 +1,682 @@
+//! The agent as an ordinary process (`--listen unix:PATH`), driven over the
+//! same Cap'n Proto path a host uses to reach it inside a VM. The programs it
+//! runs are the host's own `/bin` executables, sent as bytes.
+
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use capnp_rpc::{twoparty, RpcSystem};
+use capsa_schema::capsa_capnp::{byte_source, executor, exit_status, process};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+
+/// A running `capsa-agent --listen unix:...` with its own temporary folder.
+struct Agent {
+    child: Child,
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+impl Agent {
+    fn start(extra: &[&str]) -> Agent {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "capsa-agent-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("agent.sock");
+        // CAPSA_AGENT_BIN runs the same tests against another build of the
+        // agent, such as the static musl binary that goes into the initramfs.
+        let program = std::env::var_os("CAPSA_AGENT_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_capsa-agent").into());
+        let mut child = Command::new(program)
+            .arg("--listen")
+            .arg(format!("unix:{}", socket.display()))
+            .args(extra)
+            .env("TMPDIR", &dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The agent's log: wait for its "listening" line, then keep draining.
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("listening on") {
+                    let _ = ready_tx.send(());
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the agent did not start listening");
+        Agent { child, dir, socket }
+    }
+
+    /// The agent's private folder for the executables it writes.
+    fn exec_dir(&self) -> PathBuf {
+        self.dir.join(format!("capsa-agent-{}", self.child.id()))
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `f` on a single-threaded runtime inside a `LocalSet`, as capnp-rpc needs.
+fn local<F: Future>(f: F) -> F::Output {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tokio::task::LocalSet::new().block_on(&rt, async {
+        tokio::time::timeout(Duration::from_secs(60), f)
+            .await
+            .expect("test timed out")
+    })
+}
+
+async fn connect(socket: &Path) -> executor::Client {
+    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let (r, w) = stream.into_split();
+    let network = twoparty::VatNetwork::new(
+        r.compat(),
+        w.compat_write(),
+        Side::Client,
+        Default::default(),
+    );
+    let mut rpc = RpcSystem::new(Box::new(network), None);
+    let executor: executor::Client = rpc.bootstrap(Side::Server);
+    tokio::task::spawn_local(rpc);
+    executor
+}
+
+#[derive(Default)]
+struct Run<'a> {
+    args: &'a [&'a str],
+    env: &'a [(&'a str, &'a str)],
+    name: &'a str,
+    deadline_ms: u64,
+}
+
+fn bin(name: &str) -> Vec<u8> {
+    std::fs::read(name).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+async fn run(
+    executor: &executor::Client,
+    bytes: &[u8],
+    run: Run<'_>,
+) -> Result<process::Client, capnp::Error> {
+    let mut req = executor.run_bytes_request();
+    {
+        let mut p = req.get();
+        p.set_bytes(bytes);
+        let mut args = p.reborrow().init_args(run.args.len() as u32);
+        for (i, a) in run.args.iter().enumerate() {
+            args.set(i as u32, *a);
+        }
+        let mut env = p.reborrow().init_env(run.env.len() as u32);
+        for (i, (k, v)) in run.env.iter().enumerate() {
+            let mut e = env.reborrow().get(i as u32);
+            e.set_name(*k);
+            e.set_value(*v);
+        }
+        let mut options = p.init_options();
+        options.set_name(run.name);
+        options.set_deadline_millis(run.deadline_ms);
+    }
+    req.send().promise.await?.get()?.get_process()
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Status {
+    Exited(i32),
+    Killed,
+    DeadlineExceeded,
+    Failed(String),
+    Other,
+}
+
+async fn wait(p: &process::Client) -> Status {
+    let resp = p.wait_request().send().promise.await.unwrap();
+    let status = resp.get().unwrap().get_status().unwrap();
+    match status.which().unwrap() {
+        exit_status::Exited(c) => Status::Exited(c),
+        exit_status::Killed(()) => Status::Killed,
+        exit_status::DeadlineExceeded(()) => Status::DeadlineExceeded,
+        exit_status::Failed(m) => Status::Failed(m.unwrap().to_string().unwrap()),
+        _ => Status::Other,
+    }
+}
+
+async fn read_all(source: &byte_source::Client) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let mut req = source.read_request();
+        req.get().set_max_bytes(1 << 20);
+        let resp = req.send().promise.await.unwrap();
+        let r = resp.get().unwrap();
+        out.extend_from_slice(r.get_data().unwrap());
+        if r.get_eof() {
+            return out;
+        }
+    }
+}
+
+async fn stdout_of(p: &process::Client) -> Vec<u8> {
+    read_all(&p.stdout_request().send().pipeline.get_source()).await
+}
+
+fn error_of<T>(result: Result<T, capnp::Error>) -> String {
+    match result {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn echo_returns_the_message() {
+    let agent = Agent::start(&[]);
+    local(async {
+        let ex = connect(&agent.socket).await;
+        let mut req = ex.echo_request();
+        req.get().set_message("hello agent");
+        let resp = req.send().promise.await.unwrap();
+        assert_eq!(
+            resp.get()
+                .unwrap()
+                .get_response()
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            "hello agent"
+        );
+    });
+}
+
+#[test]
+fn the_socket_is_private() {
+    let agent = Agent::start(&[]);
+    let mode = std::fs::metadata(&agent.socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn runs_an_elf_with_its_arguments() {
+    let agent = Agent::start(&[]);
+    local(async {
+        let ex = connect(&agent.socket).await;
+        let p = run(
+            &ex,
+            &bin("/bin/echo"),
+            Run {
+                args: &["hello", "world"],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(stdout_of(&p).await, b"hello world\n");
+        assert_eq!(wait(&p).await, Status::Exited(0));
+    });
+    // The executable is removed once the process has ended.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::read_dir(agent.exec_dir())
+        .unwrap()
+        .next()
+        .is_some()
+    {
+        assert!(Instant::now() < deadline, "the executable was left behind");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn exit_codes_and_signals_are_reported() {
+    let agent = Agent::start(&[]);
+    local(async {
+        let ex = connect(&agent.socket).await;
+        let sh = bin("/bin/sh");
+        let p = run(
+            &ex,
+            &sh,
+            Run {
+                args: &["-c", "exit 7"],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(wait(&p).await, Status::Exited(7));
+        let p = run(
+            &ex,
+            &sh,
+            Run {
+                args: &["-c", "echo oops >&2; exit 0"],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        let stderr = read_all(&p.stderr_request().send().pipeline.get_source()).await;
+        assert_eq!(stderr, b"oops\n");
+        assert_eq!(wait(&p).await, Status::Exited(0));
+        let p = run(
+            &ex,
+            &sh,
+            Run {
+                args: &["-c", "kill -SEGV $$"],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        match wait(&p).await {
+            Status::Failed(m) => assert!(m.starts_with("killed by signal 11"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    });
+}
+
+#[test]
+fn the_environment_and_name_are_exactly_those_given() {
+    let agent = Agent::start(&[]);
+    local(async {
+        let ex = connect(&agent.socket).await;
+        let p = run(
+            &ex,
+            &bin("/usr/bin/env"),
+            Run {
+                env: &[("A", "1"), ("B", "two words")],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(stdout_of(&p).await, b"A=1\nB=two words\n");
+        assert_eq!(wait(&p).await, Status::Exited(0));
+
+        let p = run(
+            &ex,
+            &bin("/bin/sh"),
+            Run {
+                args: &["-c", "cat /proc/$$/cmdline"],
+                name: "my-tool",
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        let cmdline = stdout_of(&p).await;
+        assert!(
+            cmdline.starts_with(b"my-tool\0-c\0"),
+            "{:?}",
+            String::from_utf8_lossy(&cmdline)
+        );
+
+        let err = error_of(
+            run(
+                &ex,
+                &bin("/bin/true"),
+                Run {
+                    env: &[("A=B", "1")],
+                    ..Run::default()
+                },
+            )
+            .await,
+        );
+        assert!(err.contains("contains '='"), "{err}");
+    });
+}
+
+#[test]
+fn stdin_and_stdout_round_trip_through_cat() {
+    let agent = Agent::start(&[]);
+    local(async {
+        let ex = connect(&agent.socket).await;
+        let p = run(&ex, &bin("/bin/cat"), Run::default()).await.unwrap();
+        let sink = p.stdin_request().send().pipeline.get_sink();
+        let input: Vec<u8> = (0..4u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+        let writer = {
+            let input = input.clone();
+            tokio::task::spawn_local(async move {
+                for chunk in input.chunks(100_000) {
+                    let mut req = sink.write_request();
+                    req.get().set_data(chunk);
+                    req.send().await.unwrap();
+                }
+                sink.close_request().send().promise.await.unwrap();
+            })
+        };
+        let out = stdout_of(&p).await;
+        writer.await.unwrap();
+        assert_eq!(out.len(), input.len());
+        assert!(out == input);
+        assert_eq!(wait(&p).await, Status::Exited(0));
+    });
+}
+
+#[test]
+fn a_writer_nobody_reads_is_held_back() {
+    let agent = Agent::start(&[]);
+    local(async {
+        let ex = connect(&agent.socket).await;
+        let before = agent.rss_kib();
+        let p = run(
+            &ex,
+            &bin("/bin/sh"),
+            Run {
+                args: &["-c", "exec head -c 500000000 /dev/zero"],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let waited = tokio::time::timeout(Duration::from_millis(10), wait(&p)).await;
+        assert!(waited.is_err(), "the writer finished without a reader");
+        let grown = agent.rss_kib().saturating_sub(before);
+        assert!(grown < 16 << 10, "the agent grew by {grown} KiB");
+        // A reader gets the bytes in bounded chunks.
+        let source = p.stdout_request().send().pipeline.get_source();
+        let mut req = source.read_request();
+        req.get().set_max_bytes(4096);
+        let resp = req.send().promise.await.unwrap();
+        assert_eq!(resp.get().unwrap().get_data().unwrap().len(), 4096);
+        p.kill_request().send().promise.await.unwrap();
+        assert_eq!(wait(&p).await, Status::Killed);
+    });
+}
+
+#[test]
+fn any_number_of_waiters_get_the_same_status() {
+    let agent = Agent::start(&[]);
+    local(async {
+        let ex = connect(&agent.socket).await;
+        let p = run(
+            &ex,
+            &bin("/bin/sh"),
+            Run {
+                args: &["-c", "sleep 0.3; exit 3"],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        let waiters: Vec<_> = (0..5)
+            .map(|_| {
+                let p = p.clone();
+                tokio::task::spawn_local(async move { wait(&p).await })
+            })
+            .collect();
+        for w in waiters {
+            assert_eq!(w.await.unwrap(), Status::Exited(3));
+        }
+        assert_eq!(wait(&p).await, Status::Exited(3));
+    });
+}
+
+#[test]
+fn kill_ends_a_sleeping_process_at_once() {
+    let agent = Agent::start(&[]);
+    local(async {
+        let ex = connect(&agent.socket).await;
+        let p = run(
+            &ex,
+            &bin("/bin/sleep"),
+            Run {
+                args: &["1000"],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        let start = Instant::now();
+        p.kill_request().send().promise.await.unwrap();
+        assert_eq!(wait(&p).await, Status::Killed);
+        assert!(start.elapsed() < Duration::from_secs(5));
+        // Killing again after the end changes nothing.
+        p.kill_request().send().promise.await.unwrap();
+        assert_eq!(wait(&p).await, Status::Killed);
+    });
+}
+
+#[test]
+fn the_deadline_is_enforced() {
+    let agent = Agent::start(&[]);
+    local(async {
+        let ex = connect(&agent.socket).await;
+        let start = Instant::now();
+        let p = run(
+            &ex,
+            &bin("/bin/sleep"),
+            Run {
+                args: &["1000"],
+                deadline_ms: 300,
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(wait(&p).await, Status::DeadlineExceeded);
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(10),
+            "{took:?}"
+        );
+    });
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie still has a /proc entry; the agent reaps its children, so an
+    // ended child's entry goes away.
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn dropping_the_process_kills_it_and_its_group() {
+    let agent = Agent::start(&[]);
+    let pids: Vec<i32> = local(async {
+        let ex = connect(&agent.socket).await;
+        let p = run(
+            &ex,
+            &bin("/bin/sh"),
+            Run {
+                args: &["-c", "/bin/sleep 1000 & echo $$ $!; wait"],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        let source = p.stdout_request().send().pipeline.get_source();
+        let mut line = Vec::new();
+        while !line.ends_with(b"\n") {
+            let resp = source.read_request().send().promise.await.unwrap();
+            line.extend_from_slice(resp.get().unwrap().get_data().unwrap());
+        }
+        drop(source);
+        drop(p);
+        // Let the release reach the agent.
+        ex.echo_request().send().promise.await.unwrap();
+        String::from_utf8(line)
+            .unwrap()
+            .split_whitespace()
+            .map(|s| s.parse().unwrap())
+            .collect()
+    });
+    assert_eq!(pids.len(), 2);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|&pid| alive(pid)) {
+        assert!(
+            Instant::now() < deadline,
+            "{pids:?} still alive after the Process was dropped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn bad_payloads_are_refused_with_a_clear_error() {
+    let agent = Agent::start(&[]);
+    local(async {
+        let ex = connect(&agent.socket).await;
+        let err = error_of(run(&ex, b"GET / HTTP/1.1\r\n", Run::default()).await);
+        assert!(
+            err.contains(
+                "not a WASM component, WASM module or ELF executable: first bytes 47 45 54 20"
+            ),
+            "{err}"
+        );
+        let err = error_of(run(&ex, b"\0asm\x0d\0\x01\0", Run::default()).await);
+        assert!(err.contains("runs ELF executables only"), "{err}");
+        let err = error_of(run(&ex, b"\x7fELF", Run::default()).await);
+        assert!(err.contains("truncated"), "{err}");
+        let err = error_of(run(&ex, b"", Run::default()).await);
+        assert!(err.contains("empty"), "{err}");
+        let echo = bin("/bin/echo");
+        let mut arm = echo.clone();
+        arm[18..20].copy_from_slice(&0xb7u16.to_le_bytes());
+        let err = error_of(run(&ex, &arm, Run::default()).await);
+        assert!(err.contains("another machine"), "{err}");
+        // The connection still serves.
+        let p = run(
+            &ex,
+            &echo,
+            Run {
+                args: &["ok"],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(stdout_of(&p).await, b"ok\n");
+    });
+}
+
+#[test]
+fn an_elf_process_exports_nothing() {
+    let agent = Agent::start(&[]);
+    local(async {
+        let ex = connect(&agent.socket).await;
+        let p = run(
+            &ex,
+            &bin("/bin/sleep"),
+            Run {
+                args: &["1000"],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        let err = error_of(p.bootstrap_request().send().promise.await);
+        assert!(err.contains("exports nothing"), "{err}");
+    });
+}
+
+#[test]
+fn garbage_on_a_connection_drops_only_that_connection() {
+    let agent = Agent::start(&[]);
+    local(async {
+        let mut raw = tokio::net::UnixStream::connect(&agent.socket)
+            .await
+            .unwrap();
+        // A segment table claiming 2^32 segments, then noise.
+        raw.write_all(&[0xff; 64]).await.unwrap();
+        let mut buf = [0u8; 1024];
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match raw.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "the agent kept a connection that sent garbage"
+        );
+
+        let ex = connect(&agent.socket).await;
+        let mut req = ex.echo_request();
+        req.get().set_message("still here");
+        let resp = req.send().promise.await.unwrap();
+        assert_eq!(
+            resp.get()
+                .unwrap()
+                .get_response()
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            "still here"
+        );
+    });
+}
+
+#[test]
+fn once_exits_after_the_first_connection() {
+    let mut agent = Agent::start(&["--once"]);
+    local(async {
+        let ex = connect(&agent.socket).await;
+        let p = run(
+            &ex,
+            &bin("/bin/sleep"),
+            Run {
+                args: &["1000"],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        ex.echo_request().send().promise.await.unwrap();
+        drop(p);
+    });
+    // The runtime (and with it the connection) is gone: the agent exits.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = agent.child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not exit after its only connection"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!agent.socket.exists(), "the socket file was left behind");
+    assert!(
+        !agent.exec_dir().exists(),
+        "the private folder was left behind"
+    );
+}

@@ -1,0 +1,364 @@
+//! vCPUs: set-up for the boot protocols and the run loop that dispatches
+//! port I/O and MMIO exits to the devices.
+//!
+//! Each vCPU runs on its own thread. To stop one that is inside `KVM_RUN`,
+//! the VMM sets the shared stop flag and sends the thread [`kick_signal`],
+//! whose handler does nothing: the signal alone makes `KVM_RUN` return
+//! `EINTR`. A signal that lands just before the thread re-enters the guest
+//! is not lost for long, because the kicker repeats until the thread exits.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use thiserror::Error;
+use vm_memory::GuestMemoryMmap;
+
+use crate::arch::x86_64::cpuid::{filter_cpuid, CpuProfile};
+use crate::arch::x86_64::msr::boot_msrs;
+use crate::arch::x86_64::regs::{boot_fpu, boot_regs, set_lint, setup_sregs, RegsError};
+use crate::boot::BootEntry;
+
+/// A vCPU could not be created or configured.
+#[derive(Debug, Error)]
+pub enum VcpuError {
+    /// KVM_CREATE_VCPU failed.
+    #[error("creating vCPU: {0}")]
+    Create(kvm_ioctls::Error),
+    /// A KVM register ioctl failed.
+    #[error("configuring vCPU ({what}): {source}")]
+    Configure {
+        /// Which step.
+        what: &'static str,
+        /// The ioctl error.
+        source: kvm_ioctls::Error,
+    },
+    /// Writing boot tables failed.
+    #[error(transparent)]
+    Regs(#[from] RegsError),
+    /// Building the MSR list failed.
+    #[error("building MSR list: {0:?}")]
+    Msrs(vmm_sys_util::fam::Error),
+    /// KVM did not accept every boot MSR.
+    #[error("KVM accepted only {0} boot MSRs")]
+    MsrsPartial(usize),
+    /// Registering the kick signal handler failed.
+    #[error("registering the vCPU kick signal: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+}
+
+/// What a device access asks of the run loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BusAction {
+    /// Keep running.
+    Continue,
+    /// The guest asked to reset the machine.
+    Reset,
+}
+
+/// The devices a vCPU reaches through exits.
+pub trait Bus: Send + Sync {
+    /// `in` from `port`.
+    fn pio_read(&self, port: u16, data: &mut [u8]);
+    /// `out` to `port`.
+    fn pio_write(&self, port: u16, data: &[u8]) -> BusAction;
+    /// Load from unbacked guest-physical `addr`.
+    fn mmio_read(&self, addr: u64, data: &mut [u8]);
+    /// Store to unbacked guest-physical `addr`.
+    fn mmio_write(&self, addr: u64, data: &[u8]) -> BusAction;
+}
+
+/// Why a vCPU stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// The guest asked to power off or reset, halted without an IRQ chip,
+    /// or triple-faulted.
+    Shutdown(&'static str),
+    /// The VMM asked it to stop.
+    Stopped,
+    /// KVM reported an error.
+    Error(String),
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Installs the no-op handler for [`kick_signal`] (idempotent).
+pub fn register_kick_signal() -> Result<(), VcpuError> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
+        .map_err(VcpuError::Signal)
+}
+
+/// One vCPU.
+#[derive(Debug)]
+pub struct Vcpu {
+    /// KVM vCPU fd.
+    pub fd: VcpuFd,
+    /// Index, also the APIC id.
+    pub id: u8,
+}
+
+fn cfg(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError::Configure { what, source }
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` in `vm`.
+    pub fn new(vm: &VmFd, id: u8) -> Result<Self, VcpuError> {
+        let fd = vm.create_vcpu(u64::from(id)).map_err(VcpuError::Create)?;
+        Ok(Self { fd, id })
+    }
+
+    /// Sets CPUID, MSRs, FPU, registers and LAPIC for entering the kernel.
+    /// Secondary vCPUs only get CPUID, MSRs and LAPIC: they wait for INIT/SIPI.
+    pub fn configure(
+        &self,
+        kvm: &Kvm,
+        mem: &GuestMemoryMmap,
+        boot: &BootEntry,
+        vcpu_count: u8,
+        profile: CpuProfile,
+    ) -> Result<(), VcpuError> {
+        let mut cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(cfg("KVM_GET_SUPPORTED_CPUID"))?;
+        filter_cpuid(&mut cpuid, self.id, vcpu_count, profile);
+        self.fd.set_cpuid2(&cpuid).map_err(cfg("KVM_SET_CPUID2"))?;
+        let msrs = boot_msrs().map_err(VcpuError::Msrs)?;
+        let n = self.fd.set_msrs(&msrs).map_err(cfg("KVM_SET_MSRS"))?;
+        if n != msrs.as_slice().len() {
+            return Err(VcpuError::MsrsPartial(n));
+        }
+        if let Ok(mut lapic) = self.fd.get_lapic() {
+            set_lint(&mut lapic);
+            self.fd.set_lapic(&lapic).map_err(cfg("KVM_SET_LAPIC"))?;
+        }
+        if self.id == 0 {
+            self.fd.set_fpu(&boot_fpu()).map_err(cfg("KVM_SET_FPU"))?;
+            let mut sregs = self.fd.get_sregs().map_err(cfg("KVM_GET_SREGS"))?;
+            setup_sregs(mem, boot.protocol, &mut sregs)?;
+            self.fd.set_sregs(&sregs).map_err(cfg("KVM_SET_SREGS"))?;
+            self.fd
+                .set_regs(&boot_regs(boot.protocol, boot.entry.0))
+                .map_err(cfg("KVM_SET_REGS"))?;
+        }
+        Ok(())
+    }
+
+    /// Describes a `KVM_EXIT_INTERNAL_ERROR`: KVM's sub-error and data words
+    /// and where the guest was, so the failing instruction can be found.
+    fn internal_error(&mut self) -> String {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: after KVM_EXIT_INTERNAL_ERROR the kernel fills the
+        // `internal` member of the exit union; every bit pattern is a valid
+        // value of its plain integer fields.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let ndata = (internal.ndata as usize).min(internal.data.len());
+        let kind = match internal.suberror {
+            1 => "instruction emulation failure",
+            2 => "simultaneous exceptions",
+            3 => "delivery event",
+            4 => "unexpected exit reason",
+            _ => "unknown",
+        };
+        let mut msg = format!(
+            "KVM internal error {} ({kind}), data {:x?}",
+            internal.suberror,
+            &internal.data[..ndata]
+        );
+        if let Ok(regs) = self.fd.get_regs() {
+            msg.push_str(&format!(
+                ", guest rip {:#x} rsp {:#x} rflags {:#x}",
+                regs.rip, regs.rsp, regs.rflags
+            ));
+        }
+        if let Ok(sregs) = self.fd.get_sregs() {
+            msg.push_str(&format!(
+                " cr0 {:#x} cr4 {:#x} efer {:#x} cs {:#x}",
+                sregs.cr0, sregs.cr4, sregs.efer, sregs.cs.selector
+            ));
+        }
+        msg
+    }
+
+    /// Runs the guest until it shuts down, fails, or `stop` is set.
+    pub fn run(&mut self, bus: &dyn Bus, stop: &AtomicBool) -> VcpuStop {
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return VcpuStop::Stopped;
+            }
+            match self.fd.run() {
+                Ok(exit) => match exit {
+                    VcpuExit::IoIn(port, data) => bus.pio_read(port, data),
+                    VcpuExit::IoOut(port, data) => {
+                        if bus.pio_write(port, data) == BusAction::Reset {
+                            return VcpuStop::Shutdown("i8042 reset");
+                        }
+                    }
+                    VcpuExit::MmioRead(addr, data) => bus.mmio_read(addr, data),
+                    VcpuExit::MmioWrite(addr, data) => {
+                        if bus.mmio_write(addr, data) == BusAction::Reset {
+                            return VcpuStop::Shutdown("reset");
+                        }
+                    }
+                    VcpuExit::Hlt => return VcpuStop::Shutdown("hlt"),
+                    VcpuExit::Shutdown => return VcpuStop::Shutdown("triple fault"),
+                    VcpuExit::SystemEvent(kind, _) => match kind {
+                        KVM_SYSTEM_EVENT_SHUTDOWN => return VcpuStop::Shutdown("power off"),
+                        KVM_SYSTEM_EVENT_RESET => return VcpuStop::Shutdown("reset"),
+                        other => {
+                            return VcpuStop::Error(format!("unexpected system event {other}"))
+                        }
+                    },
+                    VcpuExit::Intr => {}
+                    VcpuExit::FailEntry(reason, cpu) => {
+                        return VcpuStop::Error(format!(
+                            "KVM entry failure {reason:#x} on cpu {cpu}"
+                        ))
+                    }
+                    VcpuExit::InternalError => return VcpuStop::Error(self.internal_error()),
+                    other => return VcpuStop::Error(format!("unexpected exit {other:?}")),
+                },
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) => return VcpuStop::Error(format!("KVM_RUN: {e}")),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use kvm_bindings::kvm_regs;
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::vstate::vm::KvmVm;
+
+    /// Records every access; reads from MMIO return 0x5a.
+    #[derive(Default)]
+    struct RecordingBus {
+        log: Mutex<Vec<String>>,
+        out: Mutex<Vec<u8>>,
+    }
+
+    impl Bus for RecordingBus {
+        fn pio_read(&self, port: u16, data: &mut [u8]) {
+            self.log.lock().unwrap().push(format!("in {port:#x}"));
+            data.fill(0x21);
+        }
+        fn pio_write(&self, port: u16, data: &[u8]) -> BusAction {
+            if port == 0x3f8 {
+                self.out.lock().unwrap().extend_from_slice(data);
+            } else {
+                self.log
+                    .lock()
+                    .unwrap()
+                    .push(format!("out {port:#x} {data:?}"));
+            }
+            if port == 0x64 && data == [0xfe] {
+                BusAction::Reset
+            } else {
+                BusAction::Continue
+            }
+        }
+        fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("mmio read {addr:#x}"));
+            data.fill(0x5a);
+        }
+        fn mmio_write(&self, addr: u64, data: &[u8]) -> BusAction {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("mmio write {addr:#x} {data:?}"));
+            BusAction::Continue
+        }
+    }
+
+    /// A real-mode vCPU in a VM with 32 KiB of RAM, `code` at 0x1000.
+    fn real_mode_vcpu(code: &[u8]) -> (KvmVm, GuestMemoryMmap, Vcpu) {
+        let vm = KvmVm::new(false).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x8000)]).unwrap();
+        vm.register_memory(&mem).unwrap();
+        mem.write_slice(code, GuestAddress(0x1000)).unwrap();
+        let vcpu = Vcpu::new(vm.fd(), 0).unwrap();
+        let mut sregs = vcpu.fd.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        sregs.ds.base = 0;
+        sregs.ds.selector = 0;
+        vcpu.fd.set_sregs(&sregs).unwrap();
+        vcpu.fd
+            .set_regs(&kvm_regs {
+                rip: 0x1000,
+                rflags: 2,
+                ..Default::default()
+            })
+            .unwrap();
+        (vm, mem, vcpu)
+    }
+
+    #[test]
+    fn serial_port_io_mmio_and_hlt() {
+        let code = [
+            0xba, 0xf8, 0x03, // mov dx, 0x3f8
+            0xb0, b'H', 0xee, // mov al, 'H'; out dx, al
+            0xb0, b'i', 0xee, // mov al, 'i'; out dx, al
+            0xe4, 0x61, // in al, 0x61
+            0xee, // out dx, al      (0x21 from the bus)
+            0xa2, 0x00, 0x90, // mov [0x9000], al (unbacked: MMIO write)
+            0xa0, 0x10, 0x90, // mov al, [0x9010]  (MMIO read -> 0x5a)
+            0xee, // out dx, al
+            0xf4, // hlt
+        ];
+        let (_vm, _mem, mut vcpu) = real_mode_vcpu(&code);
+        let bus = RecordingBus::default();
+        let stop = AtomicBool::new(false);
+        assert_eq!(vcpu.run(&bus, &stop), VcpuStop::Shutdown("hlt"));
+        assert_eq!(&*bus.out.lock().unwrap(), b"Hi!Z");
+        let log = bus.log.lock().unwrap().clone();
+        assert_eq!(
+            log,
+            vec!["in 0x61", "mmio write 0x9000 [33]", "mmio read 0x9010"]
+        );
+    }
+
+    #[test]
+    fn i8042_reset_ends_the_run() {
+        let code = [
+            0xb0, 0xfe, // mov al, 0xfe
+            0xe6, 0x64, // out 0x64, al
+            0xeb, 0xfe, // jmp $ (never reached)
+        ];
+        let (_vm, _mem, mut vcpu) = real_mode_vcpu(&code);
+        let bus = RecordingBus::default();
+        let stop = AtomicBool::new(false);
+        assert_eq!(vcpu.run(&bus, &stop), VcpuStop::Shutdown("i8042 reset"));
+    }
+
+    #[test]
+    fn kick_stops_a_spinning_vcpu() {
+        use vmm_sys_util::signal::Killable;
+        register_kick_signal().unwrap();
+        let code = [0xeb, 0xfe]; // jmp $
+        let (_vm, _mem, mut vcpu) = real_mode_vcpu(&code);
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let t = std::thread::spawn(move || vcpu.run(&RecordingBus::default(), &s));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        stop.store(true, Ordering::Release);
+        while !t.is_finished() {
+            let _ = t.kill(kick_signal());
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(t.join().unwrap(), VcpuStop::Stopped);
+    }
+}
