@@ -260,20 +260,45 @@ fn throughput_capsa(chunk: usize, total: usize) -> f64 {
     })
 }
 
-/// runBytes(child-echo).process.bootstrap().echo(), pipelined, timed to the
-/// echo's answer.
+/// Answers echo and signals the first call it gets.
+struct FirstCall(RefCell<Option<tokio::sync::oneshot::Sender<Instant>>>);
+
+impl executor::Server for FirstCall {
+    async fn echo(
+        self: Rc<Self>,
+        params: executor::EchoParams,
+        mut results: executor::EchoResults,
+    ) -> Result<(), capnp::Error> {
+        if let Some(tx) = self.0.borrow_mut().take() {
+            let _ = tx.send(Instant::now());
+        }
+        results.get().set_response(params.get()?.get_message()?);
+        Ok(())
+    }
+}
+
+/// From sending `runBytes(child-echo)` to the child's first RPC call
+/// reaching the host (child-echo in `bench-echo` mode calls echo on its
+/// bootstrap as soon as it starts).
 async fn spawn_to_first_call(root: &executor::Client, bytes: &[u8]) -> f64 {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let probe: executor::Client = capnp_rpc::new_client(FirstCall(RefCell::new(Some(tx))));
     let t = Instant::now();
     let mut req = root.run_bytes_request();
-    req.get().set_bytes(bytes);
+    {
+        let mut p = req.get();
+        p.set_bytes(bytes);
+        let mut args = p.reborrow().init_args(2);
+        args.set(0, "bench-echo");
+        args.set(1, "1");
+        p.init_options()
+            .init_bootstrap()
+            .init_capability()
+            .set_as_capability(probe.client.hook);
+    }
     let p = req.send().pipeline.get_process();
-    let exec: executor::Client = capnp::capability::FromClientHook::new(
-        p.bootstrap_request().send().pipeline.get_cap().as_cap(),
-    );
-    let mut e = exec.echo_request();
-    e.get().set_message("first");
-    e.send().promise.await.unwrap();
-    let ns = t.elapsed().as_nanos() as f64;
+    let arrived = rx.await.expect("the child made no call");
+    let ns = (arrived - t).as_nanos() as f64;
     p.kill_request().send().promise.await.unwrap();
     ns
 }

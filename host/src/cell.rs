@@ -102,6 +102,10 @@ pub async fn wait_status(mut rx: watch::Receiver<Option<ExitStatus>>) -> ExitSta
 pub struct KillSwitch(watch::Sender<Option<ExitStatus>>);
 
 impl KillSwitch {
+    pub(crate) fn new(tx: watch::Sender<Option<ExitStatus>>) -> Self {
+        KillSwitch(tx)
+    }
+
     pub fn fire(&self, reason: ExitStatus) {
         self.0.send_if_modified(|r| {
             if r.is_none() {

@@ -1,8 +1,12 @@
 //! The wasmtime engine, its linkers, and the cache of compiled guests.
 //!
 //! One [`Runtime`] per host. Guests are compiled once per distinct content
-//! (keyed by SHA-256) and kept as pre-instantiated images, so a second
-//! `runBytes` of the same bytes costs an instantiation, not a compile.
+//! and kept as pre-instantiated images, so a second `runBytes` of the same
+//! bytes costs an instantiation, not a compile. The cache is keyed by a fast
+//! 128-bit content hash (XXH3) and every hit is confirmed by comparing the
+//! bytes themselves, so a crafted collision cannot pass one guest off as
+//! another; a cryptographic hash of a large guest cost more than the whole
+//! instantiation.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -11,9 +15,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, ResourceTable};
-use wasmtime::{Config, Engine, Module, ResourceLimiter};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, Module, PoolingAllocationConfig, ResourceLimiter,
+};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -107,22 +112,38 @@ pub struct Runtime {
     engine: Engine,
     components: wasmtime::component::Linker<CellState<P2Wasi>>,
     modules: wasmtime::Linker<CellState<WasiP1Ctx>>,
-    cache: RefCell<HashMap<[u8; 32], Compiled>>,
+    cache: RefCell<HashMap<u128, Vec<(Arc<[u8]>, Compiled)>>>,
     _ticker: EpochTicker,
 }
 
 impl Runtime {
-    pub fn new() -> wasmtime::Result<Runtime> {
+    /// `max_memory` bounds every guest memory; `max_cells` is how many
+    /// guests may be alive at once in this host.
+    pub fn new(max_memory: u64, max_cells: u32) -> wasmtime::Result<Runtime> {
+        // The pooling allocator keeps memories, tables and fiber stacks in
+        // preallocated slots that are reset (not unmapped) between guests:
+        // instantiation is then a few system calls instead of dozens, which
+        // is most of the cost of a cached `runBytes`.
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(max_cells)
+            .total_core_instances(max_cells.saturating_mul(4))
+            .total_memories(max_cells)
+            .total_tables(max_cells.saturating_mul(2))
+            .total_stacks(max_cells)
+            .max_memory_size(usize::try_from(max_memory).unwrap_or(usize::MAX))
+            .linear_memory_keep_resident(64 << 10)
+            .table_keep_resident(16 << 10);
         let mut config = Config::new();
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let mut config = config;
         config
             .epoch_interruption(true)
             .wasm_component_model(true)
-            // Bounds-checked memories with a modest reservation: ten thousand
-            // idle children must fit in the address space and in the
-            // kernel's limit on mappings.
-            .memory_reservation(64 << 20)
+            // Each pool slot reserves (virtually) the largest memory a guest
+            // may have; below 4 GiB that means bounds-checked accesses.
+            .memory_reservation(max_memory.max(1 << 20))
             .memory_guard_size(64 << 10)
-            .memory_reservation_for_growth(16 << 20)
+            .memory_reservation_for_growth(0)
             .async_stack_size(1 << 20)
             .max_wasm_stack(512 << 10);
         let engine = Engine::new(&config)?;
@@ -153,11 +174,14 @@ impl Runtime {
     /// guests meanwhile.
     pub async fn compile(&self, bytes: Arc<[u8]>) -> Result<Compiled, SpawnError> {
         let kind = format::detect(&bytes)?;
-        let key: [u8; 32] = Sha256::digest(&bytes).into();
-        if let Some(hit) = self.cache.borrow().get(&key) {
-            return Ok(hit.clone());
+        let key = xxhash_rust::xxh3::xxh3_128(&bytes);
+        if let Some(bucket) = self.cache.borrow().get(&key) {
+            if let Some((_, hit)) = bucket.iter().find(|(b, _)| **b == *bytes) {
+                return Ok(hit.clone());
+            }
         }
         let engine = self.engine.clone();
+        let source = bytes.clone();
         let compiled = match kind {
             Format::Elf => return Err(SpawnError::VmDisabled),
             Format::Component => {
@@ -191,13 +215,17 @@ impl Runtime {
                 )
             }
         };
-        self.cache.borrow_mut().insert(key, compiled.clone());
+        self.cache
+            .borrow_mut()
+            .entry(key)
+            .or_default()
+            .push((source, compiled.clone()));
         Ok(compiled)
     }
 
     /// Number of distinct guests compiled so far.
     pub fn cached(&self) -> usize {
-        self.cache.borrow().len()
+        self.cache.borrow().values().map(Vec::len).sum()
     }
 }
 

@@ -9,8 +9,13 @@ pub enum SpawnError {
     #[error(transparent)]
     Format(#[from] FormatError),
     /// The bytes are an ELF executable and this host runs no microVMs.
-    #[error("microVMs are not enabled in this host: ELF executables need the microVM backend")]
+    #[error(
+        "microVMs are not enabled in this host: ELF executables run in microVMs \
+         (start the host with --allow-vm)"
+    )]
     VmDisabled,
+    #[error("microVM: {0}")]
+    Vm(String),
     #[error("invalid WebAssembly: {0}")]
     Compile(String),
     #[error("cannot link the guest against this host: {0}")]
@@ -19,6 +24,8 @@ pub enum SpawnError {
     Depth(u32),
     #[error("live children limit of {0} reached for this executor")]
     Children(u32),
+    #[error("the host runs its maximum of {0} guests")]
+    HostFull(u32),
     #[error("the host is shutting down")]
     ShuttingDown,
 }

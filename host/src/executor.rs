@@ -13,9 +13,11 @@ use capsa_schema::capsa_capnp::{executor, options, StdioMode as WireStdio};
 use crate::cell::{CellSpec, StdioMode};
 use crate::engine::EPOCH_TICK;
 use crate::error::SpawnError;
+use crate::format::{self, Format};
 use crate::host::Host;
 use crate::process::ProcessImpl;
 use crate::status::Limits;
+use crate::vm::VmRequest;
 
 pub struct ExecutorImpl {
     host: Host,
@@ -132,6 +134,38 @@ impl executor::Server for ExecutorImpl {
             bootstrap,
             want_export: stdio == StdioMode::Rpc,
         };
+        if format::detect(&bytes).map_err(SpawnError::from)? == Format::Elf {
+            let vm = opts.get_vm();
+            let settings = self
+                .host
+                .config()
+                .vm
+                .as_ref()
+                .ok_or(SpawnError::VmDisabled)?;
+            let non_empty = |d: &[u8]| (!d.is_empty()).then(|| d.to_vec());
+            let req = VmRequest {
+                name: spec.name,
+                bytes: bytes.to_vec(),
+                args: spec.args,
+                env: spec.env,
+                limits: spec.limits,
+                vcpus: match vm.get_vcpus() {
+                    0 => u32::from(settings.vcpus),
+                    n => n,
+                },
+                memory_mib: match vm.get_memory_mib() {
+                    0 => settings.memory_mib,
+                    n => n,
+                },
+                kernel: non_empty(vm.get_kernel()?),
+                initramfs: non_empty(vm.get_initramfs()?),
+            };
+            let process = self.host.spawn_vm(req, Some(slot)).await?;
+            results
+                .get()
+                .set_process(capnp_rpc::new_client(ProcessImpl::vm(process)));
+            return Ok(());
+        }
         let cell = self.host.spawn(bytes, spec, Some(slot)).await?;
         results
             .get()

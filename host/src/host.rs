@@ -17,6 +17,7 @@ use crate::engine::Runtime;
 use crate::error::SpawnError;
 use crate::executor::{ExecutorImpl, Slot};
 use crate::status::{ExitStatus, Limits};
+use crate::vm::{self, Probed, VmProcess, VmRequest, VmSettings};
 
 /// Host-wide settings.
 #[derive(Clone, Debug)]
@@ -27,6 +28,11 @@ pub struct HostConfig {
     pub max_depth: u32,
     /// Most children one Executor may have running at once.
     pub max_children: u32,
+    /// Most guests alive at once in the whole host, PID0 included; the
+    /// engine preallocates (virtual) slots for this many.
+    pub max_cells: u32,
+    /// How ELF payloads run; `None` refuses them.
+    pub vm: Option<VmSettings>,
 }
 
 impl Default for HostConfig {
@@ -35,6 +41,8 @@ impl Default for HostConfig {
             limits: Limits::default(),
             max_depth: 8,
             max_children: 64,
+            max_cells: 1024,
+            vm: None,
         }
     }
 }
@@ -49,8 +57,10 @@ struct Inner {
     next_id: Counter<u64>,
     cells: RefCell<HashMap<u64, Live>>,
     closed: Counter<bool>,
+    probed: Probed,
 }
 
+/// Something running that the host must be able to end: a cell or a VM.
 struct Live {
     kill: Rc<KillSwitch>,
     status: watch::Receiver<Option<ExitStatus>>,
@@ -63,13 +73,15 @@ pub struct HostError(String);
 
 impl Host {
     pub fn new(config: HostConfig) -> Result<Host, HostError> {
-        let runtime = Runtime::new().map_err(|e| HostError(format!("{e:#}")))?;
+        let runtime = Runtime::new(config.limits.memory_bytes, config.max_cells)
+            .map_err(|e| HostError(format!("{e:#}")))?;
         Ok(Host(Rc::new(Inner {
             runtime,
             config,
             next_id: Counter::new(0),
             cells: RefCell::new(HashMap::new()),
             closed: Counter::new(false),
+            probed: Probed::default(),
         })))
     }
 
@@ -135,6 +147,9 @@ impl Host {
         if self.0.closed.get() {
             return Err(SpawnError::ShuttingDown);
         }
+        if self.live_cells() >= self.0.config.max_cells as usize {
+            return Err(SpawnError::HostFull(self.0.config.max_cells));
+        }
         let id = self.0.next_id.get();
         self.0.next_id.set(id + 1);
         let weak = Rc::downgrade(&self.0);
@@ -158,7 +173,41 @@ impl Host {
         Ok(cell)
     }
 
-    /// Cells currently running, at every nesting level.
+    /// Boots a machine and runs an ELF in it through its agent.
+    pub(crate) async fn spawn_vm(
+        &self,
+        req: VmRequest,
+        slot: Option<Slot>,
+    ) -> Result<Rc<VmProcess>, SpawnError> {
+        let settings = self.0.config.vm.as_ref().ok_or(SpawnError::VmDisabled)?;
+        if self.0.closed.get() {
+            return Err(SpawnError::ShuttingDown);
+        }
+        if self.live_cells() >= self.0.config.max_cells as usize {
+            return Err(SpawnError::HostFull(self.0.config.max_cells));
+        }
+        let id = self.0.next_id.get();
+        self.0.next_id.set(id + 1);
+        let weak = Rc::downgrade(&self.0);
+        let vm = vm::start(settings, &self.0.probed, req, move || {
+            drop(slot);
+            if let Some(inner) = weak.upgrade() {
+                inner.cells.borrow_mut().remove(&id);
+            }
+        })
+        .await?;
+        let vm = Rc::new(vm);
+        self.0.cells.borrow_mut().insert(
+            id,
+            Live {
+                kill: vm.kill_switch(),
+                status: vm.torn_down(),
+            },
+        );
+        Ok(vm)
+    }
+
+    /// Cells (and machines) currently running, at every nesting level.
     pub fn live_cells(&self) -> usize {
         self.0.cells.borrow().len()
     }

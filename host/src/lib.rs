@@ -4,7 +4,8 @@
 //! capabilities over PID0's own WASI stdin/stdout. The root capability is an
 //! [`Executor`](capsa_schema::capsa_capnp::executor) whose `runBytes` turns
 //! bytes into a running `Process`: WASM components and WASI preview 1 modules
-//! run as nested children with their own connection.
+//! run as nested children with their own connection; x86-64 ELF executables
+//! run in KVM microVMs whose agent's Executor is handed back.
 //!
 //! Module map:
 //! - [`host`]: the [`Host`], its registry of live cells and the embedder's
@@ -13,7 +14,8 @@
 //! - [`cell`]: one running guest and the task that drives it;
 //! - [`engine`]: wasmtime configuration, linkers and the compile cache;
 //! - [`pipe`]: the bounded in-memory pipes behind every guest's stdio;
-//! - [`format`]: telling components, modules and ELF files apart.
+//! - [`format`]: telling components, modules and ELF files apart;
+//! - [`vm`]: ELF payloads in microVMs, through the in-guest agent.
 
 pub mod cell;
 pub mod engine;
@@ -25,9 +27,11 @@ pub mod pipe;
 pub mod process;
 pub mod status;
 pub mod stream;
+pub mod vm;
 
 pub use error::SpawnError;
 pub use host::{Host, HostConfig, HostError};
 pub use status::{ExitStatus, Limits};
+pub use vm::{VmBackend, VmSettings};
 
 pub use capsa_schema::capsa_capnp as schema;

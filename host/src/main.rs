@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use capsa::{Host, HostConfig, Limits};
+use capsa::{Host, HostConfig, Limits, VmBackend, VmSettings};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -44,6 +44,26 @@ enum Command {
         /// Most children one Executor may have running at once.
         #[arg(long, default_value_t = 64)]
         max_children: u32,
+        /// Run ELF executables in KVM microVMs.
+        #[arg(long)]
+        allow_vm: bool,
+        /// Guest kernel (vmlinux or bzImage) for microVMs.
+        #[arg(long, env = "CAPSA_KERNEL")]
+        kernel: Option<PathBuf>,
+        /// Initramfs whose /init is the capsa agent.
+        #[arg(long, env = "CAPSA_INITRAMFS")]
+        initramfs: Option<PathBuf>,
+        /// Instead of microVMs, run ELF executables through this agent
+        /// binary as an ordinary host process (no isolation: for machines
+        /// whose KVM cannot run Linux user space, and for testing).
+        #[arg(long, value_name = "AGENT")]
+        vm_as_process: Option<PathBuf>,
+        /// Seconds a microVM may take to boot until its agent answers.
+        #[arg(long, default_value_t = 10.0)]
+        vm_ready_timeout: f64,
+        /// Most guests alive at once in the host.
+        #[arg(long, default_value_t = 1024)]
+        max_cells: u32,
         /// Arguments for PID0.
         #[arg(last = true)]
         args: Vec<String>,
@@ -88,8 +108,36 @@ fn run(command: Command) -> anyhow::Result<i32> {
             cpu_ms,
             max_depth,
             max_children,
+            max_cells,
+            allow_vm,
+            kernel,
+            initramfs,
+            vm_as_process,
+            vm_ready_timeout,
             args,
         } => {
+            let backend = match (allow_vm, vm_as_process, kernel, initramfs) {
+                (false, None, _, _) => None,
+                (_, Some(agent), _, _) => Some(VmBackend::AgentProcess { agent }),
+                (true, None, Some(kernel), Some(initramfs)) => {
+                    Some(VmBackend::Kvm { kernel, initramfs })
+                }
+                (true, None, _, _) => anyhow::bail!(
+                    "--allow-vm needs a guest kernel and an initramfs: pass --kernel and \
+                     --initramfs (`cargo xtask kernel` and `cargo xtask initramfs` build them)"
+                ),
+            };
+            let vm = backend
+                .map(|backend| -> anyhow::Result<VmSettings> {
+                    Ok(VmSettings {
+                        backend,
+                        ready_timeout: Duration::try_from_secs_f64(vm_ready_timeout)
+                            .context("--vm-ready-timeout must be a positive number of seconds")?,
+                        vcpus: 1,
+                        memory_mib: 256,
+                    })
+                })
+                .transpose()?;
             let bytes =
                 std::fs::read(&pid0).with_context(|| format!("reading {}", pid0.display()))?;
             let deadline = deadline
@@ -107,6 +155,8 @@ fn run(command: Command) -> anyhow::Result<i32> {
                 },
                 max_depth,
                 max_children,
+                max_cells,
+                vm,
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

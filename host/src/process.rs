@@ -1,37 +1,90 @@
-//! The `Process` capability: a handle on one running cell.
+//! The `Process` capability: a handle on one running WASM cell, or on an ELF
+//! running in a machine through its agent.
 //!
-//! Dropping the last reference to a Process kills its cell (`Drop` below),
-//! which is how "no orphans" holds for processes nobody can reach any more.
+//! Dropping the last reference to a Process kills what it stands for
+//! (`Drop` below), which is how "no orphans" holds for processes nobody can
+//! reach any more.
 
 use std::rc::Rc;
 
-use capsa_schema::capsa_capnp::process;
+use capsa_schema::capsa_capnp::{byte_sink, byte_source, process};
 
-use crate::cell::{wait_status, Cell};
+use crate::cell::{wait_status, Cell, DataStdio};
 use crate::status::ExitStatus;
 use crate::stream::{ByteSinkImpl, ByteSourceImpl};
+use crate::vm::VmProcess;
+
+/// What a Process stands for.
+enum Target {
+    Cell(Rc<Cell>),
+    Vm(Rc<VmProcess>),
+}
 
 pub struct ProcessImpl {
-    cell: Rc<Cell>,
+    target: Target,
+}
+
+/// Which of the three streams.
+#[derive(Clone, Copy)]
+enum Stdio {
+    Stdout,
+    Stderr,
 }
 
 impl ProcessImpl {
     pub fn new(cell: Rc<Cell>) -> Self {
-        ProcessImpl { cell }
+        ProcessImpl {
+            target: Target::Cell(cell),
+        }
     }
 
-    fn data_only(&self, what: &str) -> capnp::Error {
-        capnp::Error::failed(format!(
-            "{} runs in RPC mode: its stdin/stdout carry its Cap'n Proto connection and its \
-             stderr goes to the host log, so there is no {what} stream; start it in data mode",
-            self.cell.name
-        ))
+    pub fn vm(vm: Rc<VmProcess>) -> Self {
+        ProcessImpl {
+            target: Target::Vm(vm),
+        }
+    }
+
+    /// A cell's data-mode stdio, or why there is none.
+    fn data<'a>(cell: &'a Cell, what: &str) -> Result<&'a DataStdio, capnp::Error> {
+        cell.data.as_ref().ok_or_else(|| {
+            capnp::Error::failed(format!(
+                "{} runs in RPC mode: its stdin/stdout carry its Cap'n Proto connection and \
+                 its stderr goes to the host log, so there is no {what} stream; start it in \
+                 data mode",
+                cell.name
+            ))
+        })
+    }
+
+    fn source(&self, which: Stdio) -> Result<byte_source::Client, capnp::Error> {
+        Ok(match (&self.target, which) {
+            (Target::Cell(cell), Stdio::Stdout) => capnp_rpc::new_client(ByteSourceImpl::new(
+                Self::data(cell, "stdout")?.stdout.clone(),
+            )),
+            (Target::Cell(cell), Stdio::Stderr) => capnp_rpc::new_client(ByteSourceImpl::new(
+                Self::data(cell, "stderr")?.stderr.clone(),
+            )),
+            // The agent's streams, proxied: flow control is end to end.
+            (Target::Vm(vm), Stdio::Stdout) => {
+                vm.process.stdout_request().send().pipeline.get_source()
+            }
+            (Target::Vm(vm), Stdio::Stderr) => {
+                vm.process.stderr_request().send().pipeline.get_source()
+            }
+        })
+    }
+
+    fn kill(&self) {
+        match &self.target {
+            Target::Cell(cell) => cell.kill(ExitStatus::Killed),
+            Target::Vm(vm) => vm.kill(ExitStatus::Killed),
+        }
     }
 }
 
 impl Drop for ProcessImpl {
     fn drop(&mut self) {
-        self.cell.kill(ExitStatus::Killed);
+        self.kill();
     }
 }
 
@@ -41,7 +94,10 @@ impl process::Server for ProcessImpl {
         _: process::WaitParams,
         mut results: process::WaitResults,
     ) -> Result<(), capnp::Error> {
-        let status = wait_status(self.cell.status_receiver()).await;
+        let status = match &self.target {
+            Target::Cell(cell) => wait_status(cell.status_receiver()).await,
+            Target::Vm(vm) => vm.wait().await,
+        };
         status.write_to(results.get().init_status());
         Ok(())
     }
@@ -51,7 +107,7 @@ impl process::Server for ProcessImpl {
         _: process::KillParams,
         _: process::KillResults,
     ) -> Result<(), capnp::Error> {
-        self.cell.kill(ExitStatus::Killed);
+        ProcessImpl::kill(&self);
         Ok(())
     }
 
@@ -60,14 +116,13 @@ impl process::Server for ProcessImpl {
         _: process::StdinParams,
         mut results: process::StdinResults,
     ) -> Result<(), capnp::Error> {
-        let data = self
-            .cell
-            .data
-            .as_ref()
-            .ok_or_else(|| self.data_only("stdin"))?;
-        results
-            .get()
-            .set_sink(capnp_rpc::new_client(ByteSinkImpl::new(data.stdin.clone())));
+        let sink: byte_sink::Client = match &self.target {
+            Target::Cell(cell) => {
+                capnp_rpc::new_client(ByteSinkImpl::new(Self::data(cell, "stdin")?.stdin.clone()))
+            }
+            Target::Vm(vm) => vm.process.stdin_request().send().pipeline.get_sink(),
+        };
+        results.get().set_sink(sink);
         Ok(())
     }
 
@@ -76,16 +131,7 @@ impl process::Server for ProcessImpl {
         _: process::StdoutParams,
         mut results: process::StdoutResults,
     ) -> Result<(), capnp::Error> {
-        let data = self
-            .cell
-            .data
-            .as_ref()
-            .ok_or_else(|| self.data_only("stdout"))?;
-        results
-            .get()
-            .set_source(capnp_rpc::new_client(ByteSourceImpl::new(
-                data.stdout.clone(),
-            )));
+        results.get().set_source(self.source(Stdio::Stdout)?);
         Ok(())
     }
 
@@ -94,16 +140,7 @@ impl process::Server for ProcessImpl {
         _: process::StderrParams,
         mut results: process::StderrResults,
     ) -> Result<(), capnp::Error> {
-        let data = self
-            .cell
-            .data
-            .as_ref()
-            .ok_or_else(|| self.data_only("stderr"))?;
-        results
-            .get()
-            .set_source(capnp_rpc::new_client(ByteSourceImpl::new(
-                data.stderr.clone(),
-            )));
+        results.get().set_source(self.source(Stdio::Stderr)?);
         Ok(())
     }
 
@@ -112,12 +149,16 @@ impl process::Server for ProcessImpl {
         _: process::BootstrapParams,
         mut results: process::BootstrapResults,
     ) -> Result<(), capnp::Error> {
-        let export = self.cell.export.as_ref().ok_or_else(|| {
-            capnp::Error::failed(format!(
-                "{} runs in data mode: it has no Cap'n Proto connection and exports nothing",
-                self.cell.name
-            ))
-        })?;
+        let export = match &self.target {
+            // The agent's Executor: more processes in the same machine.
+            Target::Vm(vm) => &vm.agent.client,
+            Target::Cell(cell) => cell.export.as_ref().ok_or_else(|| {
+                capnp::Error::failed(format!(
+                    "{} runs in data mode: it has no Cap'n Proto connection and exports nothing",
+                    cell.name
+                ))
+            })?,
+        };
         results
             .get()
             .init_cap()

@@ -1,0 +1,499 @@
+//! ELF payloads: one microVM per process, its agent's Executor handed back.
+//!
+//! `runBytes(ELF)` boots a machine whose PID 1 is the capsa agent, connects
+//! to the agent's Executor over a stream (virtio-vsock for a KVM microVM),
+//! asks it to run the ELF, and returns a Process that fronts the agent's:
+//! stdio and `wait` are the ELF's, `bootstrap()` is the agent's Executor (so
+//! the caller can run more in the same VM, or hand that capability to a WASM
+//! child), and `kill` or dropping the Process tears the machine down.
+//!
+//! The machine is either a KVM microVM booted by capsa's own VMM, or the
+//! agent run as an ordinary host process listening on a Unix socket. The
+//! second exists for machines whose KVM cannot run Linux user space: the
+//! host's half of the path (connection, RPC, process semantics, teardown)
+//! is the same code either way.
+
+use std::cell::OnceCell;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use capnp_rpc::{twoparty, RpcSystem};
+use capsa_microvm::{CpuProfile, KernelImage, Vm, VmConfig, VmExit};
+use capsa_schema::capsa_capnp::{executor, process, StdioMode};
+use futures::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+use crate::cell::{wait_status, KillSwitch};
+use crate::error::SpawnError;
+use crate::status::{ExitStatus, Limits};
+
+/// The vsock port the agent serves its Executor on.
+pub const AGENT_PORT: u32 = 1024;
+
+/// How ELF payloads are run.
+#[derive(Clone, Debug)]
+pub struct VmSettings {
+    pub backend: VmBackend,
+    /// How long a machine may take from start to an answering agent.
+    pub ready_timeout: Duration,
+    pub vcpus: u8,
+    pub memory_mib: u32,
+}
+
+#[derive(Clone, Debug)]
+pub enum VmBackend {
+    /// A KVM microVM booting `kernel` (vmlinux or bzImage) with `initramfs`
+    /// (whose `/init` is the agent).
+    Kvm { kernel: PathBuf, initramfs: PathBuf },
+    /// The agent binary as a host process on a Unix socket, for machines
+    /// whose KVM cannot run Linux user space.
+    AgentProcess { agent: PathBuf },
+}
+
+/// The ELF-specific part of a `runBytes` request.
+pub struct VmRequest {
+    pub name: String,
+    pub bytes: Vec<u8>,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub limits: Limits,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub kernel: Option<Vec<u8>>,
+    pub initramfs: Option<Vec<u8>>,
+}
+
+/// A running machine, from either backend.
+enum Machine {
+    Kvm(Rc<Vm>),
+    Agent {
+        child: tokio::process::Child,
+        _dir: TempDir,
+    },
+}
+
+impl Machine {
+    /// Resolves when the machine stops on its own, with a description.
+    async fn stopped(&mut self) -> String {
+        match self {
+            Machine::Kvm(vm) => match vm.wait().await {
+                VmExit::Panic(lines) => format!("kernel panicked: {lines}"),
+                VmExit::Error(e) => format!("the VMM stopped the VM: {e}"),
+                VmExit::Shutdown => "the VM shut down".into(),
+                VmExit::Stopped => "the VM was stopped".into(),
+            },
+            Machine::Agent { child, .. } => match child.wait().await {
+                Ok(s) => format!("the agent exited: {s}"),
+                Err(e) => format!("the agent is gone: {e}"),
+            },
+        }
+    }
+
+    /// Ends the machine and waits until nothing of it is left.
+    async fn tear_down(self) {
+        match self {
+            Machine::Kvm(vm) => {
+                vm.shutdown();
+                let _ = vm.wait().await;
+                // Dropping the last reference joins the vCPU and device
+                // threads, closes the VM's fds and unmaps its memory.
+                match Rc::try_unwrap(vm) {
+                    Ok(vm) => {
+                        let _ = tokio::task::spawn_blocking(move || drop(vm)).await;
+                    }
+                    Err(_) => tracing::error!("a VM handle outlived its teardown"),
+                }
+            }
+            Machine::Agent { mut child, _dir } => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+            }
+        }
+    }
+
+    /// What the machine said last, for errors.
+    fn console_tail(&self) -> String {
+        match self {
+            Machine::Kvm(vm) => {
+                let log = vm.serial_log();
+                let lines: Vec<&str> = log.lines().rev().take(5).collect();
+                lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            }
+            Machine::Agent { .. } => String::new(),
+        }
+    }
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> std::io::Result<TempDir> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "capsa-vm-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir(&dir)?;
+        let mut perms = std::fs::metadata(&dir)?.permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o700);
+        std::fs::set_permissions(&dir, perms)?;
+        Ok(TempDir(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A byte stream to the agent, whichever machine it runs in.
+type AgentStream = Pin<Box<dyn AsyncReadWrite>>;
+
+trait AsyncReadWrite: AsyncRead + AsyncWrite {}
+impl<T: AsyncRead + AsyncWrite> AsyncReadWrite for T {}
+
+struct ReadHalf(Rc<std::cell::RefCell<AgentStream>>);
+struct WriteHalf(Rc<std::cell::RefCell<AgentStream>>);
+
+impl AsyncRead for ReadHalf {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.0.borrow_mut().as_mut().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WriteHalf {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.0.borrow_mut().as_mut().poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.0.borrow_mut().as_mut().poll_flush(cx)
+    }
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.0.borrow_mut().as_mut().poll_close(cx)
+    }
+}
+
+/// What the host learnt about this machine's KVM, once per host.
+#[derive(Default)]
+pub struct Probed(OnceCell<Option<capsa_microvm::Probe>>);
+
+impl Probed {
+    fn get(&self) -> Option<capsa_microvm::Probe> {
+        *self.0.get_or_init(|| match capsa_microvm::probe() {
+            Ok(p) => {
+                tracing::info!(
+                    "KVM probe: {:.1} ns per loop iteration ({})",
+                    p.ns_per_iteration,
+                    if p.emulated {
+                        "emulated: compatibility CPU profile"
+                    } else {
+                        "native"
+                    }
+                );
+                Some(p)
+            }
+            Err(e) => {
+                tracing::warn!("KVM probe failed: {e}");
+                None
+            }
+        })
+    }
+}
+
+/// Starts a machine and returns it with a stream to its agent.
+async fn boot(
+    settings: &VmSettings,
+    probed: &Probed,
+    req: &VmRequest,
+) -> Result<(Machine, AgentStream), SpawnError> {
+    let deadline = Instant::now() + settings.ready_timeout;
+    match &settings.backend {
+        VmBackend::Kvm { kernel, initramfs } => {
+            let kernel = match &req.kernel {
+                Some(bytes) => KernelImage::Bytes(bytes.clone()),
+                None => KernelImage::Path(kernel.clone()),
+            };
+            let initramfs = match &req.initramfs {
+                Some(bytes) => bytes.clone(),
+                None => std::fs::read(initramfs).map_err(|e| {
+                    SpawnError::Vm(format!(
+                        "reading the initramfs {}: {e}",
+                        initramfs.display()
+                    ))
+                })?,
+            };
+            let mut cmdline = String::from("console=ttyS0 reboot=k panic=-1 quiet");
+            let mut profile = CpuProfile::Native;
+            if let Some(p) = probed.get().filter(|p| p.emulated) {
+                profile = CpuProfile::Compat;
+                cmdline.push(' ');
+                cmdline.push_str(&capsa_microvm::compat_kernel_args(Some(p.ns_per_iteration)));
+                cmdline.push_str(" no_int3_selftest");
+            }
+            let config = VmConfig {
+                vcpus: u8::try_from(req.vcpus).unwrap_or(u8::MAX).max(1),
+                memory_mib: req.memory_mib,
+                kernel,
+                initramfs: Some(initramfs),
+                cmdline,
+                cid: 3,
+                vsock_uds: None,
+                profile,
+            };
+            let vm = tokio::task::spawn_blocking(move || Vm::start(config))
+                .await
+                .map_err(|e| SpawnError::Vm(e.to_string()))?
+                .map_err(|e| SpawnError::Vm(e.to_string()))?;
+            let vm = Rc::new(vm);
+            let machine = Machine::Kvm(Rc::clone(&vm));
+            loop {
+                // Until the guest's driver is up a connection request gets
+                // no answer at all, so each attempt is bounded too.
+                let left = deadline.saturating_duration_since(Instant::now());
+                let why = match tokio::time::timeout(left, vm.connect(AGENT_PORT)).await {
+                    Ok(Ok(stream)) => return Ok((machine, Box::pin(stream))),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "no answer".to_string(),
+                };
+                if let Some(exit) = vm.exit_status() {
+                    let why = format!("{exit:?}");
+                    drop(vm);
+                    machine.tear_down().await;
+                    return Err(SpawnError::Vm(format!(
+                        "the VM stopped while booting: {why}"
+                    )));
+                }
+                if Instant::now() >= deadline {
+                    let tail = machine.console_tail();
+                    drop(vm);
+                    machine.tear_down().await;
+                    return Err(SpawnError::Vm(format!(
+                        "the agent did not answer within {:?} ({why}); console: {tail}",
+                        settings.ready_timeout
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        VmBackend::AgentProcess { agent } => {
+            let dir =
+                TempDir::new().map_err(|e| SpawnError::Vm(format!("temporary directory: {e}")))?;
+            let socket = dir.0.join("agent.sock");
+            let child = tokio::process::Command::new(agent)
+                .arg("--listen")
+                .arg(format!("unix:{}", socket.display()))
+                .arg("--once")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| {
+                    SpawnError::Vm(format!("starting the agent {}: {e}", agent.display()))
+                })?;
+            let mut child = child;
+            if let Some(stderr) = child.stderr.take() {
+                // The agent's console, as a VM's serial log would be: to
+                // the host log, never into a data stream.
+                tokio::task::spawn_local(async move {
+                    use tokio::io::AsyncBufReadExt;
+                    let mut lines = tokio::io::BufReader::new(stderr).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        tracing::debug!(target: "capsa::guest", "[agent] {line}");
+                    }
+                });
+            }
+            let mut machine = Machine::Agent { child, _dir: dir };
+            loop {
+                match tokio::net::UnixStream::connect(&socket).await {
+                    Ok(s) => {
+                        let s = tokio_util::compat::TokioAsyncReadCompatExt::compat(s);
+                        return Ok((machine, Box::pin(s)));
+                    }
+                    Err(e) if Instant::now() >= deadline => {
+                        machine.tear_down().await;
+                        return Err(SpawnError::Vm(format!(
+                            "the agent did not answer within {:?}: {e}",
+                            settings.ready_timeout
+                        )));
+                    }
+                    Err(_) => {
+                        if let Machine::Agent { child, .. } = &mut machine {
+                            if let Ok(Some(s)) = child.try_wait() {
+                                return Err(SpawnError::Vm(format!(
+                                    "the agent exited before answering: {s}"
+                                )));
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A process running in a machine, as the host tracks it.
+pub struct VmProcess {
+    pub name: String,
+    pub agent: executor::Client,
+    pub process: process::Client,
+    kill: Rc<KillSwitch>,
+    status: watch::Receiver<Option<ExitStatus>>,
+    torn_down: watch::Receiver<Option<ExitStatus>>,
+}
+
+impl VmProcess {
+    pub fn kill(&self, reason: ExitStatus) {
+        self.kill.fire(reason);
+    }
+
+    pub async fn wait(&self) -> ExitStatus {
+        wait_status(self.status.clone()).await
+    }
+
+    pub(crate) fn kill_switch(&self) -> Rc<KillSwitch> {
+        self.kill.clone()
+    }
+
+    /// Resolves once the machine is gone.
+    pub(crate) fn torn_down(&self) -> watch::Receiver<Option<ExitStatus>> {
+        self.torn_down.clone()
+    }
+}
+
+/// Boots a machine, runs `req` in it through the agent, and returns the
+/// host's handle on it. `on_exit` runs once the machine is torn down.
+pub(crate) async fn start(
+    settings: &VmSettings,
+    probed: &Probed,
+    req: VmRequest,
+    on_exit: impl FnOnce() + 'static,
+) -> Result<VmProcess, SpawnError> {
+    let (mut machine, stream) = boot(settings, probed, &req).await?;
+    let stream = Rc::new(std::cell::RefCell::new(stream));
+    let network = twoparty::VatNetwork::new(
+        ReadHalf(stream.clone()),
+        WriteHalf(stream),
+        Side::Client,
+        capnp::message::ReaderOptions::new(),
+    );
+    let mut rpc = RpcSystem::new(Box::new(network), None);
+    let agent: executor::Client = rpc.bootstrap(Side::Server);
+    let rpc = tokio::task::spawn_local(rpc);
+
+    let mut run = agent.run_bytes_request();
+    {
+        let mut p = run.get();
+        p.set_bytes(&req.bytes);
+        let mut args = p.reborrow().init_args(req.args.len() as u32);
+        for (i, a) in req.args.iter().enumerate() {
+            args.set(i as u32, a.as_str());
+        }
+        let mut env = p.reborrow().init_env(req.env.len() as u32);
+        for (i, (n, v)) in req.env.iter().enumerate() {
+            let mut e = env.reborrow().get(i as u32);
+            e.set_name(n.as_str());
+            e.set_value(v.as_str());
+        }
+        let mut o = p.init_options();
+        o.set_stdio(StdioMode::Data);
+        o.set_name(req.name.as_str());
+        o.set_memory_limit_bytes(req.limits.memory_bytes);
+    }
+    let process = match run.send().promise.await {
+        Ok(resp) => match resp.get().and_then(|r| r.get_process()) {
+            Ok(p) => p,
+            Err(e) => {
+                machine.tear_down().await;
+                return Err(SpawnError::Vm(format!("the agent refused the ELF: {e}")));
+            }
+        },
+        Err(e) => {
+            let tail = machine.console_tail();
+            machine.tear_down().await;
+            let tail = if tail.is_empty() {
+                String::new()
+            } else {
+                format!("; console: {tail}")
+            };
+            return Err(SpawnError::Vm(format!(
+                "the agent refused the ELF: {e}{tail}"
+            )));
+        }
+    };
+
+    let (kill_tx, mut kill_rx) = watch::channel(None);
+    let (status_tx, status_rx) = watch::channel(None);
+    let (down_tx, down_rx) = watch::channel(None);
+    let waiter = process.clone();
+    let deadline = req.limits.deadline;
+    tokio::task::spawn_local(async move {
+        let elf_done = async {
+            match waiter.wait_request().send().promise.await {
+                Ok(resp) => match resp.get().and_then(|r| r.get_status()) {
+                    Ok(s) => ExitStatus::read_from(s).unwrap_or_else(|e| {
+                        ExitStatus::Failed(format!("bad status from the agent: {e}"))
+                    }),
+                    Err(e) => ExitStatus::Failed(format!("bad status from the agent: {e}")),
+                },
+                Err(e) => ExitStatus::Failed(format!("lost the agent: {e}")),
+            }
+        };
+        let timer = async {
+            match deadline {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let (status, keep) = tokio::select! {
+            biased;
+            r = kill_rx.wait_for(Option::is_some) => (match r {
+                Ok(r) => r.clone().unwrap_or(ExitStatus::Killed),
+                Err(_) => ExitStatus::Killed,
+            }, false),
+            _ = timer => (ExitStatus::DeadlineExceeded, false),
+            why = machine.stopped() => (ExitStatus::Failed(why), false),
+            s = elf_done => (s, true),
+        };
+        status_tx.send_replace(Some(status.clone()));
+        if keep {
+            // The ELF is done, the machine is not: the agent's Executor may
+            // still be in use through `bootstrap()`. It goes with the
+            // Process (kill or drop) or when it stops on its own.
+            tokio::select! {
+                _ = kill_rx.wait_for(Option::is_some) => {}
+                _ = machine.stopped() => {}
+            }
+        }
+        rpc.abort();
+        machine.tear_down().await;
+        on_exit();
+        down_tx.send_replace(Some(status));
+    });
+
+    Ok(VmProcess {
+        name: req.name,
+        agent,
+        process,
+        kill: Rc::new(KillSwitch::new(kill_tx)),
+        status: status_rx,
+        torn_down: down_rx,
+    })
+}

@@ -1,0 +1,238 @@
+//! The host's ELF path (boot, agent connection, process semantics,
+//! teardown) with the agent running as an ordinary host process on a Unix
+//! socket: the same Cap'n Proto path a microVM's vsock carries, on machines
+//! whose KVM cannot run Linux user space.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use capsa::{ExitStatus, HostConfig, VmBackend, VmSettings};
+use capsa_tests::*;
+
+fn agent() -> PathBuf {
+    match std::env::var_os("CAPSA_AGENT_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let exe = std::env::current_exe().unwrap();
+            exe.parent().unwrap().parent().unwrap().join("capsa-agent")
+        }
+    }
+}
+
+fn config_with(agent: PathBuf, ready: Duration) -> HostConfig {
+    HostConfig {
+        vm: Some(VmSettings {
+            backend: VmBackend::AgentProcess { agent },
+            ready_timeout: ready,
+            vcpus: 1,
+            memory_mib: 128,
+        }),
+        ..HostConfig::default()
+    }
+}
+
+fn config() -> HostConfig {
+    let a = agent();
+    assert!(
+        a.exists(),
+        "{}: build the agent (`cargo xtask test` does)",
+        a.display()
+    );
+    config_with(a, Duration::from_secs(10))
+}
+
+fn elf(path: &str) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[test]
+fn an_elf_runs_with_its_output_and_status() {
+    with_host(config(), |host| async move {
+        let root = host.root_executor();
+        let p = run(
+            &root,
+            &elf("/bin/echo"),
+            Run {
+                args: &["hello", "from", "an", "ELF"],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(stdout_of(&p).await, b"hello from an ELF\n");
+        assert_eq!(wait(&p).await, ExitStatus::Exited(0));
+
+        let p = run(
+            &root,
+            &elf("/bin/sh"),
+            Run {
+                args: &["-c", "exit 9"],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(wait(&p).await, ExitStatus::Exited(9));
+    });
+}
+
+#[test]
+fn stdin_streams_into_the_elf() {
+    with_host(config(), |host| async move {
+        let root = host.root_executor();
+        let p = run(&root, &elf("/bin/cat"), Run::default()).await.unwrap();
+        let sink = p.stdin_request().send().pipeline.get_sink();
+        let input: Vec<u8> = (0..2u32 << 20).map(|i| (i % 253) as u8).collect();
+        let writer = {
+            let input = input.clone();
+            tokio::task::spawn_local(async move {
+                for chunk in input.chunks(64 << 10) {
+                    let mut req = sink.write_request();
+                    req.get().set_data(chunk);
+                    req.send().await.unwrap();
+                }
+                sink.close_request().send().promise.await.unwrap();
+            })
+        };
+        let out = stdout_of(&p).await;
+        writer.await.unwrap();
+        assert!(out == input, "{} bytes back of {}", out.len(), input.len());
+        assert_eq!(wait(&p).await, ExitStatus::Exited(0));
+    });
+}
+
+#[test]
+fn bootstrap_is_the_agents_executor_and_can_be_passed_to_a_wasm_child() {
+    with_host(config(), |host| async move {
+        let root = host.root_executor();
+        let p = run(&root, &elf("/bin/true"), Run::default()).await.unwrap();
+        assert_eq!(wait(&p).await, ExitStatus::Exited(0));
+        // The ELF is done; the machine stays while its Process is held.
+        let agent = exported_executor(&p);
+        assert_eq!(
+            echo(&agent, "in the machine").await.unwrap(),
+            "in the machine"
+        );
+        let second = run(
+            &agent,
+            &elf("/bin/echo"),
+            Run {
+                args: &["again"],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(stdout_of(&second).await, b"again\n");
+
+        // A WASM child whose only capability is the machine's Executor.
+        let mut req = root.run_bytes_request();
+        {
+            let mut r = req.get();
+            r.set_bytes(&guest("child-echo"));
+            r.reborrow().init_args(1).set(0, "vm-user");
+            r.init_options()
+                .init_bootstrap()
+                .init_capability()
+                .set_as_capability(agent.client.hook.clone());
+        }
+        let child = req
+            .send()
+            .promise
+            .await
+            .unwrap()
+            .get()
+            .unwrap()
+            .get_process()
+            .unwrap();
+        let reply = echo(&exported_executor(&child), "via the agent")
+            .await
+            .unwrap();
+        assert_eq!(
+            reply,
+            "child-echo[vm-user]: 8 concurrent echoes ok: via the agent"
+        );
+    });
+}
+
+#[test]
+fn kill_drop_and_deadline_tear_the_machine_down() {
+    with_host(config(), |host| async move {
+        let root = host.root_executor();
+        let sleeper = || Run {
+            args: &["1000"],
+            ..Run::default()
+        };
+        let p = run(&root, &elf("/bin/sleep"), sleeper()).await.unwrap();
+        assert_eq!(host.live_cells(), 1);
+        p.kill_request().send().promise.await.unwrap();
+        assert_eq!(wait(&p).await, ExitStatus::Killed);
+
+        let p = run(
+            &root,
+            &elf("/bin/sleep"),
+            Run {
+                deadline_ms: 200,
+                ..sleeper()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(wait(&p).await, ExitStatus::DeadlineExceeded);
+
+        let p = run(&root, &elf("/bin/sleep"), sleeper()).await.unwrap();
+        drop(p);
+        for _ in 0..500 {
+            if host.live_cells() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{} machines survived their Process", host.live_cells());
+    });
+}
+
+#[test]
+fn an_agent_that_never_answers_is_bounded_by_the_ready_timeout() {
+    let dir = std::env::temp_dir().join(format!("capsa-mute-agent-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mute = dir.join("mute-agent");
+    std::fs::write(&mute, "#!/bin/sh\nexec sleep 30\n").unwrap();
+    std::fs::set_permissions(&mute, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    with_host(
+        config_with(mute, Duration::from_millis(300)),
+        |host| async move {
+            let root = host.root_executor();
+            let witness = run(&root, &guest("child-echo"), Run::default())
+                .await
+                .unwrap();
+            let err = run(&root, &elf("/bin/true"), Run::default())
+                .await
+                .err()
+                .expect("runBytes should fail");
+            assert!(err.contains("the agent did not answer within"), "{err}");
+            assert_eq!(host.live_cells(), 1);
+            assert!(echo(&exported_executor(&witness), "ok?")
+                .await
+                .unwrap()
+                .contains("ok?"));
+        },
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_bad_elf_is_refused_and_the_machine_goes() {
+    with_host(config(), |host| async move {
+        let root = host.root_executor();
+        let mut bogus = vec![0u8; 64];
+        bogus[..4].copy_from_slice(b"\x7fELF");
+        bogus[18] = 0x3e;
+        let err = run(&root, &bogus, Run::default())
+            .await
+            .err()
+            .expect("runBytes should fail");
+        assert!(err.contains("the agent refused the ELF"), "{err}");
+        assert_eq!(host.live_cells(), 0);
+    });
+}
