@@ -22,7 +22,7 @@
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -100,14 +100,14 @@ struct CapsaBoot {
     guest_rss_kib: u64,
 }
 
-fn boot_capsa(kernel: &PathBuf, initramfs: &[u8], probe: &Probe) -> Result<CapsaBoot, String> {
+fn boot_capsa(kernel: &Path, initramfs: &[u8], probe: &Probe) -> Result<CapsaBoot, String> {
     let before: HashSet<String> = mappings().into_iter().map(|m| m.0).collect();
     let rss_before = status_kib("self", "VmRSS:");
     let start = Instant::now();
     let vm = Vm::start(VmConfig {
         vcpus: 1,
         memory_mib: MEMORY_MIB,
-        kernel: KernelImage::Path(kernel.clone()),
+        kernel: KernelImage::Path(kernel.to_path_buf()),
         initramfs: Some(initramfs.to_vec()),
         cmdline: cmdline(probe),
         cid: 3,

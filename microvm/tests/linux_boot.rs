@@ -16,7 +16,7 @@
 //! One test in this file, so nothing else runs in the process while it
 //! counts threads and fds.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use capnp_rpc::rpc_twoparty_capnp::Side;
@@ -54,7 +54,7 @@ fn env_path(var: &str) -> PathBuf {
     }
 }
 
-fn config(kernel: &PathBuf, initramfs: &[u8], probe: &Probe) -> VmConfig {
+fn config(kernel: &Path, initramfs: &[u8], probe: &Probe) -> VmConfig {
     let mut cmdline = String::from("console=ttyS0 panic=-1 reboot=k");
     let profile = if probe.emulated {
         cmdline.push(' ');
@@ -69,7 +69,7 @@ fn config(kernel: &PathBuf, initramfs: &[u8], probe: &Probe) -> VmConfig {
     VmConfig {
         vcpus: 1,
         memory_mib: 128,
-        kernel: KernelImage::Path(kernel.clone()),
+        kernel: KernelImage::Path(kernel.to_path_buf()),
         initramfs: Some(initramfs.to_vec()),
         cmdline,
         cid: 3,
@@ -196,7 +196,7 @@ fn rss_kib() -> u64 {
         .unwrap()
 }
 
-fn full_path(kernel: &PathBuf, initramfs: &[u8], probe: &Probe) {
+fn full_path(kernel: &Path, initramfs: &[u8], probe: &Probe) {
     let busybox_path = env_path("CAPSA_BUSYBOX");
     let busybox =
         std::fs::read(&busybox_path).unwrap_or_else(|e| panic!("{}: {e}", busybox_path.display()));
@@ -234,7 +234,7 @@ fn full_path(kernel: &PathBuf, initramfs: &[u8], probe: &Probe) {
 
 /// Boots a VM, waits for the agent, runs `echo` and busybox through it,
 /// shuts the VM down.
-async fn one_vm(kernel: &PathBuf, initramfs: &[u8], probe: &Probe, busybox: &[u8]) {
+async fn one_vm(kernel: &Path, initramfs: &[u8], probe: &Probe, busybox: &[u8]) {
     let start = Instant::now();
     let vm = Vm::start(config(kernel, initramfs, probe)).expect("Vm::start");
 

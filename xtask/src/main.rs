@@ -229,10 +229,33 @@ fn test(root: &Path, test_args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The wasmtime CLI, the peer for the spawn figures: built once into
+/// `target/peers` (a long build, done only for benchmarks).
+fn ensure_wasmtime_cli(root: &Path) -> Result<PathBuf> {
+    let peers = native_target_dir(root).join("peers");
+    let exe = peers.join("bin/wasmtime");
+    if exe.exists() {
+        return Ok(exe);
+    }
+    step(
+        "building the wasmtime CLI 48 as the benchmark peer (once; several minutes)",
+        || {
+            run(cargo(root)
+                .args(["install", "wasmtime-cli", "--version", "48.0.8", "--locked", "--root"])
+                .arg(&peers)
+                .arg("--target-dir")
+                .arg(peers.join("build")))
+        },
+    )?;
+    Ok(exe)
+}
+
 fn bench(root: &Path, bench_args: &[String]) -> Result<()> {
     prepare(root)?;
+    let wasmtime = ensure_wasmtime_cli(root)?;
     step("running benchmarks", || {
         let mut bench = cargo(root);
+        bench.env("CAPSA_PEER_WASMTIME", &wasmtime);
         bench.args(["bench", "-p", "capsa-host", "--bench", "capsa"]);
         if !bench_args.is_empty() {
             bench.arg("--").args(bench_args);
