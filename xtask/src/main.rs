@@ -241,7 +241,14 @@ fn ensure_wasmtime_cli(root: &Path) -> Result<PathBuf> {
         "building the wasmtime CLI 48 as the benchmark peer (once; several minutes)",
         || {
             run(cargo(root)
-                .args(["install", "wasmtime-cli", "--version", "48.0.8", "--locked", "--root"])
+                .args([
+                    "install",
+                    "wasmtime-cli",
+                    "--version",
+                    "48.0.8",
+                    "--locked",
+                    "--root",
+                ])
                 .arg(&peers)
                 .arg("--target-dir")
                 .arg(peers.join("build")))
