@@ -296,8 +296,23 @@ async fn spawn_to_first_call(root: &executor::Client, bytes: &[u8]) -> f64 {
             .init_capability()
             .set_as_capability(probe.client.hook);
     }
-    let p = req.send().pipeline.get_process();
-    let arrived = rx.await.expect("the child made no call");
+    // A local call runs as its promise is polled; dropping the promise
+    // would cancel it.
+    let spawn = req.send();
+    let p = spawn.pipeline.get_process();
+    let spawn = tokio::task::spawn_local(spawn.promise);
+    let arrived = match tokio::time::timeout(Duration::from_secs(10), rx).await {
+        Ok(Ok(t)) => t,
+        _ => {
+            let status = p.wait_request().send().promise.await;
+            let status = status
+                .and_then(|r| capsa::ExitStatus::read_from(r.get()?.get_status()?))
+                .map(|s| s.to_string())
+                .unwrap_or_else(|e| format!("runBytes failed: {e}"));
+            panic!("the child made no call: {status}");
+        }
+    };
+    drop(spawn);
     let ns = (arrived - t).as_nanos() as f64;
     p.kill_request().send().promise.await.unwrap();
     ns
@@ -311,6 +326,7 @@ fn spawn_cold(runs: usize) -> Vec<f64> {
                 let host = Host::new(HostConfig::default()).unwrap();
                 let ns = spawn_to_first_call(&host.root_executor(), &bytes).await;
                 host.shutdown().await;
+
                 ns
             })
         })
@@ -344,7 +360,9 @@ fn hello_in_capsa(runs: usize) -> Vec<f64> {
             let mut req = root.run_bytes_request();
             req.get().set_bytes(&bytes);
             req.get().init_options().set_stdio(StdioMode::Data);
-            let p = req.send().pipeline.get_process();
+            let spawn = req.send();
+            let p = spawn.pipeline.get_process();
+            let _spawn = tokio::task::spawn_local(spawn.promise);
             let out = p.stdout_request().send().pipeline.get_source();
             loop {
                 let resp = out.read_request().send().promise.await.unwrap();
@@ -406,10 +424,19 @@ fn memory_per_child(n: usize) -> (f64, usize) {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let before = rss_bytes();
         let mut procs = Vec::with_capacity(n);
-        for _ in 0..n {
+        let t = Instant::now();
+        for i in 0..n {
+            if i % 1000 == 0 && i > 0 {
+                eprintln!(
+                    "  {i} children alive after {:.1} s",
+                    t.elapsed().as_secs_f64()
+                );
+            }
             let mut req = root.run_bytes_request();
             req.get().set_bytes(&bytes);
-            let p = req.send().pipeline.get_process();
+            let spawn = req.send();
+            let p = spawn.pipeline.get_process();
+            let _spawn = tokio::task::spawn_local(spawn.promise);
             let exec: executor::Client = capnp::capability::FromClientHook::new(
                 p.bootstrap_request().send().pipeline.get_cap().as_cap(),
             );
@@ -426,7 +453,82 @@ fn memory_per_child(n: usize) -> (f64, usize) {
     })
 }
 
+/// A `capsa serve` on a Unix socket in a thread of this process; stopped
+/// when the returned sender is dropped.
+fn serve_in_thread(
+    dir: &std::path::Path,
+) -> (
+    capsa::serve::Address,
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
+    use capsa::serve::{Address, ServeConfig, Server};
+    let address = Address::Unix(dir.join("capsa.sock"));
+    let server = Server::bind(ServeConfig::new(address.clone())).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        local(async move {
+            let host = Host::new(HostConfig::default()).unwrap();
+            server
+                .run(&host, async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        })
+    });
+    (address, stop, thread)
+}
+
+/// Echo round trips from a Rust client through `capsa serve`'s socket.
+fn echo_through_serve_rust(address: &capsa::serve::Address) -> Vec<f64> {
+    local(async move {
+        let connection = capsa::serve::connect(address, None).await.unwrap();
+        let exec = connection.executor.clone();
+        let mut v = Vec::with_capacity(ECHOES);
+        for _ in 0..ECHOES {
+            let t = Instant::now();
+            let mut req = exec.echo_request();
+            req.get().set_message("x");
+            req.send().promise.await.unwrap();
+            v.push(t.elapsed().as_nanos() as f64);
+        }
+        drop(exec);
+        connection.close().await;
+        v
+    })
+}
+
+/// The same from the Python example (pycapnp), when `CAPSA_PYTHON` names
+/// a Python that has it: the median it reports, in nanoseconds.
+fn echo_through_serve_python(address: &capsa::serve::Address) -> Result<f64, String> {
+    let python = std::env::var_os("CAPSA_PYTHON")
+        .ok_or("CAPSA_PYTHON unset (`cargo xtask bench` sets it)")?;
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/python/capsa_client.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg("--connect")
+        .arg(address.to_string())
+        .args(["--bench-echo", "5000"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("python echo round trip: median "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse::<f64>().ok())
+        .map(|us| us * 1000.0)
+        .ok_or_else(|| format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+}
+
 fn main() {
+    if let Ok(filter) = std::env::var("CAPSA_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
+    }
     // `cargo bench` passes `--bench`; anything else narrows the run.
     let filter: Vec<String> = std::env::args()
         .skip(1)
@@ -453,6 +555,7 @@ fn main() {
     );
     println!("{:<58} {:>18}   peer (same run)", "what (median)", "capsa");
 
+    let mut in_process_echo = None;
     if want("echo") {
         let pid0 = median(guest_samples(
             &["bench-echo", &ECHOES.to_string()],
@@ -477,17 +580,48 @@ fn main() {
             us(nested),
             format!("(vs PID0: {:.2})", nested / pid0),
         );
+        in_process_echo = Some(pid0);
+    }
+    if want("serve") {
+        let dir = std::env::temp_dir().join(format!("capsa-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (address, stop, thread) = serve_in_thread(&dir);
+        let beside = |ns: f64| match in_process_echo {
+            Some(p) => format!("in-process PID0 <-> host: {} (ratio {:.2})", us(p), ns / p),
+            None => String::new(),
+        };
+        let rust = median(echo_through_serve_rust(&address));
+        r.row(
+            "echo round trip Rust client <-> capsa serve (Unix)",
+            us(rust),
+            beside(rust),
+        );
+        match echo_through_serve_python(&address) {
+            Ok(py) => r.row(
+                "echo round trip Python client <-> capsa serve (Unix)",
+                us(py),
+                beside(py),
+            ),
+            Err(e) => r.row(
+                "echo round trip Python client <-> capsa serve (Unix)",
+                "skipped".into(),
+                e.lines().last().unwrap_or_default().to_string(),
+            ),
+        }
+        drop(stop);
+        thread.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
     if want("spawn") {
         let cold = median(spawn_cold(10));
         let cached = median(spawn_cached(200));
         r.row(
-            "runBytes -> first RPC call, cold (compile)",
+            "runBytes -> child's first RPC call, cold (compile)",
             us(cold),
             String::new(),
         );
         r.row(
-            "runBytes -> first RPC call, cached",
+            "runBytes -> child's first RPC call, cached",
             us(cached),
             String::new(),
         );
@@ -525,7 +659,10 @@ fn main() {
         }
     }
     if want("memory") {
-        let n = 10_000;
+        let n = std::env::var("CAPSA_BENCH_CHILDREN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10_000);
         let (per, live) = memory_per_child(n);
         r.row(
             &format!("host memory per idle live child ({live} live)"),
