@@ -16,6 +16,7 @@ use crate::error::SpawnError;
 use crate::format::{self, Format};
 use crate::host::Host;
 use crate::process::ProcessImpl;
+use crate::scope::Scope;
 use crate::status::Limits;
 use crate::vm::VmRequest;
 
@@ -26,21 +27,33 @@ pub struct ExecutorImpl {
     limits: Limits,
     /// Children of this Executor that are still running.
     live: Rc<Counter<u32>>,
+    /// The client every process started here belongs to, if any; the
+    /// Executors handed to children carry it on.
+    scope: Option<Scope>,
 }
 
 impl ExecutorImpl {
     pub fn new(host: Host, depth: u32, limits: Limits) -> Self {
+        Self::scoped(host, depth, limits, None)
+    }
+
+    /// An Executor whose processes (and their descendants) join `scope`.
+    pub fn scoped(host: Host, depth: u32, limits: Limits, scope: Option<Scope>) -> Self {
         ExecutorImpl {
             host,
             depth,
             limits,
             live: Rc::new(Counter::new(0)),
+            scope,
         }
     }
 
     /// Reserves a live-child slot, or refuses when the quotas are used up.
     fn reserve(&self) -> Result<Slot, SpawnError> {
         let config = self.host.config();
+        if self.scope.as_ref().is_some_and(Scope::is_closed) {
+            return Err(SpawnError::ShuttingDown);
+        }
         if self.depth > config.max_depth {
             return Err(SpawnError::Depth(config.max_depth));
         }
@@ -109,10 +122,11 @@ impl executor::Server for ExecutorImpl {
         };
         let bootstrap = match opts.get_bootstrap().which()? {
             options::bootstrap::Inherit(()) => Some(
-                capnp_rpc::new_client::<executor::Client, _>(ExecutorImpl::new(
+                capnp_rpc::new_client::<executor::Client, _>(ExecutorImpl::scoped(
                     self.host.clone(),
                     self.depth + 1,
                     limits.clone(),
+                    self.scope.clone(),
                 ))
                 .client,
             ),
@@ -161,12 +175,18 @@ impl executor::Server for ExecutorImpl {
                 initramfs: non_empty(vm.get_initramfs()?),
             };
             let process = self.host.spawn_vm(req, Some(slot)).await?;
+            if let Some(scope) = &self.scope {
+                scope.track(process.kill_switch(), process.torn_down());
+            }
             results
                 .get()
                 .set_process(capnp_rpc::new_client(ProcessImpl::vm(process)));
             return Ok(());
         }
         let cell = self.host.spawn(bytes, spec, Some(slot)).await?;
+        if let Some(scope) = &self.scope {
+            scope.track(cell.kill_switch(), cell.status_receiver());
+        }
         results
             .get()
             .set_process(capnp_rpc::new_client(ProcessImpl::new(cell)));

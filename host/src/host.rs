@@ -69,7 +69,7 @@ struct Live {
 /// Why a host could not be created.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot set up the WebAssembly engine: {0}")]
-pub struct HostError(String);
+pub struct HostError(pub(crate) String);
 
 impl Host {
     pub fn new(config: HostConfig) -> Result<Host, HostError> {

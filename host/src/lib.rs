@@ -15,20 +15,30 @@
 //! - [`engine`]: wasmtime configuration, linkers and the compile cache;
 //! - [`pipe`]: the bounded in-memory pipes behind every guest's stdio;
 //! - [`format`]: telling components, modules and ELF files apart;
-//! - [`vm`]: ELF payloads in microVMs, through the in-guest agent.
+//! - [`vm`]: ELF payloads in microVMs, through the in-guest agent;
+//! - [`scope`]: the processes of one client, killed together when it goes;
+//! - [`serve`]: `capsa serve`, the root Executor over a Unix or TCP socket;
+//! - [`exec`]: the client behind `capsa exec`;
+//! - [`embed`]: a host on its own thread inside another program, for test
+//!   harnesses.
 
 pub mod cell;
+pub mod embed;
 pub mod engine;
 pub mod error;
+pub mod exec;
 pub mod executor;
 pub mod format;
 pub mod host;
 pub mod pipe;
 pub mod process;
+pub mod scope;
+pub mod serve;
 pub mod status;
 pub mod stream;
 pub mod vm;
 
+pub use embed::Embedded;
 pub use error::SpawnError;
 pub use host::{Host, HostConfig, HostError};
 pub use status::{ExitStatus, Limits};

@@ -5,8 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use capsa::serve::{Address, ServeConfig, Server, Token};
 use capsa::{Host, HostConfig, Limits, VmBackend, VmSettings};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -29,45 +30,94 @@ enum Command {
     Run {
         /// The PID0 component.
         pid0: PathBuf,
-        /// Memory limit of every guest, in MiB.
-        #[arg(long, default_value_t = 512)]
-        memory_mib: u64,
-        /// Wall-clock deadline for PID0 (and so for everything it runs), in seconds.
-        #[arg(long)]
-        deadline: Option<f64>,
-        /// CPU budget of each guest, in milliseconds of execution.
-        #[arg(long)]
-        cpu_ms: Option<u64>,
-        /// Deepest nesting level a child may have.
-        #[arg(long, default_value_t = 8)]
-        max_depth: u32,
-        /// Most children one Executor may have running at once.
-        #[arg(long, default_value_t = 64)]
-        max_children: u32,
-        /// Run ELF executables in KVM microVMs.
-        #[arg(long)]
-        allow_vm: bool,
-        /// Guest kernel (vmlinux or bzImage) for microVMs.
-        #[arg(long, env = "CAPSA_KERNEL")]
-        kernel: Option<PathBuf>,
-        /// Initramfs whose /init is the capsa agent.
-        #[arg(long, env = "CAPSA_INITRAMFS")]
-        initramfs: Option<PathBuf>,
-        /// Instead of microVMs, run ELF executables through this agent
-        /// binary as an ordinary host process (no isolation: for machines
-        /// whose KVM cannot run Linux user space, and for testing).
-        #[arg(long, value_name = "AGENT")]
-        vm_as_process: Option<PathBuf>,
-        /// Seconds a microVM may take to boot until its agent answers.
-        #[arg(long, default_value_t = 10.0)]
-        vm_ready_timeout: f64,
-        /// Most guests alive at once in the host.
-        #[arg(long, default_value_t = 1024)]
-        max_cells: u32,
+        #[command(flatten)]
+        host: HostArgs,
         /// Arguments for PID0.
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Serve the root Executor over a socket: each connection gets its own,
+    /// with its own quotas, and all of a connection's processes are killed
+    /// when it closes. Stops on SIGINT or SIGTERM.
+    Serve {
+        /// unix:PATH (created mode 0600) or tcp:HOST:PORT (loopback only,
+        /// unless --allow-remote).
+        #[arg(long, default_value = "unix:capsa.sock")]
+        listen: Address,
+        /// Accept TCP connections from other machines; needs --token-file.
+        #[arg(long)]
+        allow_remote: bool,
+        /// File holding a shared secret (16 to 1024 characters, mode 0600)
+        /// that clients must send before they get any capability.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Connections served at once; more are closed as soon as accepted.
+        #[arg(long, default_value_t = capsa::serve::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Run a program on a serving host (`capsa serve`) in data mode: this
+    /// command's stdin goes to the program, the program's stdout and stderr
+    /// come back to this command's, and it exits with the program's exit code.
+    Exec {
+        /// unix:PATH or tcp:HOST:PORT of the serving host.
+        #[arg(long, default_value = "unix:capsa.sock")]
+        connect: Address,
+        /// File holding the server's shared secret, if it has one.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Wall-clock deadline for the program, in seconds.
+        #[arg(long)]
+        deadline: Option<f64>,
+        /// The program: a WASM component, a WASI preview 1 module, or an
+        /// x86-64 ELF executable if the host runs microVMs.
+        file: PathBuf,
+        /// Arguments for the program.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+/// How the host runs guests: shared by `run` and `serve`.
+#[derive(Args)]
+struct HostArgs {
+    /// Memory limit of every guest, in MiB.
+    #[arg(long, default_value_t = 512)]
+    memory_mib: u64,
+    /// Wall-clock deadline for PID0 (and so for everything it runs), or for
+    /// each process a client starts, in seconds.
+    #[arg(long)]
+    deadline: Option<f64>,
+    /// CPU budget of each guest, in milliseconds of execution.
+    #[arg(long)]
+    cpu_ms: Option<u64>,
+    /// Deepest nesting level a child may have.
+    #[arg(long, default_value_t = 8)]
+    max_depth: u32,
+    /// Most children one Executor may have running at once.
+    #[arg(long, default_value_t = 64)]
+    max_children: u32,
+    /// Run ELF executables in KVM microVMs.
+    #[arg(long)]
+    allow_vm: bool,
+    /// Guest kernel (vmlinux or bzImage) for microVMs.
+    #[arg(long, env = "CAPSA_KERNEL")]
+    kernel: Option<PathBuf>,
+    /// Initramfs whose /init is the capsa agent.
+    #[arg(long, env = "CAPSA_INITRAMFS")]
+    initramfs: Option<PathBuf>,
+    /// Instead of microVMs, run ELF executables through this agent
+    /// binary as an ordinary host process (no isolation: for machines
+    /// whose KVM cannot run Linux user space, and for testing).
+    #[arg(long, value_name = "AGENT")]
+    vm_as_process: Option<PathBuf>,
+    /// Seconds a microVM may take to boot until its agent answers.
+    #[arg(long, default_value_t = 10.0)]
+    vm_ready_timeout: f64,
+    /// Most guests alive at once in the host.
+    #[arg(long, default_value_t = 1024)]
+    max_cells: u32,
 }
 
 fn main() -> ExitCode {
@@ -101,63 +151,10 @@ fn init_logging(verbose: u8) {
 
 fn run(command: Command) -> anyhow::Result<i32> {
     match command {
-        Command::Run {
-            pid0,
-            memory_mib,
-            deadline,
-            cpu_ms,
-            max_depth,
-            max_children,
-            max_cells,
-            allow_vm,
-            kernel,
-            initramfs,
-            vm_as_process,
-            vm_ready_timeout,
-            args,
-        } => {
-            let backend = match (allow_vm, vm_as_process, kernel, initramfs) {
-                (false, None, _, _) => None,
-                (_, Some(agent), _, _) => Some(VmBackend::AgentProcess { agent }),
-                (true, None, Some(kernel), Some(initramfs)) => {
-                    Some(VmBackend::Kvm { kernel, initramfs })
-                }
-                (true, None, _, _) => anyhow::bail!(
-                    "--allow-vm needs a guest kernel and an initramfs: pass --kernel and \
-                     --initramfs (`cargo xtask kernel` and `cargo xtask initramfs` build them)"
-                ),
-            };
-            let vm = backend
-                .map(|backend| -> anyhow::Result<VmSettings> {
-                    Ok(VmSettings {
-                        backend,
-                        ready_timeout: Duration::try_from_secs_f64(vm_ready_timeout)
-                            .context("--vm-ready-timeout must be a positive number of seconds")?,
-                        vcpus: 1,
-                        memory_mib: 256,
-                    })
-                })
-                .transpose()?;
+        Command::Run { pid0, host, args } => {
+            let config = host.config()?;
             let bytes =
                 std::fs::read(&pid0).with_context(|| format!("reading {}", pid0.display()))?;
-            let deadline = deadline
-                .map(|s| {
-                    Duration::try_from_secs_f64(s)
-                        .context("--deadline must be a positive number of seconds")
-                })
-                .transpose()?;
-            let config = HostConfig {
-                limits: Limits {
-                    memory_bytes: memory_mib << 20,
-                    deadline,
-                    cpu_ticks: cpu_ms
-                        .map(|ms| ms * 1000 / capsa::engine::EPOCH_TICK.as_micros() as u64),
-                },
-                max_depth,
-                max_children,
-                max_cells,
-                vm,
-            };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -171,5 +168,143 @@ fn run(command: Command) -> anyhow::Result<i32> {
             }
             Ok(status.code())
         }
+        Command::Serve {
+            listen,
+            allow_remote,
+            token_file,
+            max_connections,
+            host,
+        } => {
+            let config = host.config()?;
+            let token = token_file.as_deref().map(Token::from_file).transpose()?;
+            let server = Server::bind(ServeConfig {
+                listen,
+                allow_remote,
+                token,
+                max_connections,
+            })?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let host = Host::new(config)?;
+                let shutdown = signals()?;
+                // The line scripts wait for: the server accepts from here on.
+                eprintln!("capsa: serving on {}", server.address());
+                server.run(&host, shutdown).await?;
+                eprintln!("capsa: stopped");
+                anyhow::Ok(0)
+            })
+        }
+        Command::Exec {
+            connect,
+            token_file,
+            deadline,
+            file,
+            args,
+        } => {
+            let token = token_file.as_deref().map(Token::from_file).transpose()?;
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let deadline_ms = deadline
+                .map(|s| {
+                    Duration::try_from_secs_f64(s)
+                        .context("--deadline must be a positive number of seconds")
+                })
+                .transpose()?
+                .map_or(0, |d| d.as_millis().max(1) as u64);
+            let name = file
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let local = tokio::task::LocalSet::new();
+            let result = local.block_on(&rt, async move {
+                let connection = capsa::serve::connect(&connect, token.as_ref()).await?;
+                capsa::exec::run(&connection.executor, &bytes, &name, &args, deadline_ms).await
+            });
+            drop(local);
+            // Our stdin may still be blocked in a read nobody needs any more.
+            rt.shutdown_background();
+            let status = result?;
+            if !status.success() {
+                eprintln!("capsa: process {status}");
+            }
+            Ok(status.code())
+        }
+    }
+}
+
+/// Resolves at the first SIGINT or SIGTERM.
+fn signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
+}
+
+impl HostArgs {
+    fn config(self) -> anyhow::Result<HostConfig> {
+        let HostArgs {
+            memory_mib,
+            deadline,
+            cpu_ms,
+            max_depth,
+            max_children,
+            allow_vm,
+            kernel,
+            initramfs,
+            vm_as_process,
+            vm_ready_timeout,
+            max_cells,
+        } = self;
+        let backend = match (allow_vm, vm_as_process, kernel, initramfs) {
+            (false, None, _, _) => None,
+            (_, Some(agent), _, _) => Some(VmBackend::AgentProcess { agent }),
+            (true, None, Some(kernel), Some(initramfs)) => {
+                Some(VmBackend::Kvm { kernel, initramfs })
+            }
+            (true, None, _, _) => anyhow::bail!(
+                "--allow-vm needs a guest kernel and an initramfs: pass --kernel and \
+                 --initramfs (`cargo xtask kernel` and `cargo xtask initramfs` build them)"
+            ),
+        };
+        let vm = backend
+            .map(|backend| -> anyhow::Result<VmSettings> {
+                Ok(VmSettings {
+                    backend,
+                    ready_timeout: Duration::try_from_secs_f64(vm_ready_timeout)
+                        .context("--vm-ready-timeout must be a positive number of seconds")?,
+                    vcpus: 1,
+                    memory_mib: 256,
+                })
+            })
+            .transpose()?;
+        let deadline = deadline
+            .map(|s| {
+                Duration::try_from_secs_f64(s)
+                    .context("--deadline must be a positive number of seconds")
+            })
+            .transpose()?;
+        Ok(HostConfig {
+            limits: Limits {
+                memory_bytes: memory_mib << 20,
+                deadline,
+                cpu_ticks: cpu_ms
+                    .map(|ms| ms * 1000 / capsa::engine::EPOCH_TICK.as_micros() as u64),
+            },
+            max_depth,
+            max_children,
+            max_cells,
+            vm,
+        })
     }
 }

@@ -9,6 +9,7 @@ mod cmd;
 mod guests;
 mod initramfs;
 mod kernel;
+mod python;
 mod tools;
 
 use std::path::{Path, PathBuf};
@@ -211,8 +212,14 @@ fn test(root: &Path, test_args: &[String]) -> Result<()> {
     prepare(root)?;
     build_host(root)?;
     let microvm = MicrovmAssets::prepare(root)?;
+    let python = step(
+        "preparing the Python client (virtualenv with pycapnp)",
+        || python::ensure_venv(&native_target_dir(root)),
+    )?;
     step("running tests", || {
         let mut test = cargo(root);
+        // The Python example's test runs this interpreter.
+        test.env("CAPSA_PYTHON", &python);
         // The microVM crate's tests include a real Linux boot of the
         // project's kernel; they read its paths from the environment.
         microvm.export(&mut test);
@@ -260,9 +267,15 @@ fn ensure_wasmtime_cli(root: &Path) -> Result<PathBuf> {
 fn bench(root: &Path, bench_args: &[String]) -> Result<()> {
     prepare(root)?;
     let wasmtime = ensure_wasmtime_cli(root)?;
+    let python = step(
+        "preparing the Python client (virtualenv with pycapnp)",
+        || python::ensure_venv(&native_target_dir(root)),
+    )?;
     step("running benchmarks", || {
         let mut bench = cargo(root);
         bench.env("CAPSA_PEER_WASMTIME", &wasmtime);
+        // For the echo through `capsa serve` from Python.
+        bench.env("CAPSA_PYTHON", &python);
         bench.args(["bench", "-p", "capsa-host", "--bench", "capsa"]);
         if !bench_args.is_empty() {
             bench.arg("--").args(bench_args);

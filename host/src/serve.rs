@@ -1,0 +1,578 @@
+//! `capsa serve`: the root Executor over a Unix or TCP socket, for clients
+//! outside any guest (a Python test suite, a shell user, another host).
+//!
+//! The protocol is Cap'n Proto two-party RPC over the stream, with the
+//! schema's `Executor` as the bootstrap capability. Every connection gets its
+//! own root Executor in its own [`Scope`]: its own live-children quota, and
+//! every process it started (at every nesting level) is killed when the
+//! connection ends, however it ends.
+//!
+//! # Handshake
+//!
+//! When the server has a token (`--token-file`), the client first sends one
+//! line, before any Cap'n Proto message:
+//!
+//! ```text
+//! CAPSA-TOKEN <token>\n
+//! ```
+//!
+//! where `<token>` is the token file's content without surrounding
+//! whitespace. The server compares it in constant time and, if it matches,
+//! starts Cap'n Proto on the same stream; it sends nothing back first. A
+//! wrong or missing token, or none within [`HANDSHAKE_TIMEOUT`], closes the
+//! connection before any capability exists on it. Without a token the
+//! stream is Cap'n Proto from its first byte.
+
+use std::cell::Cell as Counter;
+use std::future::Future;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use capnp_rpc::{twoparty, RpcSystem};
+use capsa_schema::capsa_capnp::executor;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+
+use crate::host::Host;
+use crate::scope::Scope;
+
+/// What a client sends first when the server has a token.
+pub const TOKEN_PREFIX: &str = "CAPSA-TOKEN ";
+/// How long a client may take to send its token line.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of `--max-connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// Longest token accepted.
+const MAX_TOKEN: usize = 1024;
+
+/// Where a server listens or a client connects: `unix:PATH` or
+/// `tcp:HOST:PORT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Address {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl FromStr for Address {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Address> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                bail!("`unix:` needs a socket path, e.g. unix:/run/user/1000/capsa.sock");
+            }
+            return Ok(Address::Unix(PathBuf::from(path)));
+        }
+        if let Some(hostport) = s.strip_prefix("tcp:") {
+            if hostport.rsplit_once(':').is_none_or(|(h, _)| h.is_empty()) {
+                bail!("`tcp:` needs HOST:PORT, e.g. tcp:127.0.0.1:7070");
+            }
+            return Ok(Address::Tcp(hostport.to_string()));
+        }
+        bail!("{s:?} is not an address: use unix:PATH or tcp:HOST:PORT")
+    }
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::Unix(p) => write!(f, "unix:{}", p.display()),
+            Address::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// The shared secret of `--token-file`.
+#[derive(Clone)]
+pub struct Token(Vec<u8>);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(..)")
+    }
+}
+
+impl Token {
+    /// Reads a token file: its content without surrounding whitespace. The
+    /// file must not be readable by group or others.
+    pub fn from_file(path: &Path) -> anyhow::Result<Token> {
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            bail!(
+                "{}: the token file is readable by others; `chmod 600` it",
+                path.display()
+            );
+        }
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Token::new(text.trim())
+    }
+
+    pub fn new(token: &str) -> anyhow::Result<Token> {
+        if token.len() < 16 || token.len() > MAX_TOKEN {
+            bail!("a token must be 16 to {MAX_TOKEN} characters long");
+        }
+        if token
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        {
+            bail!("a token must not contain whitespace or control characters");
+        }
+        Ok(Token(token.as_bytes().to_vec()))
+    }
+
+    /// Compares in time that depends only on the lengths.
+    fn matches(&self, given: &[u8]) -> bool {
+        let mut diff = (self.0.len() != given.len()) as u8;
+        for (i, &b) in self.0.iter().enumerate() {
+            diff |= b ^ given.get(i).copied().unwrap_or(0);
+        }
+        diff == 0
+    }
+
+    /// The handshake line a client sends.
+    pub fn line(&self) -> Vec<u8> {
+        let mut line = TOKEN_PREFIX.as_bytes().to_vec();
+        line.extend_from_slice(&self.0);
+        line.push(b'\n');
+        line
+    }
+}
+
+/// How `capsa serve` listens.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub listen: Address,
+    /// TCP only: bind a non-loopback address. Requires `token`.
+    pub allow_remote: bool,
+    pub token: Option<Token>,
+    /// Connections served at once; more are closed as soon as accepted.
+    pub max_connections: usize,
+}
+
+impl ServeConfig {
+    pub fn new(listen: Address) -> ServeConfig {
+        ServeConfig {
+            listen,
+            allow_remote: false,
+            token: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// A bound socket, before the runtime takes it over.
+enum Bound {
+    Unix(std::os::unix::net::UnixListener, OwnedSocket),
+    Tcp(std::net::TcpListener),
+}
+
+enum Listener {
+    /// The socket file goes with the listener.
+    Unix(UnixListener, #[allow(dead_code)] OwnedSocket),
+    Tcp(TcpListener),
+}
+
+impl Bound {
+    fn into_listener(self) -> std::io::Result<Listener> {
+        Ok(match self {
+            Bound::Unix(l, owned) => {
+                l.set_nonblocking(true)?;
+                Listener::Unix(UnixListener::from_std(l)?, owned)
+            }
+            Bound::Tcp(l) => {
+                l.set_nonblocking(true)?;
+                Listener::Tcp(TcpListener::from_std(l)?)
+            }
+        })
+    }
+}
+
+/// The socket file this server created; removed when dropped, if it is
+/// still ours.
+struct OwnedSocket {
+    path: PathBuf,
+    ino: u64,
+}
+
+impl Drop for OwnedSocket {
+    fn drop(&mut self) {
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A bound server, not yet accepting.
+pub struct Server {
+    listener: Bound,
+    config: ServeConfig,
+    address: Address,
+}
+
+impl Server {
+    /// Binds the socket. A Unix socket is created with mode 0600; an
+    /// existing `PATH` is replaced only if it is a stale socket (one nobody
+    /// accepts on). TCP binds only loopback addresses unless
+    /// `allow_remote`, which requires a token.
+    pub fn bind(config: ServeConfig) -> anyhow::Result<Server> {
+        if config.max_connections == 0 {
+            bail!("--max-connections must be at least 1");
+        }
+        let (listener, address) = match &config.listen {
+            Address::Unix(path) => {
+                if config.allow_remote {
+                    bail!("--allow-remote is for TCP; a Unix socket is local by nature");
+                }
+                let (listener, owned) = bind_unix(path)?;
+                (Bound::Unix(listener, owned), config.listen.clone())
+            }
+            Address::Tcp(hostport) => {
+                let addrs: Vec<SocketAddr> = hostport
+                    .to_socket_addrs()
+                    .with_context(|| format!("resolving {hostport}"))?
+                    .collect();
+                let Some(addr) = addrs.first().copied() else {
+                    bail!("{hostport} resolves to no address");
+                };
+                if config.allow_remote && config.token.is_none() {
+                    bail!(
+                        "--allow-remote needs --token-file: a remote client must prove it \
+                         holds the shared secret before it gets any capability"
+                    );
+                }
+                if !config.allow_remote && !addr.ip().is_loopback() {
+                    bail!(
+                        "{addr} is not a loopback address; pass --allow-remote (with \
+                         --token-file) to accept connections from other machines"
+                    );
+                }
+                let std =
+                    std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+                let bound = std.local_addr()?;
+                (Bound::Tcp(std), Address::Tcp(bound.to_string()))
+            }
+        };
+        Ok(Server {
+            listener,
+            config,
+            address,
+        })
+    }
+
+    /// Where clients reach this server (with the real port when 0 was asked).
+    pub fn address(&self) -> &Address {
+        &self.address
+    }
+
+    /// Serves `host` until `shutdown` resolves, then stops accepting, kills
+    /// every process and waits for them to end; the socket file is removed
+    /// when this returns. Must run inside a `LocalSet`.
+    pub async fn run(self, host: &Host, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+        let Server {
+            listener, config, ..
+        } = self;
+        let listener = listener.into_listener()?;
+        let open = Rc::new(Counter::new(0usize));
+        let token = config.token.map(Rc::new);
+        let mut next_id = 0u64;
+        tokio::pin!(shutdown);
+        loop {
+            let accepted: std::io::Result<(Box<dyn Stream>, String)> = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                r = accept(&listener) => r,
+            };
+            let (stream, peer) = match accepted {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little
+                    // rather than spin.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            next_id += 1;
+            let id = next_id;
+            if open.get() >= config.max_connections {
+                tracing::debug!(
+                    "connection {id} from {peer} refused: {} connections open",
+                    open.get()
+                );
+                drop(stream);
+                continue;
+            }
+            open.set(open.get() + 1);
+            let open = open.clone();
+            let host = host.clone();
+            let token = token.clone();
+            tokio::task::spawn_local(async move {
+                tracing::info!("connection {id} from {peer} opened");
+                let result = serve_connection(&host, stream, token.as_deref()).await;
+                open.set(open.get() - 1);
+                match result {
+                    Ok(killed) => tracing::info!(
+                        "connection {id} closed; {killed} of its processes were still running \
+                         and were killed"
+                    ),
+                    Err(e) => tracing::info!("connection {id} dropped: {e}"),
+                }
+            });
+        }
+        drop(listener);
+        tracing::info!("shutting down: killing every process");
+        host.shutdown().await;
+        // Let the connections tell their clients how their processes ended.
+        for _ in 0..64 {
+            tokio::task::yield_now().await;
+        }
+        Ok(())
+    }
+}
+
+/// A connection's byte stream, whichever the transport.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + 'static> Stream for T {}
+
+async fn accept(listener: &Listener) -> std::io::Result<(Box<dyn Stream>, String)> {
+    Ok(match listener {
+        Listener::Unix(l, _) => {
+            let (s, _) = l.accept().await?;
+            (Box::new(s), "the Unix socket".into())
+        }
+        Listener::Tcp(l) => {
+            let (s, peer) = l.accept().await?;
+            let _ = s.set_nodelay(true);
+            (Box::new(s), peer.to_string())
+        }
+    })
+}
+
+fn bind_unix(path: &Path) -> anyhow::Result<(std::os::unix::net::UnixListener, OwnedSocket)> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => bail!("{}: another server is listening there", path.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    tracing::info!("removing the stale socket {}", path.display());
+                    std::fs::remove_file(path)
+                        .with_context(|| format!("removing the stale socket {}", path.display()))?;
+                }
+                Err(e) => bail!("{}: exists and cannot be probed: {e}", path.display()),
+            }
+        }
+        Ok(_) => bail!(
+            "{}: exists and is not a socket; refusing to replace it",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => bail!("{}: {e}", path.display()),
+    }
+    // Bind inside a fresh directory only this user can enter, make the
+    // socket 0600, then move it into place: no moment exists at which
+    // anyone else could connect.
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .with_context(|| format!("{}: not a file path", path.display()))?;
+    let private = parent.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .with_context(|| format!("creating {}", private.display()))?;
+    let staged = private.join("s");
+    let result = (|| {
+        let listener = std::os::unix::net::UnixListener::bind(&staged)
+            .with_context(|| format!("binding a Unix socket in {}", parent.display()))?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staged, path).with_context(|| format!("creating {}", path.display()))?;
+        let ino = std::fs::symlink_metadata(path)?.ino();
+        anyhow::Ok((
+            listener,
+            OwnedSocket {
+                path: path.to_path_buf(),
+                ino,
+            },
+        ))
+    })();
+    let _ = std::fs::remove_file(&staged);
+    let _ = std::fs::remove_dir(&private);
+    result
+}
+
+/// Why a connection ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error("no valid token line within {0:?}")]
+    Handshake(Duration),
+    #[error("wrong token")]
+    WrongToken,
+    #[error("broken connection: {0}")]
+    Rpc(#[from] capnp::Error),
+}
+
+/// Serves one connection: the token handshake if `token` is set, then a
+/// root Executor in a new [`Scope`] until the stream ends. Returns how many
+/// of the connection's processes were still running and were killed.
+pub async fn serve_connection(
+    host: &Host,
+    stream: impl Stream,
+    token: Option<&Token>,
+) -> Result<usize, ConnectionError> {
+    let mut stream = stream;
+    if let Some(token) = token {
+        let line = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_line(&mut stream))
+            .await
+            .map_err(|_| ConnectionError::Handshake(HANDSHAKE_TIMEOUT))?
+            .ok_or(ConnectionError::Handshake(HANDSHAKE_TIMEOUT))?;
+        let given = line.strip_prefix(TOKEN_PREFIX.as_bytes()).unwrap_or(&[]);
+        if !token.matches(given) {
+            return Err(ConnectionError::WrongToken);
+        }
+    }
+    let scope = Scope::new();
+    let (read, write) = tokio::io::split(stream);
+    let network = twoparty::VatNetwork::new(
+        read.compat(),
+        write.compat_write(),
+        Side::Server,
+        capnp::message::ReaderOptions::new(),
+    );
+    let rpc = RpcSystem::new(Box::new(network), Some(scope.root_executor(host).client));
+    let result = rpc.await;
+    // The connection's capabilities are gone with it; whatever still runs
+    // (a Process passed on elsewhere) ends here.
+    let killed = scope.close().await;
+    result?;
+    Ok(killed)
+}
+
+/// One line of at most a token's length, without its `\n`; `None` if the
+/// stream ended or the line is too long.
+async fn read_line(stream: &mut (impl AsyncRead + Unpin)) -> Option<Vec<u8>> {
+    let mut line = Vec::new();
+    while line.len() <= TOKEN_PREFIX.len() + MAX_TOKEN {
+        match stream.read_u8().await.ok()? {
+            b'\n' => return Some(line),
+            b => line.push(b),
+        }
+    }
+    None
+}
+
+/// The client's end of a connection to a host.
+pub struct Connection {
+    /// The server's root Executor for this connection.
+    pub executor: executor::Client,
+    disconnector: capnp_rpc::Disconnector<twoparty::VatId>,
+}
+
+impl Connection {
+    /// Ends the connection; the server then kills every process this
+    /// connection started. (Dropping the capabilities alone releases them,
+    /// but keeps the connection open.)
+    pub async fn close(self) {
+        let _ = self.disconnector.await;
+    }
+}
+
+/// The client's end of a connection over `stream`. The connection runs as a
+/// local task, so this must be called inside a `LocalSet`.
+pub fn client_over(stream: impl Stream) -> Connection {
+    let (read, write) = tokio::io::split(stream);
+    let network = twoparty::VatNetwork::new(
+        read.compat(),
+        write.compat_write(),
+        Side::Client,
+        capnp::message::ReaderOptions::new(),
+    );
+    let mut rpc = RpcSystem::new(Box::new(network), None);
+    let executor: executor::Client = rpc.bootstrap(Side::Server);
+    let disconnector = rpc.get_disconnector();
+    tokio::task::spawn_local(async move {
+        if let Err(e) = rpc.await {
+            tracing::debug!("connection to the host ended: {e}");
+        }
+    });
+    Connection {
+        executor,
+        disconnector,
+    }
+}
+
+/// Connects to a serving host, sending `token` first if given. Must be
+/// called inside a `LocalSet`.
+pub async fn connect(address: &Address, token: Option<&Token>) -> anyhow::Result<Connection> {
+    let mut stream: Box<dyn Stream> = match address {
+        Address::Unix(path) => Box::new(
+            tokio::net::UnixStream::connect(path)
+                .await
+                .with_context(|| format!("connecting to {address}"))?,
+        ),
+        Address::Tcp(hostport) => {
+            let s = tokio::net::TcpStream::connect(hostport.as_str())
+                .await
+                .with_context(|| format!("connecting to {address}"))?;
+            let _ = s.set_nodelay(true);
+            Box::new(s)
+        }
+    };
+    if let Some(token) = token {
+        stream.write_all(&token.line()).await?;
+    }
+    Ok(client_over(stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_and_print_back() {
+        for s in ["unix:/tmp/capsa.sock", "tcp:127.0.0.1:7070", "tcp:[::1]:0"] {
+            assert_eq!(s.parse::<Address>().unwrap().to_string(), s);
+        }
+        for bad in ["/tmp/x.sock", "unix:", "tcp:7070", "tcp::7070", "http://x"] {
+            assert!(bad.parse::<Address>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn tokens_match_only_themselves() {
+        let t = Token::new("0123456789abcdef").unwrap();
+        assert!(t.matches(b"0123456789abcdef"));
+        assert!(!t.matches(b"0123456789abcdeF"));
+        assert!(!t.matches(b"0123456789abcdef0"));
+        assert!(!t.matches(b"0123456789abcde"));
+        assert!(!t.matches(b""));
+        assert_eq!(t.line(), b"CAPSA-TOKEN 0123456789abcdef\n");
+        assert!(Token::new("short").is_err());
+        assert!(Token::new("has a space in the middle").is_err());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_handshake_reads_one_line_and_no_more() {
+        let mut input: &[u8] = b"CAPSA-TOKEN abc\n\0\0\0\0";
+        assert_eq!(read_line(&mut input).await.unwrap(), b"CAPSA-TOKEN abc");
+        assert_eq!(input, b"\0\0\0\0");
+        let long = vec![b'x'; 4096];
+        assert!(read_line(&mut &long[..]).await.is_none());
+        assert!(read_line(&mut &b"no newline"[..]).await.is_none());
+    }
+}

@@ -1,0 +1,691 @@
+//! `capsa serve`, `capsa exec`, the embedding API and the Python client:
+//! capsa reached from outside any guest.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use capsa::schema::StdioMode;
+use capsa::serve::{self, Address, Token};
+use capsa::{ExitStatus, HostConfig};
+use capsa_tests::*;
+
+fn capsa_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join("capsa")
+}
+
+fn agent_bin() -> PathBuf {
+    match std::env::var_os("CAPSA_AGENT_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => capsa_bin().with_file_name("capsa-agent"),
+    }
+}
+
+/// A fresh folder for sockets and token files.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("capsa-serve-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A `capsa serve` process, killed when dropped.
+struct Served {
+    child: Child,
+    address: Address,
+    log: Arc<Mutex<String>>,
+}
+
+impl Served {
+    fn start(args: &[&str]) -> Served {
+        Self::try_start(args).unwrap_or_else(|log| panic!("capsa serve did not start: {log}"))
+    }
+
+    /// Starts `capsa serve ARGS` and waits for its "serving on" line; on
+    /// failure, returns what it printed.
+    fn try_start(args: &[&str]) -> Result<Served, String> {
+        let mut child = Command::new(capsa_bin())
+            .arg("serve")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("capsa serve");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(a) = line.strip_prefix("capsa: serving on ") {
+                    let _ = tx.send(a.to_string());
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => Ok(Served {
+                child,
+                address: a.parse().unwrap(),
+                log,
+            }),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(100));
+                let log = log.lock().unwrap().clone();
+                Err(log)
+            }
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains `what`.
+    fn wait_log(&self, what: &str) {
+        let start = Instant::now();
+        while !self.log().contains(what) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no {what:?} in the log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
+    /// Waits for the process to exit, at most 20 seconds.
+    fn exit_status(&mut self) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "capsa serve did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unix_path(a: &Address) -> &Path {
+    match a {
+        Address::Unix(p) => p,
+        Address::Tcp(_) => panic!("not a Unix address"),
+    }
+}
+
+/// Runs `f` with a current-thread runtime and a LocalSet.
+fn local<F: std::future::Future>(f: F) -> F::Output {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tokio::task::LocalSet::new().block_on(&rt, f)
+}
+
+fn sock_arg(dir: &Path) -> String {
+    format!("unix:{}", dir.join("capsa.sock").display())
+}
+
+#[test]
+fn serve_makes_a_private_socket_and_exec_streams_stdio() {
+    let dir = scratch("exec");
+    let listen = sock_arg(&dir);
+    let served = Served::start(&["--listen", &listen]);
+    let path = unix_path(&served.address);
+    let meta = std::fs::symlink_metadata(path).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+
+    let hello = guests_dir().join("hello.wasm");
+    // stdin → process → stdout, through `hello cat`.
+    let mut exec = Command::new(capsa_bin())
+        .args(["exec", "--connect", &listen])
+        .arg(&hello)
+        .args(["--", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let mut stdin = exec.stdin.take().unwrap();
+    let sent = input.clone();
+    let writer = std::thread::spawn(move || stdin.write_all(&sent).unwrap());
+    let mut output = Vec::new();
+    exec.stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut output)
+        .unwrap();
+    writer.join().unwrap();
+    assert!(exec.wait().unwrap().success());
+    assert_eq!(output, input);
+
+    // Arguments, and the exit code of a failing program.
+    let out = Command::new(capsa_bin())
+        .args(["exec", "--connect", &listen])
+        .arg(&hello)
+        .args(["--", "over", "a", "socket"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from a plain WASI program: over a socket\n"
+    );
+    let out = Command::new(capsa_bin())
+        .args(["exec", "--connect", &listen])
+        .arg(guests_dir().join("faulty.wasm"))
+        .args(["--", "trap"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+}
+
+#[test]
+fn the_socket_path_is_refused_unless_absent_or_stale() {
+    let dir = scratch("paths");
+    let path = dir.join("capsa.sock");
+    let listen = format!("unix:{}", path.display());
+
+    std::fs::write(&path, b"precious").unwrap();
+    let log = Served::try_start(&["--listen", &listen])
+        .err()
+        .expect("a regular file must not be replaced");
+    assert!(log.contains("not a socket"), "{log}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+    std::fs::remove_file(&path).unwrap();
+
+    // A live socket: another server.
+    let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let log = Served::try_start(&["--listen", &listen])
+        .err()
+        .expect("a live socket must not be replaced");
+    assert!(log.contains("another server"), "{log}");
+    drop(live);
+
+    // The file of a listener that is gone: stale, replaced.
+    assert!(path.exists());
+    let served = Served::start(&["--listen", &listen]);
+    local(async {
+        let exec = serve::connect(&served.address, None)
+            .await
+            .unwrap()
+            .executor;
+        assert_eq!(echo(&exec, "fresh").await.unwrap(), "fresh");
+    });
+}
+
+#[test]
+fn sigterm_kills_every_process_removes_the_socket_and_exits_0() {
+    let dir = scratch("sigterm");
+    let mut served = Served::start(&["--listen", &sock_arg(&dir), "-v"]);
+    let address = served.address.clone();
+    let status = local(async {
+        let exec = serve::connect(&address, None).await.unwrap().executor;
+        // `hello cat` waits for stdin forever.
+        let p = run(
+            &exec,
+            &guest("hello"),
+            Run {
+                args: &["cat"],
+                data: true,
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        served.wait_log("connection 1");
+        served.signal("-TERM");
+        tokio::time::timeout(Duration::from_secs(20), p.wait_request().send().promise).await
+    });
+    // The client hears "killed", unless the server was gone first.
+    match status.expect("the process outlived the server") {
+        Ok(r) => assert_eq!(
+            ExitStatus::read_from(r.get().unwrap().get_status().unwrap()).unwrap(),
+            ExitStatus::Killed
+        ),
+        Err(e) => assert!(e.to_string().contains("isconnect"), "{e}"),
+    }
+    assert!(served.exit_status().success(), "{}", served.log());
+    assert!(!unix_path(&served.address).exists());
+
+    // SIGINT too.
+    let mut served = Served::start(&["--listen", &sock_arg(&dir)]);
+    served.signal("-INT");
+    assert!(served.exit_status().success());
+    assert!(!unix_path(&served.address).exists());
+}
+
+/// Serves `host` over one end of a socket pair in this thread and returns a
+/// client on the other end, plus the task serving it.
+fn in_process(
+    host: &capsa::Host,
+) -> (
+    serve::Connection,
+    tokio::task::JoinHandle<Result<usize, serve::ConnectionError>>,
+) {
+    let (a, b) = tokio::net::UnixStream::pair().unwrap();
+    let host = host.clone();
+    let server =
+        tokio::task::spawn_local(async move { serve::serve_connection(&host, a, None).await });
+    (serve::client_over(b), server)
+}
+
+#[test]
+fn a_connection_gets_its_own_quotas_and_its_processes_die_with_it() {
+    let config = HostConfig {
+        max_children: 2,
+        ..HostConfig::default()
+    };
+    with_host(config, |host| async move {
+        let cat = Run {
+            args: &["cat"],
+            data: true,
+            ..Run::default()
+        };
+        let (conn_one, served_one) = in_process(&host);
+        let (conn_two, _served_two) = in_process(&host);
+        let (one, two) = (conn_one.executor.clone(), conn_two.executor.clone());
+        let _a = run(&one, &guest("hello"), Run { ..cat }).await.unwrap();
+        // A child in RPC mode, and a grandchild through it.
+        let child = run(&one, &guest("child-echo"), Run::default())
+            .await
+            .unwrap();
+        let child_exec = exported_executor(&child);
+        let _grandchild = run(&child_exec, &guest("hello"), Run { ..cat })
+            .await
+            .unwrap();
+        let refused = run(&one, &guest("hello"), Run { ..cat })
+            .await
+            .err()
+            .unwrap();
+        assert!(refused.contains("live children limit of 2"), "{refused}");
+        // The other connection's quota is its own.
+        let _b = run(&two, &guest("hello"), Run { ..cat }).await.unwrap();
+        assert_eq!(host.live_cells(), 4);
+
+        // Connection one goes, its capabilities still held here: its three
+        // processes end, two's stays.
+        conn_one.close().await;
+        tokio::time::timeout(Duration::from_secs(10), served_one)
+            .await
+            .expect("the connection ended")
+            .unwrap()
+            .unwrap();
+        let start = Instant::now();
+        while host.live_cells() != 1 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{}",
+                host.live_cells()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(echo(&two, "still here").await.unwrap(), "still here");
+        drop((one, child, child_exec, _a, _grandchild));
+    });
+}
+
+#[test]
+fn bad_clients_are_dropped_and_the_server_keeps_serving() {
+    let dir = scratch("bad");
+    let served = Served::start(&["--listen", &sock_arg(&dir), "--max-connections", "16", "-v"]);
+    let path = unix_path(&served.address).to_path_buf();
+    let address = served.address.clone();
+    local(async {
+        // A well-behaved client, connected before the others.
+        let witness = serve::connect(&address, None).await.unwrap().executor;
+        assert_eq!(echo(&witness, "before").await.unwrap(), "before");
+
+        // Garbage: a segment table announcing far more than it sends, then
+        // noise. The server drops the connection.
+        let mut garbage = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        garbage
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        garbage
+            .write_all(&[0, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f])
+            .unwrap();
+        garbage.write_all(&[0xa5; 4096]).unwrap();
+        let mut rest = Vec::new();
+        // Closed (or reset, as the server left bytes unread).
+        match garbage.read_to_end(&mut rest) {
+            Ok(_) => {}
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        }
+        assert_eq!(
+            echo(&witness, "after garbage").await.unwrap(),
+            "after garbage"
+        );
+
+        // A client that starts a process and dies mid-call (its read and
+        // wait in flight): the process is killed.
+        let mut quitter = Command::new(capsa_bin())
+            .args(["exec", "--connect", &address.to_string()])
+            .arg(guests_dir().join("hello.wasm"))
+            .args(["--", "cat"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Its process runs once an echo of our bytes comes back.
+        quitter.stdin.as_mut().unwrap().write_all(b"ping").unwrap();
+        let mut pong = [0u8; 4];
+        quitter
+            .stdout
+            .as_mut()
+            .unwrap()
+            .read_exact(&mut pong)
+            .unwrap();
+        assert_eq!(&pong, b"ping");
+        quitter.kill().unwrap();
+        quitter.wait().unwrap();
+        served.wait_log("killed cell=hello#");
+        assert_eq!(
+            echo(&witness, "after quitter").await.unwrap(),
+            "after quitter"
+        );
+
+        // Half a message, then gone.
+        let mut half = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        half.write_all(&[0, 0, 0, 0, 8, 0, 0, 0, 1, 2, 3]).unwrap();
+        drop(half);
+
+        // 1,000 connections at once: those past the limit are closed at
+        // once; the witness does not notice.
+        let start = Instant::now();
+        let mut flood = Vec::new();
+        for _ in 0..1000 {
+            flood.push(std::os::unix::net::UnixStream::connect(&path).unwrap());
+        }
+        let mut closed = 0;
+        for s in &mut flood[100..] {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut b = [0u8; 1];
+            if matches!(s.read(&mut b), Ok(0)) {
+                closed += 1;
+            }
+        }
+        // At most the limit's worth of them can have found a free slot.
+        assert!(closed >= 900 - 16, "only {closed} of 900 closed");
+        assert_eq!(
+            echo(&witness, "during flood").await.unwrap(),
+            "during flood"
+        );
+        drop(flood);
+        assert!(start.elapsed() < Duration::from_secs(30));
+
+        // A new client once the flood has gone.
+        let start = Instant::now();
+        loop {
+            let late = serve::connect(&address, None).await.unwrap().executor;
+            match tokio::time::timeout(Duration::from_secs(2), echo(&late, "late")).await {
+                Ok(Ok(s)) => {
+                    assert_eq!(s, "late");
+                    break;
+                }
+                _ => assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "never served again"
+                ),
+            }
+        }
+    });
+}
+
+#[test]
+fn tcp_is_loopback_only_and_a_token_is_checked_before_any_capability() {
+    let log = Served::try_start(&["--listen", "tcp:0.0.0.0:0"])
+        .err()
+        .unwrap();
+    assert!(log.contains("not a loopback address"), "{log}");
+    let log = Served::try_start(&["--listen", "tcp:0.0.0.0:0", "--allow-remote"])
+        .err()
+        .unwrap();
+    assert!(log.contains("needs --token-file"), "{log}");
+
+    let dir = scratch("token");
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let tf = token_file.to_str().unwrap();
+    let log = Served::try_start(&["--listen", "tcp:127.0.0.1:0", "--token-file", tf])
+        .err()
+        .unwrap();
+    assert!(log.contains("readable by others"), "{log}");
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // Remote allowed with a token; clients reach it on loopback here.
+    let served = Served::start(&[
+        "--listen",
+        "tcp:0.0.0.0:0",
+        "--allow-remote",
+        "--token-file",
+        tf,
+    ]);
+    let port = match &served.address {
+        Address::Tcp(a) => a.rsplit_once(':').unwrap().1.to_string(),
+        _ => unreachable!(),
+    };
+    let address: Address = format!("tcp:127.0.0.1:{port}").parse().unwrap();
+    local(async {
+        let wrong = Token::new("not-the-right-token-at-all").unwrap();
+        let exec = serve::connect(&address, Some(&wrong))
+            .await
+            .unwrap()
+            .executor;
+        let refused = tokio::time::timeout(Duration::from_secs(10), echo(&exec, "x"))
+            .await
+            .expect("a wrong token closes the connection");
+        assert!(refused.is_err(), "{refused:?}");
+
+        let right = Token::from_file(&token_file).unwrap();
+        let exec = serve::connect(&address, Some(&right))
+            .await
+            .unwrap()
+            .executor;
+        assert_eq!(echo(&exec, "authorized").await.unwrap(), "authorized");
+    });
+    // `capsa exec` sends it too.
+    let out = Command::new(capsa_bin())
+        .args([
+            "exec",
+            "--connect",
+            &address.to_string(),
+            "--token-file",
+            tf,
+        ])
+        .arg(guests_dir().join("hello.wasm"))
+        .args(["--", "with", "token"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from a plain WASI program: with token\n"
+    );
+}
+
+#[test]
+fn pid0_on_one_host_runs_children_on_another() {
+    // Two hosts on loopback. This test holds a connection to each and
+    // hands host B's Executor to PID0 on host A as its bootstrap: PID0's
+    // calls go PID0 -> A -> this process -> B (level-one RPC: each middle
+    // party proxies).
+    let a = Served::start(&["--listen", "tcp:127.0.0.1:0", "-v"]);
+    let b = Served::start(&["--listen", "tcp:127.0.0.1:0", "-v"]);
+    let status = local(async {
+        let exec_a = serve::connect(&a.address, None).await.unwrap().executor;
+        let exec_b = serve::connect(&b.address, None).await.unwrap().executor;
+        let mut req = exec_a.run_bytes_request();
+        req.get().set_bytes(&guest("pid0"));
+        let mut o = req.get().init_options();
+        o.set_stdio(StdioMode::Rpc);
+        o.set_name("pid0");
+        o.init_bootstrap()
+            .init_capability()
+            .set_as_capability(exec_b.client.hook.clone());
+        let p = req
+            .send()
+            .promise
+            .await
+            .unwrap()
+            .get()
+            .unwrap()
+            .get_process()
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(60), wait(&p)).await
+    });
+    let (log_a, log_b) = (a.log(), b.log());
+    assert_eq!(
+        status.ok(),
+        Some(ExitStatus::Exited(0)),
+        "A:\n{log_a}\nB:\n{log_b}"
+    );
+    // PID0 ran on A; its children ran on B, as B's own log says.
+    a.wait_log("[pid0#0] pid0: demo complete");
+    for name in [
+        "cell=child#",
+        "cell=grandchild#",
+        "cell=hello#",
+        "cell=hello-p1#",
+    ] {
+        b.wait_log(name);
+    }
+    a.wait_log("cell=pid0#0");
+    let (log_a, log_b) = (a.log(), b.log());
+    for name in ["child#", "hello#", "hello-p1#"] {
+        assert!(!log_a.contains(name), "{name} ran on A:\n{log_a}");
+    }
+    assert!(!log_b.contains("pid0#"), "{log_b}");
+}
+
+#[test]
+fn the_embedding_api_serves_each_caller_its_own_executor() {
+    let host = capsa::embed::start(HostConfig {
+        max_children: 1,
+        ..HostConfig::default()
+    })
+    .unwrap();
+    let hello = guest("hello");
+    local(async {
+        let one = host.executor();
+        let two = host.executor();
+        let p = run(
+            &one,
+            &hello,
+            Run {
+                args: &["embedded"],
+                data: true,
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&stdout_of(&p).await),
+            "hello from a plain WASI program: embedded\n"
+        );
+        assert_eq!(wait(&p).await, ExitStatus::Exited(0));
+        // One live child each: `one`'s quota is used, `two`'s is not.
+        let cat = Run {
+            args: &["cat"],
+            data: true,
+            ..Run::default()
+        };
+        let _held = run(&one, &hello, Run { ..cat }).await.unwrap();
+        assert!(run(&one, &hello, Run { ..cat }).await.is_err());
+        let other = run(&two, &hello, Run { ..cat }).await.unwrap();
+        // Shutting the host down kills what runs: the waiter hears
+        // "killed", or that the host is gone.
+        let waiting = other.wait_request().send().promise;
+        std::thread::spawn(move || host.shutdown());
+        match tokio::time::timeout(Duration::from_secs(10), waiting).await {
+            Ok(Ok(r)) => assert_eq!(
+                ExitStatus::read_from(r.get().unwrap().get_status().unwrap()).unwrap(),
+                ExitStatus::Killed
+            ),
+            Ok(Err(e)) => assert!(e.to_string().contains("isconnect"), "{e}"),
+            Err(_) => panic!("the process outlived its host"),
+        }
+    });
+}
+
+#[test]
+fn the_python_example_runs_against_capsa_serve() {
+    let python = std::env::var_os("CAPSA_PYTHON").unwrap_or_else(|| {
+        panic!(
+            "CAPSA_PYTHON is not set: it names a Python with pycapnp installed; \
+             `cargo xtask test` creates one and sets it"
+        )
+    });
+    let dir = scratch("python");
+    let listen = sock_arg(&dir);
+    let agent = agent_bin();
+    let mut args = vec!["--listen".to_string(), listen.clone()];
+    let busybox = std::env::var_os("CAPSA_BUSYBOX").map(PathBuf::from);
+    // ELF executables: through the agent as a host process, so that the
+    // same client path runs on machines without usable KVM.
+    let elf = match (&busybox, agent.exists()) {
+        (Some(b), true) => {
+            args.extend(["--vm-as-process".into(), agent.display().to_string()]);
+            Some(b.clone())
+        }
+        _ => None,
+    };
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _served = Served::start(&args);
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/python/capsa_client.py");
+    let mut cmd = Command::new(&python);
+    cmd.arg(&example)
+        .args(["--connect", &listen, "--wasm"])
+        .arg(guests_dir().join("hello.wasm"));
+    if let Some(elf) = &elf {
+        cmd.arg("--elf").arg(elf);
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("echo: hello from python"), "{stderr}");
+    assert!(
+        stdout.contains("hello from a plain WASI program: from python\n"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("wasm: exited 0"), "{stderr}");
+    if elf.is_some() {
+        assert!(stdout.contains("hello from an ELF, via python"), "{stdout}");
+        assert!(stderr.contains("elf: exited 0"), "{stderr}");
+    }
+}
