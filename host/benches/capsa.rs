@@ -412,6 +412,7 @@ fn rss_bytes() -> u64 {
 fn memory_per_child(n: usize) -> (f64, usize) {
     let config = HostConfig {
         max_children: n as u32 + 1,
+        max_cells: n as u32 + 16,
         ..HostConfig::default()
     };
     local(async move {
