@@ -236,3 +236,31 @@ fn a_bad_elf_is_refused_and_the_machine_goes() {
         assert_eq!(host.live_cells(), 0);
     });
 }
+
+/// PID0 runs Debian's static busybox through its root Executor, reads its
+/// output, and talks to the machine's agent: the demo's microVM step, here
+/// with the agent as a host process.
+#[test]
+fn pid0_runs_busybox_through_the_capsa_binary() {
+    let exe = std::env::current_exe().unwrap();
+    let capsa = exe.parent().unwrap().parent().unwrap().join("capsa");
+    let out = std::process::Command::new(&capsa)
+        .arg("run")
+        .arg("--vm-as-process")
+        .arg(agent())
+        .arg(guests_dir().join("pid0.wasm"))
+        .arg("--")
+        .arg("microvm")
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", capsa.display()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(r#"busybox wrote "hello from a microVM\n" and exited with code 0"#),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("the VM's agent answered: are you there?"),
+        "{stderr}"
+    );
+}

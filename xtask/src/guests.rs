@@ -59,11 +59,14 @@ pub fn build_guests(root: &Path) -> Result<()> {
         &["child-echo", "hello", "faulty"],
     ))?;
     run(&mut guest_build(root, "wasm32-wasip1", &["hello"]))?;
-    // PID0 embeds the other guests, so it is built last and told where they are.
+    // PID0 embeds the other guests, so it is built last and told where they
+    // are; its `microvm` mode carries Debian's static busybox.
+    let busybox = crate::tools::ensure_busybox()?;
     run(guest_build(root, "wasm32-wasip2", &["pid0"])
         .env("CAPSA_CHILD_ECHO_WASM", &child_echo)
         .env("CAPSA_HELLO_WASM", &hello)
-        .env("CAPSA_HELLO_P1_WASM", &hello_p1))?;
+        .env("CAPSA_HELLO_P1_WASM", &hello_p1)
+        .env("CAPSA_DEMO_ELF", &busybox))?;
 
     let out = out_dir(root);
     fs::create_dir_all(&out).with_context(|| format!("could not create {}", out.display()))?;

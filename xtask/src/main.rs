@@ -119,6 +119,28 @@ fn demo(root: &Path) -> Result<ExitCode> {
     let status = demo
         .status()
         .with_context(|| format!("could not start {}", capsa.display()))?;
+    if !status.success() {
+        return Ok(exit_code(status));
+    }
+    let Some(assets) = &microvm else {
+        return Ok(exit_code(status));
+    };
+    // KVM runs guests natively: PID0 runs busybox in a real microVM.
+    eprintln!(
+        "==> running the microVM demo: capsa run --allow-vm {} -- microvm",
+        pid0.display()
+    );
+    let mut vm_demo = Command::new(&capsa);
+    vm_demo
+        .arg("run")
+        .arg("--allow-vm")
+        .arg(&pid0)
+        .args(["--", "microvm"])
+        .current_dir(root);
+    assets.export(&mut vm_demo);
+    let status = vm_demo
+        .status()
+        .with_context(|| format!("could not start {}", capsa.display()))?;
     Ok(exit_code(status))
 }
 
@@ -310,10 +332,11 @@ fn bench(root: &Path, bench_args: &[String]) -> Result<()> {
             "--release",
             "-p",
             "capsa-microvm",
+            "--features",
+            "device-bench",
             "--lib",
             "bench_vsock_device_from_host",
             "--",
-            "--ignored",
             "--nocapture",
         ]))
     })

@@ -17,3 +17,7 @@ pub const HELLO_P1: &[u8] = include_bytes!(env!(
     "CAPSA_HELLO_P1_WASM",
     "set CAPSA_HELLO_P1_WASM to the built hello core module (wasm32-wasip1)"
 ));
+
+/// An x86-64 ELF executable for the `microvm` mode (Debian's static busybox
+/// when the xtask builds PID0); empty when none was given at build time.
+pub const DEMO_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.elf"));

@@ -4,7 +4,8 @@
 //! - none: the demo ([`demo::run`]);
 //! - `pipeline`: spawn, bootstrap and echo in one pipelined round;
 //! - `bench-echo N`: time N echo round trips to the root executor;
-//! - `bench-nested N`: time N echoes from a grandchild.
+//! - `bench-nested N`: time N echoes from a grandchild;
+//! - `microvm`: run the embedded ELF (busybox) through `runBytes`.
 //!
 //! Progress goes to stderr; stdout is the connection to the host. Any failure
 //! is logged and ends PID0 with exit code 1.
@@ -13,6 +14,7 @@ mod bench;
 mod calls;
 mod demo;
 mod guests;
+mod microvm;
 
 use guest_runtime::{log, Connection};
 
@@ -21,6 +23,7 @@ enum Mode {
     Pipeline,
     BenchEcho(usize),
     BenchNested(usize),
+    Microvm,
 }
 
 fn parse(args: &[String]) -> Result<Mode, String> {
@@ -29,11 +32,12 @@ fn parse(args: &[String]) -> Result<Mode, String> {
     match args.as_slice() {
         [] => Ok(Mode::Demo),
         ["pipeline"] => Ok(Mode::Pipeline),
+        ["microvm"] => Ok(Mode::Microvm),
         ["bench-echo", n] => rounds(n).map(Mode::BenchEcho),
         ["bench-nested", n] => rounds(n).map(Mode::BenchNested),
         _ => Err(format!(
             "unknown arguments {args:?}; expected none, `pipeline`, \
-             `bench-echo N` or `bench-nested N`"
+             `bench-echo N`, `bench-nested N` or `microvm`"
         )),
     }
 }
@@ -54,6 +58,7 @@ fn main() {
         Mode::Pipeline => connection.run_until(demo::pipeline(root)),
         Mode::BenchEcho(rounds) => connection.run_until(bench::echo_rounds(root, rounds)),
         Mode::BenchNested(rounds) => connection.run_until(bench::nested(root, rounds)),
+        Mode::Microvm => connection.run_until(microvm::run(root)),
     };
     if let Err(e) = result {
         log!("pid0: failed: {e}");

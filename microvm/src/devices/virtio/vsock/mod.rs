@@ -965,7 +965,7 @@ mod tests {
         }
     }
 
-    /// Benchmark, run by `cargo xtask bench` (`--ignored`): the vsock device
+    /// Benchmark, run by `cargo xtask bench` (feature `device-bench`): the vsock device
     /// driven from the host side, with this test playing the guest driver
     /// (no vCPU, no guest kernel). A host thread owns the host end of a
     /// guest-initiated connection; this thread runs the device and the
@@ -976,8 +976,8 @@ mod tests {
     /// - host -> guest throughput: the host writes 256 MiB in 64 KiB writes;
     ///   the driver takes every RX packet and returns credit; bytes over the
     ///   wall time from the first write to the last byte received.
+    #[cfg(feature = "device-bench")]
     #[test]
-    #[ignore = "benchmark; run by cargo xtask bench"]
     fn bench_vsock_device_from_host() {
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::time::Instant;

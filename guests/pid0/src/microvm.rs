@@ -1,0 +1,58 @@
+//! The `microvm` mode: an ELF executable run through the root Executor,
+//! which boots a microVM for it (or, on a host started with
+//! `--vm-as-process`, runs it through the agent as a host process).
+
+use capsa_schema::capsa_capnp::{executor, StdioMode};
+use guest_runtime::log;
+
+use crate::calls::{echo, read_to_end, wait, Ended, Spawn};
+use crate::guests::DEMO_ELF;
+
+const GREETING: &str = "hello from a microVM";
+
+pub async fn run(root: executor::Client) -> capnp::Result<()> {
+    if DEMO_ELF.is_empty() {
+        return Err(capnp::Error::failed(
+            "this pid0 was built without an ELF to run (set CAPSA_DEMO_ELF when building it)"
+                .into(),
+        ));
+    }
+    log!(
+        "pid0: running busybox ({} bytes) through runBytes",
+        DEMO_ELF.len()
+    );
+    let busybox = Spawn {
+        bytes: DEMO_ELF,
+        args: &["echo", GREETING],
+        stdio: StdioMode::Data,
+        name: "busybox",
+        bootstrap: None,
+    }
+    .start(&root)
+    .await?;
+    let output = read_to_end(busybox.stdout_request().send().pipeline.get_source()).await?;
+    let ended = wait(&busybox).await?;
+    let output = String::from_utf8_lossy(&output);
+    log!("pid0: busybox wrote {output:?} and {ended}");
+    if output.trim_end() != GREETING || ended != Ended::Exited(0) {
+        return Err(capnp::Error::failed(format!(
+            "busybox should write {GREETING:?} and exit with code 0"
+        )));
+    }
+    // The machine's own Executor: more work in the same VM.
+    let agent: executor::Client = capnp::capability::FromClientHook::new(
+        busybox
+            .bootstrap_request()
+            .send()
+            .pipeline
+            .get_cap()
+            .as_cap(),
+    );
+    log!(
+        "pid0: the VM's agent answered: {}",
+        echo(&agent, "are you there?").await?
+    );
+    busybox.kill_request().send().promise.await?;
+    log!("pid0: microVM demo complete");
+    Ok(())
+}
