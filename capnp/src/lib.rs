@@ -1,7 +1,10 @@
 //! The capsa Cap'n Proto schema (`schema/capsa.capnp`), compiled by `build.rs`
-//! for every side: the host, the wasm32-wasip2 guests and the microVM agent.
-#![allow(clippy::all, missing_docs, unsafe_code)]
+//! for every side: the host, the wasm32-wasip2 guests and the microVM agent,
+//! with the payload detection every `runBytes` implementation shares.
 
+pub mod format;
+
+#[allow(clippy::all, missing_docs, unsafe_code)]
 pub mod capsa_capnp {
     include!(concat!(env!("OUT_DIR"), "/capsa_capnp.rs"));
 }

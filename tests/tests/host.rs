@@ -485,9 +485,7 @@ fn bad_bytes_get_clear_errors() {
             .expect("runBytes should fail");
         assert!(err.contains("truncated"), "{err}");
 
-        let mut elf = vec![0u8; 64];
-        elf[..4].copy_from_slice(b"\x7fELF");
-        elf[18] = 0x3e;
+        let elf = capsa_schema::format::elf_header(2, 2, 0x3e);
         let err = run(&root, &elf, Run::default())
             .await
             .err()

@@ -225,15 +225,33 @@ fn an_agent_that_never_answers_is_bounded_by_the_ready_timeout() {
 fn a_bad_elf_is_refused_and_the_machine_goes() {
     with_host(config(), |host| async move {
         let root = host.root_executor();
-        let mut bogus = vec![0u8; 64];
-        bogus[..4].copy_from_slice(b"\x7fELF");
-        bogus[18] = 0x3e;
-        let err = run(&root, &bogus, Run::default())
+        // Refused by the format check, before any machine boots.
+        let elf32 = capsa_schema::format::elf_header(1, 2, 0x3e);
+        let err = run(&root, &elf32, Run::default())
             .await
             .err()
             .expect("runBytes should fail");
-        assert!(err.contains("the agent refused the ELF"), "{err}");
+        assert!(err.contains("ELF executable of class 1"), "{err}");
         assert_eq!(host.live_cells(), 0);
+
+        // A header that passes the check with nothing behind it: the agent
+        // cannot execute it, and the process says so.
+        let hollow = capsa_schema::format::elf_header(2, 2, 0x3e);
+        match run(&root, &hollow, Run::default()).await {
+            Err(e) => assert!(e.contains("the agent refused the ELF"), "{e}"),
+            Ok(p) => {
+                let status = wait(&p).await;
+                assert!(!status.success(), "a hollow ELF ran: {status}");
+                drop(p);
+            }
+        }
+        for _ in 0..500 {
+            if host.live_cells() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the machine of a failed ELF survived");
     });
 }
 
