@@ -63,6 +63,8 @@ pub struct Run<'a> {
     pub deadline_ms: u64,
     pub cpu_ms: u64,
     pub name: &'a str,
+    /// The capability the child bootstraps; `None` inherits the Executor.
+    pub bootstrap: Option<&'a capnp::capability::Client>,
 }
 
 /// Sends `runBytes` for `bytes` with `opts` and returns the request's
@@ -90,6 +92,11 @@ pub fn run_request(
         o.set_deadline_millis(opts.deadline_ms);
         o.set_cpu_budget_millis(opts.cpu_ms);
         o.set_name(opts.name);
+        if let Some(cap) = opts.bootstrap {
+            o.init_bootstrap()
+                .init_capability()
+                .set_as_capability(cap.hook.clone());
+        }
     }
     req.send()
 }
@@ -107,6 +114,18 @@ pub async fn run(
     resp.get()
         .and_then(|r| r.get_process())
         .map_err(|e| e.to_string())
+}
+
+/// Waits (up to five seconds) until the host runs nothing, else panics with
+/// `what` and the count of survivors.
+pub async fn until_nothing_runs(host: &Host, what: &str) {
+    for _ in 0..500 {
+        if host.live_cells() == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{} {what}", host.live_cells());
 }
 
 pub async fn wait(p: &process::Client) -> ExitStatus {

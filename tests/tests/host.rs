@@ -359,13 +359,7 @@ fn dropping_the_last_process_reference_kills_the_child() {
         .unwrap();
         assert_eq!(host.live_cells(), 2);
         drop((p, p2));
-        for _ in 0..200 {
-            if host.live_cells() == 0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("{} children survived their Process", host.live_cells());
+        until_nothing_runs(&host, "children survived their Process").await;
     });
 }
 

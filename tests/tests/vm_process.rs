@@ -126,25 +126,17 @@ fn bootstrap_is_the_agents_executor_and_can_be_passed_to_a_wasm_child() {
         assert_eq!(stdout_of(&second).await, b"again\n");
 
         // A WASM child whose only capability is the machine's Executor.
-        let mut req = root.run_bytes_request();
-        {
-            let mut r = req.get();
-            r.set_bytes(&guest("child-echo"));
-            r.reborrow().init_args(1).set(0, "vm-user");
-            r.init_options()
-                .init_bootstrap()
-                .init_capability()
-                .set_as_capability(agent.client.hook.clone());
-        }
-        let child = req
-            .send()
-            .promise
-            .await
-            .unwrap()
-            .get()
-            .unwrap()
-            .get_process()
-            .unwrap();
+        let child = run(
+            &root,
+            &guest("child-echo"),
+            Run {
+                args: &["vm-user"],
+                bootstrap: Some(&agent.client),
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
         let reply = echo(&exported_executor(&child), "via the agent")
             .await
             .unwrap();
@@ -182,13 +174,7 @@ fn kill_drop_and_deadline_tear_the_machine_down() {
 
         let p = run(&root, &elf("/bin/sleep"), sleeper()).await.unwrap();
         drop(p);
-        for _ in 0..500 {
-            if host.live_cells() == 0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("{} machines survived their Process", host.live_cells());
+        until_nothing_runs(&host, "machines survived their Process").await;
     });
 }
 
@@ -245,13 +231,7 @@ fn a_bad_elf_is_refused_and_the_machine_goes() {
                 drop(p);
             }
         }
-        for _ in 0..500 {
-            if host.live_cells() == 0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("the machine of a failed ELF survived");
+        until_nothing_runs(&host, "machines of a failed ELF survived").await;
     });
 }
 
