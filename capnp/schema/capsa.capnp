@@ -13,6 +13,9 @@ interface Executor {
   # (WASI preview 1) or an x86-64 ELF executable (microVM). Anything else fails
   # with an exception that says what the bytes were. Bad modules, missing
   # imports and exceeded quotas also fail here, before a Process exists.
+  #
+  # The child's argv is `options.name` followed by `args`, for every format:
+  # args are argv[1..], never argv[0]. `env` is the whole environment.
 
   echo @1 (message :Text) -> (response :Text);
   # Returns the message unchanged. For transport tests and benchmarks.
@@ -44,7 +47,11 @@ struct Options {
   # (counted in epoch ticks).
   stdio @3 :StdioMode;
   name @4 :Text;
-  # Label for the child's log lines; defaults to a generated one.
+  # The child's argv[0], and the label of its log lines. Unset or empty,
+  # argv[0] is "busybox" and the log label is generated: only multi-call
+  # programs act on argv[0], and busybox then runs the applet named by
+  # args[0] (args ["echo", "hi"] run `echo hi`); other programs only show
+  # it in their messages.
 
   bootstrap :union {
     # What the child gets when it bootstraps its connection (RPC mode only).

@@ -1,7 +1,9 @@
 //! The capsa Cap'n Proto schema (`schema/capsa.capnp`), compiled by `build.rs`
 //! for every side: the host, the wasm32-wasip2 guests and the microVM agent,
-//! with the payload detection every `runBytes` implementation shares.
+//! with the payload detection and the argv rule every `runBytes`
+//! implementation shares.
 
+pub mod argv;
 pub mod format;
 
 #[allow(clippy::all, missing_docs, unsafe_code)]

@@ -32,7 +32,11 @@ pub enum StdioMode {
 
 /// Everything needed to start a guest besides its compiled code.
 pub struct CellSpec {
+    /// Label for the guest's log lines.
     pub name: String,
+    /// Never empty (see [`capsa_schema::argv::argv0`]).
+    pub argv0: String,
+    /// argv[1..].
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub limits: Limits,
@@ -142,7 +146,7 @@ pub fn spawn(
 
     let mut builder = WasiCtxBuilder::new();
     builder
-        .arg(&spec.name)
+        .arg(&spec.argv0)
         .args(&spec.args)
         .envs(&spec.env)
         .stdin(stdin_guest.clone())

@@ -8,6 +8,7 @@ use std::cell::Cell as Counter;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use capsa_schema::argv;
 use capsa_schema::capsa_capnp::{executor, options, StdioMode as WireStdio};
 
 use crate::cell::{CellSpec, StdioMode};
@@ -135,12 +136,17 @@ impl executor::Server for ExecutorImpl {
                 Some(cap.get_as_capability::<capnp::capability::Client>()?)
             }
         };
-        let name = match opts.get_name()?.to_str() {
-            Ok("") | Err(_) => format!("child{}", self.depth),
-            Ok(n) => n.to_string(),
+        // The caller's name is argv[0] as well; without one, argv[0] is the
+        // default every backend shares and the log label is generated.
+        let given = opts.get_name()?.to_str().unwrap_or("");
+        let argv0 = argv::argv0(given).to_string();
+        let name = match given {
+            "" => format!("child{}", self.depth),
+            n => n.to_string(),
         };
         let spec = CellSpec {
             name,
+            argv0,
             args,
             env,
             limits,
@@ -159,6 +165,7 @@ impl executor::Server for ExecutorImpl {
             let non_empty = |d: &[u8]| (!d.is_empty()).then(|| d.to_vec());
             let req = VmRequest {
                 name: spec.name,
+                argv0: spec.argv0,
                 bytes: bytes.to_vec(),
                 args: spec.args,
                 env: spec.env,
@@ -200,5 +207,80 @@ impl executor::Server for ExecutorImpl {
     ) -> Result<(), capnp::Error> {
         results.get().set_response(params.get()?.get_message()?);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use capsa_schema::argv::DEFAULT_ARGV0;
+
+    use super::*;
+    use crate::host::HostConfig;
+
+    /// A WASI preview 1 program that writes its argument strings, each
+    /// ending in NUL as `args_get` leaves them, to stdout.
+    const PRINT_ARGV: &str = r#"
+        (module
+          (import "wasi_snapshot_preview1" "args_sizes_get"
+            (func $sizes (param i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "args_get"
+            (func $get (param i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "fd_write"
+            (func $write (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (func (export "_start")
+            ;; argc at 0, string bytes at 4, pointers at 256, strings at 1024.
+            (drop (call $sizes (i32.const 0) (i32.const 4)))
+            (drop (call $get (i32.const 256) (i32.const 1024)))
+            ;; One iovec at 8 over the strings; bytes written go to 16.
+            (i32.store (i32.const 8) (i32.const 1024))
+            (i32.store (i32.const 12) (i32.load (i32.const 4)))
+            (drop (call $write (i32.const 1) (i32.const 8) (i32.const 1) (i32.const 16)))))
+    "#;
+
+    /// What `PRINT_ARGV` writes when run with `name` and the argument "x".
+    async fn argv_of(exec: &executor::Client, name: Option<&str>) -> String {
+        let mut req = exec.run_bytes_request();
+        {
+            let mut p = req.get();
+            p.set_bytes(&wat::parse_str(PRINT_ARGV).unwrap());
+            p.reborrow().init_args(1).set(0, "x");
+            let mut options = p.init_options();
+            options.set_stdio(WireStdio::Data);
+            if let Some(name) = name {
+                options.set_name(name);
+            }
+        }
+        let response = req.send().promise.await.unwrap();
+        let process = response.get().unwrap().get_process().unwrap();
+        let stdout = process.stdout_request().send().pipeline.get_source();
+        let mut out = Vec::new();
+        loop {
+            let mut read = stdout.read_request();
+            read.get().set_max_bytes(4096);
+            let chunk = read.send().promise.await.unwrap();
+            let chunk = chunk.get().unwrap();
+            out.extend_from_slice(chunk.get_data().unwrap());
+            if chunk.get_eof() {
+                return String::from_utf8(out).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_wasm_child_gets_its_name_or_the_shared_default_as_argv0() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let host = Host::new(HostConfig::default()).unwrap();
+            let root = host.root_executor();
+            let default = format!("{DEFAULT_ARGV0}\0x\0");
+            assert_eq!(argv_of(&root, Some("myname")).await, "myname\0x\0");
+            assert_eq!(argv_of(&root, None).await, default);
+            assert_eq!(argv_of(&root, Some("")).await, default);
+            host.shutdown().await;
+        });
     }
 }

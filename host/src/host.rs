@@ -120,6 +120,7 @@ impl Host {
     ) -> Result<ExitStatus, SpawnError> {
         let spec = CellSpec {
             name: "pid0".into(),
+            argv0: "pid0".into(),
             args,
             env: Vec::new(),
             limits: self.0.config.limits.clone(),

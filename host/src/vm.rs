@@ -56,8 +56,12 @@ pub enum VmBackend {
 
 /// The ELF-specific part of a `runBytes` request.
 pub struct VmRequest {
+    /// Label for the host's log lines.
     pub name: String,
+    /// The ELF's argv[0], sent to the agent as its `options.name`.
+    pub argv0: String,
     pub bytes: Vec<u8>,
+    /// argv[1..].
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub limits: Limits,
@@ -414,7 +418,7 @@ pub(crate) async fn start(
         }
         let mut o = p.init_options();
         o.set_stdio(StdioMode::Data);
-        o.set_name(req.name.as_str());
+        o.set_name(req.argv0.as_str());
         o.set_memory_limit_bytes(req.limits.memory_bytes);
     }
     let process = match run.send().promise.await {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
+use capsa_schema::argv;
 use capsa_schema::capsa_capnp::executor;
 
 use crate::format::check_elf;
@@ -103,6 +104,9 @@ impl executor::Server for ExecutorImpl {
         } else {
             (String::new(), None, None)
         };
+        // The caller's name is argv[0] as well; without one, argv[0] is the
+        // default every backend shares and the log label is generated.
+        let argv0 = argv::argv0(&name).to_string();
         let name = if name.is_empty() {
             format!("elf-{serial}")
         } else {
@@ -116,6 +120,7 @@ impl executor::Server for ExecutorImpl {
             Spec {
                 bytes,
                 name: name.clone(),
+                argv0,
                 args,
                 env,
                 deadline,

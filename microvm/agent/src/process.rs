@@ -3,9 +3,11 @@
 //! The bytes become a fresh file (mode 0700) in the agent's private temporary
 //! folder, which is executed in its own process group with exactly the
 //! arguments and environment the caller gave and pipes for stdin, stdout and
-//! stderr. A task per process waits for the exit reported by the
-//! [`Reaper`](crate::reaper::Reaper), kills what is left of the process group,
-//! removes the file and publishes the status to every waiter.
+//! stderr. Its argv is `argv0` then the caller's arguments: the file's path
+//! is an internal detail, never the program's name. A task per process
+//! waits for the exit reported by the [`Reaper`](crate::reaper::Reaper),
+//! kills what is left of the process group, removes the file and publishes
+//! the status to every waiter.
 //!
 //! Dropping the last reference to a Process kills its process group (`Drop`
 //! on [`ProcessImpl`]).
@@ -39,7 +41,11 @@ const PIPE_SIZE: i32 = 1 << 20;
 /// What `Executor.runBytes` asked for.
 pub struct Spec<'a> {
     pub bytes: &'a [u8],
+    /// Label for the agent's log lines and the executable's file name.
     pub name: String,
+    /// Never empty (see [`capsa_schema::argv::argv0`]).
+    pub argv0: String,
+    /// argv[1..].
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub deadline: Option<Duration>,
@@ -93,7 +99,7 @@ pub fn spawn(
     write_executable(&path, spec.bytes)?;
 
     let mut cmd = Command::new(&path);
-    cmd.arg0(&spec.name)
+    cmd.arg0(&spec.argv0)
         .args(&spec.args)
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))

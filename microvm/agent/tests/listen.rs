@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, RpcSystem};
+use capsa_schema::argv::DEFAULT_ARGV0;
 use capsa_schema::capsa_capnp::{byte_source, executor, exit_status, process};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
@@ -121,7 +122,8 @@ async fn connect(socket: &Path) -> executor::Client {
 struct Run<'a> {
     args: &'a [&'a str],
     env: &'a [(&'a str, &'a str)],
-    name: &'a str,
+    /// `None` leaves `options.name` unset.
+    name: Option<&'a str>,
     deadline_ms: u64,
 }
 
@@ -149,7 +151,9 @@ async fn run(
             e.set_value(*v);
         }
         let mut options = p.init_options();
-        options.set_name(run.name);
+        if let Some(name) = run.name {
+            options.set_name(name);
+        }
         options.set_deadline_millis(run.deadline_ms);
     }
     req.send().promise.await?.get()?.get_process()
@@ -192,6 +196,15 @@ async fn read_all(source: &byte_source::Client) -> Vec<u8> {
 
 async fn stdout_of(p: &process::Client) -> Vec<u8> {
     read_all(&p.stdout_request().send().pipeline.get_source()).await
+}
+
+/// Runs `bytes` to its end: its stdout, its stderr and how it ended.
+async fn outcome(ex: &executor::Client, bytes: &[u8], opts: Run<'_>) -> (String, String, Status) {
+    let p = run(ex, bytes, opts).await.unwrap();
+    let stderr = p.stderr_request().send().pipeline.get_source();
+    let (out, err) = futures::join!(stdout_of(&p), read_all(&stderr));
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    (text(out), text(err), wait(&p).await)
 }
 
 fn error_of<T>(result: Result<T, capnp::Error>) -> String {
@@ -331,7 +344,7 @@ fn the_environment_and_name_are_exactly_those_given() {
             &bin("/bin/sh"),
             Run {
                 args: &["-c", "cat /proc/$$/cmdline"],
-                name: "my-tool",
+                name: Some("my-tool"),
                 ..Run::default()
             },
         )
@@ -356,6 +369,50 @@ fn the_environment_and_name_are_exactly_those_given() {
             .await,
         );
         assert!(err.contains("contains '='"), "{err}");
+    });
+}
+
+#[test]
+fn argv0_is_the_name_or_the_shared_default() {
+    let agent = Agent::start(&[]);
+    local(async {
+        let ex = connect(&agent.socket).await;
+        let sh = bin("/bin/sh");
+        let default = format!("{DEFAULT_ARGV0}\n");
+        for (name, expected) in [
+            (Some("myname"), "myname\n"),
+            (None, default.as_str()),
+            (Some(""), default.as_str()),
+        ] {
+            let opts = Run {
+                args: &["-c", "echo $0"],
+                name,
+                ..Run::default()
+            };
+            assert_eq!(
+                outcome(&ex, &sh, opts).await,
+                (expected.into(), "".into(), Status::Exited(0)),
+                "name {name:?}"
+            );
+        }
+    });
+}
+
+#[test]
+fn busybox_without_a_name_runs_the_applet_its_arguments_name() {
+    let agent = Agent::start(&[]);
+    local(async {
+        let ex = connect(&agent.socket).await;
+        let busybox =
+            bin(&std::env::var("CAPSA_BUSYBOX").unwrap_or_else(|_| "/bin/busybox".into()));
+        let opts = Run {
+            args: &["echo", "hi"],
+            ..Run::default()
+        };
+        assert_eq!(
+            outcome(&ex, &busybox, opts).await,
+            ("hi\n".into(), "".into(), Status::Exited(0))
+        );
     });
 }
 
