@@ -7,8 +7,13 @@
 //! protocol, entered 0x200 bytes into its protected-mode code. Both get the
 //! command line, the initramfs at the top of low RAM, and a memory map that
 //! leaves the EBDA/BIOS area and the MMIO hole out of RAM.
+//!
+//! A kernel file is read straight into guest memory, never copied to the
+//! heap first: a VMM that boots many machines would otherwise allocate (and
+//! the allocator keep) a buffer the size of the kernel per boot.
 
-use std::io::Cursor;
+use std::fs::File;
+use std::io::{Cursor, Read, Seek};
 use std::path::PathBuf;
 
 use linux_loader::cmdline::Cmdline;
@@ -16,10 +21,13 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
-use linux_loader::loader::{self, BzImage, Elf, KernelLoader, PvhBootCapability};
+use linux_loader::loader::{
+    self, BzImage, Elf, KernelLoader, KernelLoaderResult, PvhBootCapability,
+};
 use thiserror::Error;
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    ReadVolatile,
 };
 
 use crate::arch::x86_64::layout::*;
@@ -37,7 +45,7 @@ pub enum KernelImage {
 /// Loading failed.
 #[derive(Debug, Error)]
 pub enum BootError {
-    /// Reading the kernel file failed.
+    /// The kernel file cannot be opened, or is a directory.
     #[error("reading kernel {path}: {source}")]
     ReadKernel {
         /// The file.
@@ -110,38 +118,21 @@ pub fn load_kernel(
     initramfs: Option<&[u8]>,
     cmdline: &str,
 ) -> Result<BootEntry, BootError> {
-    let bytes = match kernel {
-        KernelImage::Path(p) => std::fs::read(p).map_err(|source| BootError::ReadKernel {
-            path: p.clone(),
-            source,
-        })?,
-        KernelImage::Bytes(b) => b.clone(),
-    };
-    let mut image = Cursor::new(bytes.as_slice());
-    let (result, entry) = match Elf::load(mem, None, &mut image, Some(GuestAddress(HIMEM_START))) {
-        Ok(r) => {
-            let entry = match r.pvh_boot_cap {
-                PvhBootCapability::PvhEntryPresent(addr) => BootEntry {
-                    protocol: BootProtocol::Pvh,
-                    entry: addr,
-                },
-                _ => BootEntry {
-                    protocol: BootProtocol::Linux64,
-                    entry: r.kernel_load,
-                },
+    let (result, entry) = match kernel {
+        KernelImage::Path(p) => {
+            let read_error = |source| BootError::ReadKernel {
+                path: p.clone(),
+                source,
             };
-            (r, entry)
+            let mut file = File::open(p).map_err(read_error)?;
+            // A directory opens, but every read of it fails; say so rather
+            // than that the kernel is no ELF.
+            if file.metadata().map_err(read_error)?.is_dir() {
+                return Err(read_error(std::io::ErrorKind::IsADirectory.into()));
+            }
+            load_image(mem, &mut file)?
         }
-        Err(elf) => {
-            let mut image = Cursor::new(bytes.as_slice());
-            let r = BzImage::load(mem, None, &mut image, Some(GuestAddress(HIMEM_START)))
-                .map_err(|bzimage| BootError::BadKernel { elf, bzimage })?;
-            let entry = BootEntry {
-                protocol: BootProtocol::Linux64,
-                entry: GuestAddress(r.kernel_load.raw_value() + 0x200),
-            };
-            (r, entry)
-        }
+        KernelImage::Bytes(b) => load_image(mem, &mut Cursor::new(b.as_slice()))?,
     };
 
     let cl = Cmdline::try_from(cmdline, CMDLINE_MAX_SIZE)
@@ -223,6 +214,39 @@ pub fn load_kernel(
     Ok(entry)
 }
 
+/// Loads a vmlinux ELF or, failing that, a bzImage from `image` into `mem`.
+fn load_image<F: Read + ReadVolatile + Seek>(
+    mem: &GuestMemoryMmap,
+    image: &mut F,
+) -> Result<(KernelLoaderResult, BootEntry), BootError> {
+    let himem = Some(GuestAddress(HIMEM_START));
+    match Elf::load(mem, None, image, himem) {
+        Ok(r) => {
+            let entry = match r.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(addr) => BootEntry {
+                    protocol: BootProtocol::Pvh,
+                    entry: addr,
+                },
+                _ => BootEntry {
+                    protocol: BootProtocol::Linux64,
+                    entry: r.kernel_load,
+                },
+            };
+            Ok((r, entry))
+        }
+        Err(elf) => {
+            // BzImage::load seeks to what it reads: no rewind needed.
+            let r = BzImage::load(mem, None, image, himem)
+                .map_err(|bzimage| BootError::BadKernel { elf, bzimage })?;
+            let entry = BootEntry {
+                protocol: BootProtocol::Linux64,
+                entry: GuestAddress(r.kernel_load.raw_value() + 0x200),
+            };
+            Ok((r, entry))
+        }
+    }
+}
+
 /// Puts the initramfs page-aligned at the top of RAM below 4 GiB and
 /// `INITRD_ADDR_MAX`, above the kernel; returns (address, size).
 fn place_initramfs(
@@ -247,7 +271,74 @@ fn place_initramfs(
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
     use super::*;
+
+    /// The system allocator, noting the largest block each thread asks for:
+    /// the lib's tests allocate through it, so one can tell whether a call
+    /// copied something large to the heap.
+    struct Recording;
+
+    thread_local! {
+        static LARGEST: Cell<usize> = const { Cell::new(0) };
+    }
+
+    fn note(size: usize) {
+        // Fails only while the thread's locals are torn down: nothing to note.
+        let _ = LARGEST.try_with(|largest| largest.set(largest.get().max(size)));
+    }
+
+    // SAFETY: every method hands its arguments unchanged to the system
+    // allocator and returns what it returns; noting a size allocates nothing
+    // (a const-initialized thread-local `Cell` needs no lazy set-up).
+    unsafe impl GlobalAlloc for Recording {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            note(layout.size());
+            // SAFETY: the caller keeps `GlobalAlloc::alloc`'s contract.
+            unsafe { System.alloc(layout) }
+        }
+
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            note(layout.size());
+            // SAFETY: the caller keeps `GlobalAlloc::alloc_zeroed`'s contract.
+            unsafe { System.alloc_zeroed(layout) }
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            note(new_size);
+            // SAFETY: the caller keeps `GlobalAlloc::realloc`'s contract, and
+            // `ptr` came from `System` through this allocator.
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: the caller keeps `GlobalAlloc::dealloc`'s contract, and
+            // `ptr` came from `System` through this allocator.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static RECORDING: Recording = Recording;
+
+    /// A file in the temporary folder, removed on drop.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, contents: &[u8]) -> TempFile {
+            let path = std::env::temp_dir().join(format!("capsa-{name}-{}", std::process::id()));
+            std::fs::write(&path, contents).unwrap();
+            TempFile(path)
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
 
     /// A minimal ELF64 executable: one PT_LOAD at 1 MiB holding `code`, and
     /// optionally a Xen PVH entry note pointing at the same code.
@@ -344,6 +435,43 @@ pub(crate) mod tests {
         let module: hvm_modlist_entry = m.read_obj(GuestAddress(PVH_MODLIST_START)).unwrap();
         assert_eq!(module.size, 5000);
         assert_eq!(info.memmap_entries, 3);
+    }
+
+    #[test]
+    fn a_kernel_file_goes_to_guest_memory_without_a_heap_copy() {
+        let code: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        let file = TempFile::new("kernel", &tiny_elf(&code, false));
+        let m = mem();
+        LARGEST.with(|largest| largest.set(0));
+        let entry = load_kernel(&m, &KernelImage::Path(file.0.clone()), None, "x").unwrap();
+        let largest = LARGEST.with(Cell::get);
+        assert!(
+            largest < 64 << 10,
+            "loading a {} byte kernel allocated {largest} bytes at once",
+            code.len()
+        );
+        assert_eq!(entry.entry, GuestAddress(HIMEM_START));
+        let mut loaded = vec![0u8; code.len()];
+        m.read_slice(&mut loaded, GuestAddress(HIMEM_START))
+            .unwrap();
+        assert!(
+            loaded == code,
+            "the kernel in guest memory differs from the file"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_kernel_file_is_named() {
+        let m = mem();
+        let missing = std::env::temp_dir().join(format!("capsa-no-kernel-{}", std::process::id()));
+        for path in [missing, std::env::temp_dir()] {
+            match load_kernel(&m, &KernelImage::Path(path.clone()), None, "") {
+                Err(e @ BootError::ReadKernel { .. }) => {
+                    assert!(e.to_string().contains(&*path.to_string_lossy()), "{e}")
+                }
+                other => panic!("{}: {other:?}", path.display()),
+            }
+        }
     }
 
     #[test]
