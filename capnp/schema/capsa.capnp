@@ -67,7 +67,10 @@ struct Options {
   vm :group {
     # microVM options (ELF bytes only).
     vcpus @8 :UInt32;
+    # Zero: the host's default. At most the host's CPU count.
     memoryMib @9 :UInt32;
+    # Zero: the host's default narrowed to the caller's memory limit. The
+    # machine's memory counts against that limit: more is refused.
     kernel @10 :Data;
     initramfs @11 :Data;
   }
@@ -90,7 +93,9 @@ interface Process {
   # connection and these fail; stderr is then the host log.
 
   bootstrap @5 () -> (cap :AnyPointer);
-  # The capability the child exports on its connection (RPC mode).
+  # The capability the child exports on its connection (RPC mode). An ELF
+  # executable has no connection: its bootstrap is the Executor of the
+  # machine it runs in, to run more there (the agent's Executor).
 }
 
 interface ByteSink {

@@ -16,6 +16,9 @@ pub enum SpawnError {
     VmDisabled,
     #[error("microVM: {0}")]
     Vm(String),
+    /// The machine asked for is larger than the caller may have.
+    #[error("microVM too large: {0}")]
+    VmTooLarge(String),
     #[error("invalid WebAssembly: {0}")]
     Compile(String),
     #[error("cannot link the guest against this host: {0}")]

@@ -84,6 +84,35 @@ fn text_list(list: capnp::text_list::Reader<'_>, what: &str) -> capnp::Result<Ve
         .collect()
 }
 
+/// A machine's memory counts against its caller's memory limit: unset, it
+/// is the host's default narrowed to that limit; asked for, it must fit.
+fn vm_memory_mib(asked: u32, default: u32, limit_bytes: u64) -> Result<u32, SpawnError> {
+    let limit_mib = u32::try_from(limit_bytes >> 20).unwrap_or(u32::MAX);
+    match asked {
+        0 => Ok(default.min(limit_mib)),
+        n if n > limit_mib => Err(SpawnError::VmTooLarge(format!(
+            "{n} MiB of memory asked for, and this caller's memory limit is {limit_mib} MiB"
+        ))),
+        n => Ok(n),
+    }
+}
+
+/// vCPUs: unset is the host's default; at most as many as the host has
+/// CPUs, and at most 255 (the VMM's bound).
+fn vm_vcpus(asked: u32, default: u8) -> Result<u32, SpawnError> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let max = u32::try_from(cpus)
+        .unwrap_or(u32::MAX)
+        .min(u32::from(u8::MAX));
+    match asked {
+        0 => Ok(u32::from(default).min(max)),
+        n if n > max => Err(SpawnError::VmTooLarge(format!(
+            "{n} vCPUs asked for, and this host gives a machine at most {max}"
+        ))),
+        n => Ok(n),
+    }
+}
+
 impl executor::Server for ExecutorImpl {
     async fn run_bytes(
         self: Rc<Self>,
@@ -163,6 +192,12 @@ impl executor::Server for ExecutorImpl {
                 .as_ref()
                 .ok_or(SpawnError::VmDisabled)?;
             let non_empty = |d: &[u8]| (!d.is_empty()).then(|| d.to_vec());
+            let vcpus = vm_vcpus(vm.get_vcpus(), settings.vcpus)?;
+            let memory_mib = vm_memory_mib(
+                vm.get_memory_mib(),
+                settings.memory_mib,
+                spec.limits.memory_bytes,
+            )?;
             let req = VmRequest {
                 name: spec.name,
                 argv0: spec.argv0,
@@ -170,14 +205,8 @@ impl executor::Server for ExecutorImpl {
                 args: spec.args,
                 env: spec.env,
                 limits: spec.limits,
-                vcpus: match vm.get_vcpus() {
-                    0 => u32::from(settings.vcpus),
-                    n => n,
-                },
-                memory_mib: match vm.get_memory_mib() {
-                    0 => settings.memory_mib,
-                    n => n,
-                },
+                vcpus,
+                memory_mib,
                 kernel: non_empty(vm.get_kernel()?),
                 initramfs: non_empty(vm.get_initramfs()?),
             };
@@ -216,6 +245,40 @@ mod tests {
 
     use super::*;
     use crate::host::HostConfig;
+
+    #[test]
+    fn vm_memory_counts_against_the_callers_limit() {
+        // Unset: the host's default, narrowed to the limit.
+        assert_eq!(vm_memory_mib(0, 128, 512 << 20).unwrap(), 128);
+        assert_eq!(vm_memory_mib(0, 128, 64 << 20).unwrap(), 64);
+        assert_eq!(vm_memory_mib(0, 128, u64::MAX).unwrap(), 128);
+        assert_eq!(vm_memory_mib(0, 128, 1).unwrap(), 0);
+        // Asked for: within the limit, or refused.
+        assert_eq!(vm_memory_mib(1, 128, 64 << 20).unwrap(), 1);
+        assert_eq!(vm_memory_mib(64, 128, 64 << 20).unwrap(), 64);
+        let err = vm_memory_mib(100 << 10, 128, 64 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("102400 MiB") && err.contains("64 MiB"),
+            "{err}"
+        );
+        assert!(vm_memory_mib(u32::MAX, 128, 64 << 20).is_err());
+        assert_eq!(vm_memory_mib(u32::MAX, 128, u64::MAX).unwrap(), u32::MAX);
+    }
+
+    #[test]
+    fn vm_vcpus_are_bounded_by_the_hosts_cpus() {
+        let cpus = std::thread::available_parallelism().unwrap().get() as u32;
+        assert_eq!(vm_vcpus(0, 1).unwrap(), 1);
+        assert_eq!(vm_vcpus(0, u8::MAX).unwrap(), cpus.min(255));
+        assert_eq!(vm_vcpus(1, 1).unwrap(), 1);
+        assert!(vm_vcpus(cpus + 1, 1).is_err());
+        assert!(vm_vcpus(u32::MAX, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("vCPUs"));
+    }
 
     /// A WASI preview 1 program that writes its argument strings, each
     /// ending in NUL as `args_get` leaves them, to stdout.

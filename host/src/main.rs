@@ -112,8 +112,11 @@ struct HostArgs {
     /// whose KVM cannot run Linux user space, and for testing).
     #[arg(long, value_name = "AGENT")]
     vm_as_process: Option<PathBuf>,
-    /// Seconds a microVM may take to boot until its agent answers.
-    #[arg(long, default_value_t = 10.0)]
+    /// Seconds a microVM may take to boot until its agent answers. A
+    /// kernel that panics or a VM that stops fails at once; this bounds a
+    /// machine that boots but whose agent never answers. Hardware boots in
+    /// well under a second; nested virtualization can take 15.
+    #[arg(long, default_value_t = 60.0)]
     vm_ready_timeout: f64,
     /// Most guests alive at once in the host.
     #[arg(long, default_value_t = 1024)]

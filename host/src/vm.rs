@@ -229,6 +229,7 @@ async fn boot(
     let deadline = Instant::now() + settings.ready_timeout;
     match &settings.backend {
         VmBackend::Kvm { kernel, initramfs } => {
+            let boot_started = Instant::now();
             let kernel = match &req.kernel {
                 Some(bytes) => KernelImage::Bytes(bytes.clone()),
                 None => KernelImage::Path(kernel.clone()),
@@ -268,19 +269,40 @@ async fn boot(
             let machine = Machine::Kvm(Rc::clone(&vm));
             loop {
                 // Until the guest's driver is up a connection request gets
-                // no answer at all, so each attempt is bounded too.
+                // no answer at all, so each attempt is bounded too, and a
+                // machine that stops (a kernel panic) ends the wait at once.
                 let left = deadline.saturating_duration_since(Instant::now());
-                let why = match tokio::time::timeout(left, vm.connect(AGENT_PORT)).await {
-                    Ok(Ok(stream)) => return Ok((machine, Box::pin(stream))),
-                    Ok(Err(e)) => e.to_string(),
-                    Err(_) => "no answer".to_string(),
+                let attempt = tokio::time::timeout(left, vm.connect(AGENT_PORT));
+                let attempt = async {
+                    tokio::select! {
+                        r = attempt => Some(r),
+                        _ = vm.wait() => None,
+                    }
+                };
+                let why = match attempt.await {
+                    None => "the VM stopped".to_string(),
+                    Some(r) => match r {
+                        Ok(Ok(stream)) => {
+                            tracing::debug!(
+                                "the agent answered {:.2} s after the VM started",
+                                boot_started.elapsed().as_secs_f64()
+                            );
+                            return Ok((machine, Box::pin(stream)));
+                        }
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => "no answer".to_string(),
+                    },
                 };
                 if let Some(exit) = vm.exit_status() {
-                    let why = format!("{exit:?}");
+                    let why = match exit {
+                        VmExit::Panic(lines) => format!("the kernel panicked: {lines}"),
+                        other => format!("{other:?}"),
+                    };
+                    let tail = machine.console_tail();
                     drop(vm);
                     machine.tear_down().await;
                     return Err(SpawnError::Vm(format!(
-                        "the VM stopped while booting: {why}"
+                        "the VM stopped while booting: {why}; console: {tail}"
                     )));
                 }
                 if Instant::now() >= deadline {

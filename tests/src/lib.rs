@@ -35,12 +35,24 @@ pub fn guest(name: &str) -> Vec<u8> {
     })
 }
 
+/// Sends the host's logs to stderr when `CAPSA_LOG` names an env-filter
+/// (e.g. `CAPSA_LOG=debug`), as the `capsa` binary does; else nothing.
+pub fn init_logs() {
+    if let Ok(filter) = std::env::var("CAPSA_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}
+
 /// Runs `f` with a fresh host on a current-thread runtime.
 pub fn with_host<F, Fut, T>(config: HostConfig, f: F) -> T
 where
     F: FnOnce(Host) -> Fut,
     Fut: Future<Output = T>,
 {
+    init_logs();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -58,6 +70,8 @@ where
 #[derive(Default)]
 pub struct Run<'a> {
     pub args: &'a [&'a str],
+    /// The whole environment of the child.
+    pub env: &'a [(&'a str, &'a str)],
     pub data: bool,
     pub memory_limit: u64,
     pub deadline_ms: u64,
@@ -65,6 +79,10 @@ pub struct Run<'a> {
     pub name: &'a str,
     /// The capability the child bootstraps; `None` inherits the Executor.
     pub bootstrap: Option<&'a capnp::capability::Client>,
+    /// microVM options (ELF payloads); zero or `None` takes the host's.
+    pub vm_vcpus: u32,
+    pub vm_memory_mib: u32,
+    pub vm_initramfs: Option<&'a [u8]>,
 }
 
 /// Sends `runBytes` for `bytes` with `opts` and returns the request's
@@ -82,6 +100,12 @@ pub fn run_request(
         for (i, a) in opts.args.iter().enumerate() {
             args.set(i as u32, *a);
         }
+        let mut env = p.reborrow().init_env(opts.env.len() as u32);
+        for (i, (name, value)) in opts.env.iter().enumerate() {
+            let mut var = env.reborrow().get(i as u32);
+            var.set_name(*name);
+            var.set_value(*value);
+        }
         let mut o = p.init_options();
         o.set_stdio(if opts.data {
             StdioMode::Data
@@ -92,6 +116,12 @@ pub fn run_request(
         o.set_deadline_millis(opts.deadline_ms);
         o.set_cpu_budget_millis(opts.cpu_ms);
         o.set_name(opts.name);
+        let mut vm = o.reborrow().init_vm();
+        vm.set_vcpus(opts.vm_vcpus);
+        vm.set_memory_mib(opts.vm_memory_mib);
+        if let Some(initramfs) = opts.vm_initramfs {
+            vm.set_initramfs(initramfs);
+        }
         if let Some(cap) = opts.bootstrap {
             o.init_bootstrap()
                 .init_capability()

@@ -262,3 +262,42 @@ fn pid0_runs_busybox_through_the_capsa_binary() {
         "{stderr}"
     );
 }
+
+/// A machine counts against its caller's memory limit: a child limited to
+/// 64 MiB cannot get a 100 GiB machine, nor more vCPUs than the host has.
+/// Refused before anything boots; the host goes on serving.
+#[test]
+fn a_machine_larger_than_the_callers_limits_is_refused() {
+    with_host(config(), |host| async move {
+        let root = host.root_executor();
+        let err = run(
+            &root,
+            &elf("/bin/true"),
+            Run {
+                memory_limit: 64 << 20,
+                vm_memory_mib: 100 << 10,
+                ..Run::default()
+            },
+        )
+        .await
+        .err()
+        .expect("a 100 GiB machine for a 64 MiB caller");
+        assert!(err.contains("microVM too large"), "{err}");
+        assert!(err.contains("memory limit is 64 MiB"), "{err}");
+        let err = run(
+            &root,
+            &elf("/bin/true"),
+            Run {
+                vm_vcpus: u32::MAX,
+                ..Run::default()
+            },
+        )
+        .await
+        .err()
+        .expect("4 billion vCPUs");
+        assert!(err.contains("vCPUs"), "{err}");
+        assert_eq!(host.live_cells(), 0);
+        let p = run(&root, &elf("/bin/true"), Run::default()).await.unwrap();
+        assert_eq!(wait(&p).await, ExitStatus::Exited(0));
+    });
+}

@@ -131,7 +131,13 @@ impl executor::Server for ExecutorImpl {
         eprintln!("capsa-agent: started {name}");
         results
             .get()
-            .set_process(capnp_rpc::new_client(ProcessImpl::new(child)));
+            .set_process(capnp_rpc::new_client(ProcessImpl::new(
+                child,
+                capnp_rpc::new_client::<executor::Client, _>(ExecutorImpl::new(
+                    self.runner.clone(),
+                ))
+                .client,
+            )));
         Ok(())
     }
 

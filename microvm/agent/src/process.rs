@@ -251,11 +251,13 @@ fn file_safe(name: &str) -> String {
 
 pub struct ProcessImpl {
     child: Rc<Child>,
+    /// The Executor of the machine the process runs in: its `bootstrap()`.
+    machine: capnp::capability::Client,
 }
 
 impl ProcessImpl {
-    pub fn new(child: Rc<Child>) -> Self {
-        ProcessImpl { child }
+    pub fn new(child: Rc<Child>, machine: capnp::capability::Client) -> Self {
+        ProcessImpl { child, machine }
     }
 }
 
@@ -324,15 +326,18 @@ impl process::Server for ProcessImpl {
         Ok(())
     }
 
+    /// An ELF executable has no Cap'n Proto connection of its own; what it
+    /// "exports" is the machine it runs in, as the host's ELF processes do:
+    /// the Executor to run more in the same machine.
     async fn bootstrap(
         self: Rc<Self>,
         _: process::BootstrapParams,
-        _: process::BootstrapResults,
+        mut results: process::BootstrapResults,
     ) -> Result<(), capnp::Error> {
-        Err(capnp::Error::failed(format!(
-            "{} is an ELF executable run by the microVM agent: it has no Cap'n Proto \
-             connection and exports nothing; use its stdin/stdout/stderr",
-            self.child.name
-        )))
+        results
+            .get()
+            .init_cap()
+            .set_as_capability(self.machine.hook.clone());
+        Ok(())
     }
 }

@@ -214,23 +214,25 @@ fn error_of<T>(result: Result<T, capnp::Error>) -> String {
     }
 }
 
+async fn echo(ex: &executor::Client, message: &str) -> String {
+    let mut req = ex.echo_request();
+    req.get().set_message(message);
+    let resp = req.send().promise.await.unwrap();
+    resp.get()
+        .unwrap()
+        .get_response()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
 #[test]
 fn echo_returns_the_message() {
     let agent = Agent::start(&[]);
     local(async {
         let ex = connect(&agent.socket).await;
-        let mut req = ex.echo_request();
-        req.get().set_message("hello agent");
-        let resp = req.send().promise.await.unwrap();
-        assert_eq!(
-            resp.get()
-                .unwrap()
-                .get_response()
-                .unwrap()
-                .to_str()
-                .unwrap(),
-            "hello agent"
-        );
+        assert_eq!(echo(&ex, "hello agent").await, "hello agent");
     });
 }
 
@@ -640,8 +642,10 @@ fn bad_payloads_are_refused_with_a_clear_error() {
     });
 }
 
+/// An ELF process's `bootstrap()` is the Executor of the machine it runs
+/// in, as on the host: more processes start through it, beside the first.
 #[test]
-fn an_elf_process_exports_nothing() {
+fn an_elf_process_bootstrap_is_its_machines_executor() {
     let agent = Agent::start(&[]);
     local(async {
         let ex = connect(&agent.socket).await;
@@ -655,8 +659,21 @@ fn an_elf_process_exports_nothing() {
         )
         .await
         .unwrap();
-        let err = error_of(p.bootstrap_request().send().promise.await);
-        assert!(err.contains("exports nothing"), "{err}");
+        let machine: executor::Client = capnp::capability::FromClientHook::new(
+            p.bootstrap_request().send().pipeline.get_cap().as_cap(),
+        );
+        assert_eq!(echo(&machine, "same machine").await, "same machine");
+        let second = run(
+            &machine,
+            &bin("/bin/echo"),
+            Run {
+                args: &["second"],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(stdout_of(&second).await, b"second\n");
     });
 }
 
