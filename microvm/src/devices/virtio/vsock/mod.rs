@@ -953,6 +953,7 @@ mod tests {
 
     /// One turn of a device thread that does not linger: process the
     /// queues, poll the host sockets for at most `timeout_ms`, handle them.
+    #[cfg(feature = "device-bench")]
     fn pump(d: &mut Driver, timeout_ms: i32) {
         let _ = d.wake.read();
         let dev = d.t.device_mut();
