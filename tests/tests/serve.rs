@@ -642,39 +642,37 @@ fn the_embedding_api_serves_each_caller_its_own_executor() {
     });
 }
 
-#[test]
-fn the_python_example_runs_against_capsa_serve() {
+/// The Python example against `capsa serve`: echo, a WASM program and an
+/// ELF, the last through `vm_args` (a microVM or the agent as a process).
+fn python_example_against_capsa_serve(name: &str, vm_args: &[String]) {
     let python = std::env::var_os("CAPSA_PYTHON").unwrap_or_else(|| {
         panic!(
             "CAPSA_PYTHON is not set: it names a Python with pycapnp installed; \
              `cargo xtask test` creates one and sets it"
         )
     });
-    let dir = scratch("python");
+    let busybox = std::env::var_os("CAPSA_BUSYBOX")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!(
+                "CAPSA_BUSYBOX is not set: `cargo xtask test` installs busybox-static and sets it"
+            )
+        });
+    let dir = scratch(name);
     let listen = sock_arg(&dir);
-    let agent = agent_bin();
     let mut args = vec!["--listen".to_string(), listen.clone()];
-    let busybox = std::env::var_os("CAPSA_BUSYBOX").map(PathBuf::from);
-    // ELF executables: through the agent as a host process, so that the
-    // same client path runs on machines without usable KVM.
-    let elf = match (&busybox, agent.exists()) {
-        (Some(b), true) => {
-            args.extend(["--vm-as-process".into(), agent.display().to_string()]);
-            Some(b.clone())
-        }
-        _ => None,
-    };
+    args.extend(vm_args.iter().cloned());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let _served = Served::start(&args);
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/python/capsa_client.py");
-    let mut cmd = Command::new(&python);
-    cmd.arg(&example)
+    let out = Command::new(&python)
+        .arg(&example)
         .args(["--connect", &listen, "--wasm"])
-        .arg(guests_dir().join("hello.wasm"));
-    if let Some(elf) = &elf {
-        cmd.arg("--elf").arg(elf);
-    }
-    let out = cmd.output().unwrap();
+        .arg(guests_dir().join("hello.wasm"))
+        .arg("--elf")
+        .arg(&busybox)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
@@ -684,8 +682,47 @@ fn the_python_example_runs_against_capsa_serve() {
         "{stdout}"
     );
     assert!(stderr.contains("wasm: exited 0"), "{stderr}");
-    if elf.is_some() {
-        assert!(stdout.contains("hello from an ELF, via python"), "{stdout}");
-        assert!(stderr.contains("elf: exited 0"), "{stderr}");
+    assert!(stdout.contains("hello from an ELF, via python"), "{stdout}");
+    assert!(stderr.contains("elf: exited 0"), "{stderr}");
+}
+
+/// ELF executables through the agent as a host process, so the same client
+/// path runs on machines without usable KVM.
+#[test]
+fn the_python_example_runs_against_capsa_serve() {
+    let agent = agent_bin();
+    assert!(
+        agent.exists(),
+        "{}: `cargo xtask test` builds the agent",
+        agent.display()
+    );
+    python_example_against_capsa_serve(
+        "python",
+        &["--vm-as-process".into(), agent.display().to_string()],
+    );
+}
+
+mod native_kvm {
+    use super::*;
+
+    /// The Python example's ELF in a real microVM.
+    #[test]
+    fn the_python_example_runs_an_elf_in_a_microvm() {
+        let var = |name: &str| {
+            std::env::var(name)
+                .unwrap_or_else(|_| panic!("{name} is not set: run `cargo xtask test`"))
+        };
+        python_example_against_capsa_serve(
+            "python-vm",
+            &[
+                "--allow-vm".into(),
+                "--kernel".into(),
+                var("CAPSA_KERNEL"),
+                "--initramfs".into(),
+                var("CAPSA_INITRAMFS"),
+                "--vm-ready-timeout".into(),
+                "120".into(),
+            ],
+        );
     }
 }
