@@ -84,6 +84,15 @@ fn text_list(list: capnp::text_list::Reader<'_>, what: &str) -> capnp::Result<Ve
         .collect()
 }
 
+/// A CPU budget in milliseconds as epoch ticks, saturating: a budget too
+/// large to count is as good as none, never a small wrapped one.
+pub fn cpu_ticks(millis: u64) -> u64 {
+    let tick_micros = u64::try_from(EPOCH_TICK.as_micros())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    millis.saturating_mul(1000) / tick_micros
+}
+
 /// A machine's memory counts against its caller's memory limit: unset, it
 /// is the host's default narrowed to that limit; asked for, it must fit.
 fn vm_memory_mib(asked: u32, default: u32, limit_bytes: u64) -> Result<u32, SpawnError> {
@@ -140,7 +149,7 @@ impl executor::Server for ExecutorImpl {
         let opts: options::Reader<'_> = p.get_options()?;
 
         let slot = self.reserve()?;
-        let cpu_ticks = opts.get_cpu_budget_millis() * 1000 / EPOCH_TICK.as_micros() as u64;
+        let cpu_ticks = cpu_ticks(opts.get_cpu_budget_millis());
         let limits = self.limits.narrowed(
             opts.get_memory_limit_bytes(),
             opts.get_deadline_millis(),
@@ -245,6 +254,16 @@ mod tests {
 
     use super::*;
     use crate::host::HostConfig;
+
+    #[test]
+    fn cpu_budgets_never_wrap() {
+        assert_eq!(cpu_ticks(0), 0);
+        assert_eq!(cpu_ticks(1), 1);
+        assert_eq!(cpu_ticks(50), 50);
+        // u64::MAX / 1000 + 1 ms wraps to 1384 µs when multiplied naively.
+        assert_eq!(cpu_ticks(18_446_744_073_709_553), u64::MAX / 1000);
+        assert_eq!(cpu_ticks(u64::MAX), u64::MAX / 1000);
+    }
 
     #[test]
     fn vm_memory_counts_against_the_callers_limit() {

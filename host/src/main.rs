@@ -301,8 +301,7 @@ impl HostArgs {
             limits: Limits {
                 memory_bytes: memory_mib << 20,
                 deadline,
-                cpu_ticks: cpu_ms
-                    .map(|ms| ms * 1000 / capsa::engine::EPOCH_TICK.as_micros() as u64),
+                cpu_ticks: cpu_ms.map(capsa::executor::cpu_ticks),
             },
             max_depth,
             max_children,

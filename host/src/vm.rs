@@ -226,7 +226,10 @@ async fn boot(
     probed: &Probed,
     req: &VmRequest,
 ) -> Result<(Machine, AgentStream), SpawnError> {
-    let deadline = Instant::now() + settings.ready_timeout;
+    // A timeout too large to add is as good as none: a year.
+    let deadline = Instant::now()
+        .checked_add(settings.ready_timeout)
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
     match &settings.backend {
         VmBackend::Kvm { kernel, initramfs } => {
             let boot_started = Instant::now();

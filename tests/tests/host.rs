@@ -637,3 +637,71 @@ fn the_capsa_binary_runs_the_demo() {
         "PID0's stdout is its RPC channel, not the terminal's"
     );
 }
+
+/// Every numeric option at its extremes: 0 (inherit), 1 and u64::MAX start
+/// a child that works, or fail cleanly; none wraps into a tiny limit or
+/// panics the host.
+#[test]
+fn numeric_options_at_their_extremes_neither_wrap_nor_panic() {
+    host(|host| async move {
+        let root = host.root_executor();
+        for value in [0, 1, u64::MAX, u64::MAX / 1000 + 1] {
+            let p = run(
+                &root,
+                &guest("hello"),
+                Run {
+                    args: &["extreme"],
+                    data: true,
+                    cpu_ms: value.max(1_000),
+                    deadline_ms: value.max(60_000),
+                    memory_limit: value.max(64 << 20),
+                    ..Run::default()
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{value}: {e}"));
+            assert_eq!(
+                String::from_utf8_lossy(&stdout_of(&p).await),
+                "hello from a plain WASI program: extreme\n",
+                "{value}"
+            );
+            assert_eq!(wait(&p).await, ExitStatus::Exited(0), "{value}");
+        }
+        // A budget of 1 ms, a deadline of 1 ms, 1 byte of memory: the
+        // child ends with the matching status, the host serves on.
+        for tiny in [
+            Run {
+                cpu_ms: 1,
+                ..Run::default()
+            },
+            Run {
+                deadline_ms: 1,
+                ..Run::default()
+            },
+            Run {
+                memory_limit: 1,
+                ..Run::default()
+            },
+        ] {
+            let outcome = match run(
+                &root,
+                &guest("faulty"),
+                Run {
+                    args: &["loop"],
+                    data: true,
+                    ..tiny
+                },
+            )
+            .await
+            {
+                Ok(p) => wait(&p).await.to_string(),
+                Err(e) => e,
+            };
+            assert!(!outcome.is_empty());
+        }
+        let witness = run(&root, &guest("child-echo"), Run::default())
+            .await
+            .unwrap();
+        still_healthy(&witness).await;
+    });
+}
