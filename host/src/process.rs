@@ -5,6 +5,7 @@
 //! (`Drop` below), which is how "no orphans" holds for processes nobody can
 //! reach any more.
 
+use std::cell::OnceCell;
 use std::rc::Rc;
 
 use capsa_schema::capsa_capnp::{byte_sink, byte_source, process};
@@ -22,6 +23,12 @@ enum Target {
 
 pub struct ProcessImpl {
     target: Target,
+    /// One capability per stream, made on first use and handed to every
+    /// caller: concurrent readers (or writers) then take turns on one
+    /// stream instead of racing for the pipe's single waker.
+    stdin: OnceCell<byte_sink::Client>,
+    stdout: OnceCell<byte_source::Client>,
+    stderr: OnceCell<byte_source::Client>,
 }
 
 /// Which of the three streams.
@@ -33,14 +40,19 @@ enum Stdio {
 
 impl ProcessImpl {
     pub fn new(cell: Rc<Cell>) -> Self {
-        ProcessImpl {
-            target: Target::Cell(cell),
-        }
+        Self::with_target(Target::Cell(cell))
     }
 
     pub fn vm(vm: Rc<VmProcess>) -> Self {
+        Self::with_target(Target::Vm(vm))
+    }
+
+    fn with_target(target: Target) -> Self {
         ProcessImpl {
-            target: Target::Vm(vm),
+            target,
+            stdin: OnceCell::new(),
+            stdout: OnceCell::new(),
+            stderr: OnceCell::new(),
         }
     }
 
@@ -57,6 +69,18 @@ impl ProcessImpl {
     }
 
     fn source(&self, which: Stdio) -> Result<byte_source::Client, capnp::Error> {
+        let cached = match which {
+            Stdio::Stdout => &self.stdout,
+            Stdio::Stderr => &self.stderr,
+        };
+        if let Some(source) = cached.get() {
+            return Ok(source.clone());
+        }
+        let source = self.new_source(which)?;
+        Ok(cached.get_or_init(|| source).clone())
+    }
+
+    fn new_source(&self, which: Stdio) -> Result<byte_source::Client, capnp::Error> {
         Ok(match (&self.target, which) {
             (Target::Cell(cell), Stdio::Stdout) => capnp_rpc::new_client(ByteSourceImpl::new(
                 Self::data(cell, "stdout")?.stdout.clone(),
@@ -116,11 +140,17 @@ impl process::Server for ProcessImpl {
         _: process::StdinParams,
         mut results: process::StdinResults,
     ) -> Result<(), capnp::Error> {
-        let sink: byte_sink::Client = match &self.target {
-            Target::Cell(cell) => {
-                capnp_rpc::new_client(ByteSinkImpl::new(Self::data(cell, "stdin")?.stdin.clone()))
+        let sink = match self.stdin.get() {
+            Some(sink) => sink.clone(),
+            None => {
+                let sink: byte_sink::Client = match &self.target {
+                    Target::Cell(cell) => capnp_rpc::new_client(ByteSinkImpl::new(
+                        Self::data(cell, "stdin")?.stdin.clone(),
+                    )),
+                    Target::Vm(vm) => vm.process.stdin_request().send().pipeline.get_sink(),
+                };
+                self.stdin.get_or_init(|| sink).clone()
             }
-            Target::Vm(vm) => vm.process.stdin_request().send().pipeline.get_sink(),
         };
         results.get().set_sink(sink);
         Ok(())

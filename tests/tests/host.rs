@@ -705,3 +705,72 @@ fn numeric_options_at_their_extremes_neither_wrap_nor_panic() {
         still_healthy(&witness).await;
     });
 }
+
+/// Two readers of one stdout and two writers of one stdin at once: each
+/// `stdout()`/`stdin()` call returns the same stream, so they take turns
+/// and none waits for ever on a waker another one replaced.
+#[test]
+fn concurrent_readers_and_writers_of_one_stream_all_finish() {
+    host(|host| async move {
+        let root = host.root_executor();
+        let p = run(
+            &root,
+            &guest("hello"),
+            Run {
+                args: &["cat"],
+                data: true,
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        let chunk = vec![7u8; 48 << 10];
+        let writer = |n: usize| {
+            let sink = p.stdin_request().send().pipeline.get_sink();
+            let chunk = chunk.clone();
+            async move {
+                for _ in 0..n {
+                    let mut req = sink.write_request();
+                    req.get().set_data(&chunk);
+                    req.send().await.unwrap();
+                }
+            }
+        };
+        let reader = || {
+            let source = p.stdout_request().send().pipeline.get_source();
+            async move {
+                let mut total = 0usize;
+                loop {
+                    let mut req = source.read_request();
+                    req.get().set_max_bytes(16 << 10);
+                    let resp = req.send().promise.await.unwrap();
+                    let r = resp.get().unwrap();
+                    total += r.get_data().unwrap().len();
+                    if r.get_eof() {
+                        return total;
+                    }
+                }
+            }
+        };
+        let writers = async {
+            // Both readers are waiting on the empty pipe before a byte
+            // arrives: the case where one waker replaced the other.
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            futures::join!(writer(40), writer(40));
+            let sink = p.stdin_request().send().pipeline.get_sink();
+            sink.close_request().send().promise.await.unwrap();
+        };
+        // Each reader is a task of its own, woken only by its own waker,
+        // as calls arriving over a connection are.
+        let (a, b) = (
+            tokio::task::spawn_local(reader()),
+            tokio::task::spawn_local(reader()),
+        );
+        let all = async { futures::join!(writers, a, b) };
+        let ((), a, b) = tokio::time::timeout(std::time::Duration::from_secs(30), all)
+            .await
+            .expect("a reader or writer of a shared stream never finished");
+        assert_eq!(a.unwrap() + b.unwrap(), 80 * (48 << 10));
+        assert_eq!(wait(&p).await, ExitStatus::Exited(0));
+    });
+}
