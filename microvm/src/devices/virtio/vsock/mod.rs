@@ -772,6 +772,29 @@ mod tests {
         assert_eq!(d.recv_ops(), vec![OP_CREDIT_UPDATE]);
     }
 
+    /// A guest flooding CREDIT_REQUESTs without ever taking its RX packets
+    /// queues the connection once, not once per packet; the answer still
+    /// comes once RX buffers are there.
+    #[test]
+    fn credit_request_flood_without_rx_buffers_stays_bounded() {
+        let mut d = Driver::new();
+        let _host = d.guest_connect(1000, 52);
+        // Use up the posted RX buffers and never repost them.
+        for _ in 0..64 {
+            d.send(d.hdr(1000, 52, OP_CREDIT_REQUEST), &[]);
+        }
+        for _ in 0..100_000 {
+            let h = d.hdr(1000, 52, OP_CREDIT_REQUEST);
+            d.send_raw(&h, &[]);
+            let _ = d.wake.read();
+            d.t.device_mut().process();
+        }
+        let queued = d.muxer().rx_queue_len();
+        assert!(queued <= 1, "{queued} RX keys queued for one connection");
+        d.step();
+        assert!(d.recv_ops().contains(&OP_CREDIT_UPDATE));
+    }
+
     #[test]
     fn guest_ignoring_credit_is_reset() {
         let mut d = Driver::new();
@@ -946,6 +969,12 @@ mod tests {
                 d.step();
                 d.recv();
             }
+            // Memory stays bounded: the RX queue holds each key once.
+            let queued = d.muxer().rx_queue_len();
+            assert!(
+                queued <= d.t.device().state().connections + 1024,
+                "{queued}"
+            );
         }
         d.step();
         d.recv();

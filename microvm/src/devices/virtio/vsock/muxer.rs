@@ -22,7 +22,7 @@
 //! [`VsockMuxer::fill_pollfds`] and hands the results back with
 //! [`VsockMuxer::on_ready`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -39,6 +39,10 @@ const EPHEMERAL_PORT_START: u32 = 1 << 30;
 const MAX_PENDING_RST: usize = 1024;
 /// Most simultaneous connections per VM.
 const MAX_CONNECTIONS: usize = 1024;
+/// Most keys queued for RX at once. Each key is queued at most once; past
+/// this bound (stale keys of closed connections can add up) the queue is
+/// dropped and rebuilt from the connections once it has drained.
+const MAX_RX_QUEUE: usize = 2 * MAX_CONNECTIONS;
 
 /// `(host port, guest port)`.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -61,8 +65,12 @@ pub struct VsockMuxer {
     conns: HashMap<ConnKey, Connection>,
     /// Resets for connections that do not (or no longer) exist.
     rst_queue: VecDeque<PacketHeader>,
-    /// Connections that may have a packet for the guest (may hold stale keys).
+    /// Connections that may have a packet for the guest (may hold stale
+    /// keys), each at most once: `rx_queued` holds what `rx_ready` does.
     rx_ready: VecDeque<ConnKey>,
+    rx_queued: HashSet<ConnKey>,
+    /// `rx_ready` overflowed: rebuild it from the connections.
+    rx_overflowed: bool,
     listeners: HashMap<u32, mpsc::UnboundedSender<UnixStream>>,
     hybrid: Option<HybridListener>,
     next_port: u32,
@@ -89,6 +97,8 @@ impl VsockMuxer {
             conns: HashMap::new(),
             rst_queue: VecDeque::new(),
             rx_ready: VecDeque::new(),
+            rx_queued: HashSet::new(),
+            rx_overflowed: false,
             listeners: HashMap::new(),
             hybrid,
             next_port: EPHEMERAL_PORT_START,
@@ -100,6 +110,46 @@ impl VsockMuxer {
     /// Number of live connections.
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Keys waiting in the RX queue (bounded by `MAX_RX_QUEUE`).
+    pub fn rx_queue_len(&self) -> usize {
+        self.rx_ready.len()
+    }
+
+    /// Marks `key` as having something for the guest: queued once, however
+    /// often the guest asks (a flood of CREDIT_REQUESTs without RX buffers
+    /// used to queue a key per packet).
+    fn queue_rx(&mut self, key: ConnKey) {
+        if self.rx_queued.contains(&key) {
+            return;
+        }
+        if self.rx_ready.len() >= MAX_RX_QUEUE {
+            self.rx_overflowed = true;
+            return;
+        }
+        self.rx_queued.insert(key);
+        self.rx_ready.push_back(key);
+    }
+
+    /// The next queued key; after an overflow, the queue is rebuilt from
+    /// the connections that have something once it has drained.
+    fn next_rx_key(&mut self) -> Option<ConnKey> {
+        if self.rx_ready.is_empty() && self.rx_overflowed {
+            self.rx_overflowed = false;
+            let ready: Vec<ConnKey> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.has_rx())
+                .map(|(k, _)| *k)
+                .collect();
+            for key in ready {
+                self.queue_rx(key);
+            }
+        }
+        let key = self.rx_ready.pop_front()?;
+        self.rx_queued.remove(&key);
+        Some(key)
     }
 
     /// Path of the hybrid socket, if any.
@@ -126,7 +176,7 @@ impl VsockMuxer {
             Ok(c) => {
                 let key = ConnKey { local, peer: port };
                 self.conns.insert(key, c);
-                self.rx_ready.push_back(key);
+                self.queue_rx(key);
             }
             Err(e) => tracing::warn!("vsock: cannot set up host connection: {e}"),
         }
@@ -171,7 +221,7 @@ impl VsockMuxer {
         match action {
             ConnAction::Keep => {
                 if self.conns.get(&key).is_some_and(|c| c.has_rx()) {
-                    self.rx_ready.push_back(key);
+                    self.queue_rx(key);
                 }
             }
             ConnAction::Kill { rst } => {
@@ -239,7 +289,7 @@ impl VsockMuxer {
         match host_end.map(|s| Connection::guest_initiated(self.guest_cid, hdr, s)) {
             Some(Ok(c)) => {
                 self.conns.insert(key, c);
-                self.rx_ready.push_back(key);
+                self.queue_rx(key);
             }
             _ => self.push_rst(key.local, key.peer),
         }
@@ -247,7 +297,7 @@ impl VsockMuxer {
 
     /// Whether [`VsockMuxer::recv_pkt`] may have something.
     pub fn has_rx(&self) -> bool {
-        !self.rst_queue.is_empty() || !self.rx_ready.is_empty()
+        !self.rst_queue.is_empty() || !self.rx_ready.is_empty() || self.rx_overflowed
     }
 
     /// The next packet for the guest with at most `capacity` payload bytes.
@@ -255,13 +305,13 @@ impl VsockMuxer {
         if let Some(h) = self.rst_queue.pop_front() {
             return Some((h, Vec::new()));
         }
-        while let Some(key) = self.rx_ready.pop_front() {
+        while let Some(key) = self.next_rx_key() {
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
             };
             if let Some(pkt) = conn.next_rx(capacity) {
                 if conn.has_rx() {
-                    self.rx_ready.push_back(key);
+                    self.queue_rx(key);
                 }
                 return Some(pkt);
             }
