@@ -62,6 +62,32 @@ pub fn ensure_initramfs(root: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// Two broken initramfs archives for the microVM tests' failure cases,
+/// written beside the real one: `no-agent.cpio`, whose `/init` is busybox
+/// (its init applet never listens on vsock), and `no-init.cpio`, with no
+/// `/init` at all (the kernel finds no root and panics). Returns their
+/// paths in that order.
+pub fn ensure_test_initramfs(root: &Path, busybox: &Path) -> Result<(PathBuf, PathBuf)> {
+    let out_dir = crate::native_target_dir(root).join("initramfs");
+    fs::create_dir_all(&out_dir)?;
+    let busybox =
+        fs::read(busybox).with_context(|| format!("could not read {}", busybox.display()))?;
+    let no_agent = out_dir.join("no-agent.cpio");
+    let mut cpio = Newc::default();
+    for dir in ["dev", "proc", "sys"] {
+        cpio.entry(dir, S_IFDIR | 0o755, (0, 0), &[]);
+    }
+    cpio.entry("dev/console", S_IFCHR | 0o600, (5, 1), &[]);
+    cpio.entry("init", S_IFREG | 0o755, (0, 0), &busybox);
+    fs::write(&no_agent, cpio.finish())?;
+    let no_init = out_dir.join("no-init.cpio");
+    let mut cpio = Newc::default();
+    cpio.entry("dev", S_IFDIR | 0o755, (0, 0), &[]);
+    cpio.entry("dev/console", S_IFCHR | 0o600, (5, 1), &[]);
+    fs::write(&no_init, cpio.finish())?;
+    Ok((no_agent, no_init))
+}
+
 /// Where the static agent binary is built (by [`ensure_initramfs`]).
 pub fn agent_binary(root: &Path) -> PathBuf {
     crate::native_target_dir(root)
@@ -83,15 +109,15 @@ fn ensure_musl_target() -> Result<()> {
 }
 
 /// FNV-1a, 64 bits: a cache key, not a security boundary.
-fn fnv64(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })
 }
 
-const S_IFDIR: u32 = 0o040_000;
-const S_IFREG: u32 = 0o100_000;
-const S_IFCHR: u32 = 0o020_000;
+pub(crate) const S_IFDIR: u32 = 0o040_000;
+pub(crate) const S_IFREG: u32 = 0o100_000;
+pub(crate) const S_IFCHR: u32 = 0o020_000;
 
 /// The archive: folders, `/dev/console` (char 5:1, so the kernel can give
 /// `/init` a console before devtmpfs is mounted), and the agent as `/init`.
@@ -112,13 +138,13 @@ fn initramfs(agent: &[u8]) -> Vec<u8> {
 /// `TRAILER!!!` entry ends the archive. Owner root, mtime 0: the same agent
 /// always makes the same bytes.
 #[derive(Default)]
-struct Newc {
+pub(crate) struct Newc {
     out: Vec<u8>,
     next_ino: u32,
 }
 
 impl Newc {
-    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+    pub(crate) fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
         self.next_ino += 1;
         let nlink = if mode & S_IFDIR == S_IFDIR { 2 } else { 1 };
         self.raw(self.next_ino, mode, nlink, rdev, name, data);
@@ -158,7 +184,7 @@ impl Newc {
         }
     }
 
-    fn finish(mut self) -> Vec<u8> {
+    pub(crate) fn finish(mut self) -> Vec<u8> {
         self.raw(0, 0, 1, (0, 0), "TRAILER!!!", &[]);
         self.out
     }

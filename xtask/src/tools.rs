@@ -150,14 +150,165 @@ pub(crate) fn ensure_busybox() -> Result<PathBuf> {
         )
 }
 
-/// QEMU, the reference the microVM boot benchmark compares against (capsa
-/// itself never runs it); returns the `qemu-system-x86_64` command.
-pub(crate) fn ensure_qemu() -> Result<PathBuf> {
-    ensure_deb(
+/// Runs `apt-get update` as root, with a message saying why.
+pub(crate) fn apt_update() -> Result<()> {
+    let manual = "run `apt-get update` yourself and try again";
+    let root_cmd =
+        as_root().with_context(|| format!("updating apt's package lists needs root; {manual}"))?;
+    eprintln!("==> updating apt's package lists");
+    run(root_cmd("apt-get").arg("update"))
+        .with_context(|| format!("`apt-get update` failed; {manual}"))
+}
+
+/// The oldest QEMU the nested test machine accepts: bookworm's own 7.2
+/// locks up (soft lockup in the L1 kernel) as soon as a nested guest boots
+/// under TCG's SVM emulation; 10.0 from bookworm-backports runs it.
+const NESTED_QEMU_MAJOR: u32 = 10;
+
+/// QEMU able to run the nested test machine (and the benchmark's QEMU
+/// peer inside it); installs `qemu-system-x86` from the distribution's
+/// backports when the installed one is missing or too old. Returns the
+/// `qemu-system-x86_64` command.
+pub(crate) fn ensure_nested_qemu() -> Result<PathBuf> {
+    let qemu = PathBuf::from("qemu-system-x86_64");
+    let major = || {
+        stdout_of(Command::new(&qemu).arg("--version"))
+            .ok()
+            .and_then(|v| qemu_major(&v))
+    };
+    if major().is_some_and(|m| m >= NESTED_QEMU_MAJOR) {
+        return Ok(qemu);
+    }
+    let manual = format!(
+        "install qemu-system-x86 {NESTED_QEMU_MAJOR} or newer yourself \
+         (Debian bookworm: `apt-get install -t bookworm-backports qemu-system-x86`) and run again"
+    );
+    if !on_path("apt-get") {
+        bail!("the nested test machine needs QEMU {NESTED_QEMU_MAJOR} or newer and apt-get is not available; {manual}");
+    }
+    let root_cmd = as_root().with_context(|| {
+        format!("the nested test machine needs QEMU {NESTED_QEMU_MAJOR} or newer and installing it needs root; {manual}")
+    })?;
+    let codename = os_release("VERSION_CODENAME").with_context(|| {
+        format!("cannot tell which Debian release this is (no VERSION_CODENAME in /etc/os-release); {manual}")
+    })?;
+    let suite = format!("{codename}-backports");
+    ensure_apt_suite(&suite).with_context(|| manual.clone())?;
+    eprintln!(
+        "==> installing qemu-system-x86 from {suite}: the nested test machine needs QEMU {NESTED_QEMU_MAJOR} \
+         (the installed one is {})",
+        major().map_or("missing".to_string(), |m| format!("version {m}"))
+    );
+    run(root_cmd("apt-get").args([
+        "install",
+        "-y",
+        "--no-install-recommends",
+        "-t",
+        &suite,
         "qemu-system-x86",
-        "the microVM boot benchmark (its QEMU reference)",
-    )?;
-    Ok(PathBuf::from("qemu-system-x86_64"))
+    ]))
+    .with_context(|| format!("installing qemu-system-x86 from {suite} failed; {manual}"))?;
+    match major() {
+        Some(m) if m >= NESTED_QEMU_MAJOR => Ok(qemu),
+        other => bail!("after installing, qemu-system-x86_64 reports version {other:?}; {manual}"),
+    }
+}
+
+/// `QEMU emulator version 10.0.2 (Debian ...)` -> 10.
+fn qemu_major(version: &str) -> Option<u32> {
+    let rest = version.split("version ").nth(1)?;
+    rest.split('.').next()?.trim().parse().ok()
+}
+
+/// A field of `/etc/os-release`, unquoted.
+fn os_release(field: &str) -> Option<String> {
+    let text = std::fs::read_to_string("/etc/os-release").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix('='))
+        .map(|v| v.trim_matches('"').to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// Makes apt know `suite` (e.g. `bookworm-backports`) from the same mirror
+/// as the system's own sources. Adds one file of its own to
+/// `sources.list.d` and nothing else: backports have a low default
+/// priority, so nothing else on the system changes until a package is
+/// asked for with `-t`.
+fn ensure_apt_suite(suite: &str) -> Result<()> {
+    let sources = apt_source_texts();
+    if sources
+        .iter()
+        .any(|(_, text)| text.split_whitespace().any(|w| w == suite))
+    {
+        if !apt_knows_suite(suite) {
+            apt_update()?;
+        }
+        return Ok(());
+    }
+    let mirror = sources
+        .iter()
+        .find_map(|(_, text)| debian_mirror(text))
+        .unwrap_or_else(|| "http://deb.debian.org/debian".to_string());
+    let root_cmd = as_root()?;
+    let file = format!("/etc/apt/sources.list.d/capsa-{suite}.sources");
+    eprintln!("==> adding {suite} ({mirror}) to apt's sources in {file}");
+    let entry = format!(
+        "# Added by capsa's xtask: QEMU for the nested test machine.\n\
+         Types: deb\nURIs: {mirror}\nSuites: {suite}\nComponents: main\n\
+         Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+    );
+    let mut tee = root_cmd("tee");
+    tee.arg(&file)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null());
+    let mut child = tee.spawn().context("could not run tee")?;
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(entry.as_bytes())?;
+    }
+    if !child.wait()?.success() {
+        bail!("could not write {file}");
+    }
+    apt_update()
+}
+
+/// Whether apt's package lists include `suite`.
+fn apt_knows_suite(suite: &str) -> bool {
+    stdout_of(Command::new("apt-cache").arg("policy"))
+        .is_ok_and(|p| p.contains(&format!("{suite}/")))
+}
+
+/// The text of every apt source file, one-line and deb822 alike.
+fn apt_source_texts() -> Vec<(PathBuf, String)> {
+    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
+    if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        let mut more: Vec<PathBuf> = dir
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "list" || x == "sources"))
+            .collect();
+        more.sort();
+        files.extend(more);
+    }
+    files
+        .into_iter()
+        .filter_map(|p| Some((p.clone(), std::fs::read_to_string(&p).ok()?)))
+        .collect()
+}
+
+/// The first Debian archive URI in a source file (not the security archive).
+fn debian_mirror(text: &str) -> Option<String> {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .flat_map(|l| l.split_whitespace())
+        .find(|w| {
+            (w.starts_with("http://") || w.starts_with("https://"))
+                && w.trim_end_matches('/').ends_with("/debian")
+        })
+        .map(|w| w.trim_end_matches('/').to_string())
 }
 
 /// rustfmt ships with rustup's default profile but not its minimal one.
