@@ -33,25 +33,23 @@
 //!
 //! Where boot time goes: the command line carries `printk.time=1`, and the
 //! five biggest gaps between consecutive kernel console lines are printed.
-//! In the nested test machine capsa's boot to the agent takes 6 to 9 s:
-//! - the i8042 keyboard controller driver, 1.6 to 2.8 s, the biggest gap
-//!   (ending in `i8042: Can't read CTR`). capsa's i8042 is only a reset
-//!   line and reads as an idle controller, so the driver's read of the
-//!   controller's configuration byte polls the status port 10,000 times,
-//!   50 µs apart, each poll a VM exit, before giving up. No `i8042.*`
-//!   parameter skips that read (Firecracker's `i8042.noaux i8042.nomux
-//!   i8042.nopnp i8042.dumbkbd` leave it); a guest kernel without
-//!   `SERIO_I8042` (which `KEYBOARD_ATKBD` and `MOUSE_PS2` select) boots
-//!   to the agent 1.7 s sooner, and so would a status port that reads as
-//!   "no controller": QEMU's microvm has no i8042, its ports read 0xff and
-//!   the driver gives up at once;
-//! - console output: every byte the kernel prints is two VM exits on the
-//!   8250 UART. The messages buffered before the console is registered
-//!   come out in one burst of 0.6 to 1 s; `quiet` brings the agent 1.7 s
-//!   sooner (QEMU, whose exits cost more, 3.8 s);
-//! - before the kernel's clock starts, 0.4 to 2.5 s: `Vm::start` (0.2 to
+//! In the nested test machine capsa's boot to the agent takes about 6 s:
+//! - the early console flush: the messages buffered before the console is
+//!   registered come out in one burst of about 0.75 s (QEMU 1.7 s): every
+//!   byte is two VM exits on the 8250 UART, and `quiet` (the host's
+//!   command line) saves most of it;
+//! - before the kernel's clock starts, 0.4 to 2 s: `Vm::start` (0.2 to
 //!   1.6 s, the figure that varies most between boots) and early boot;
-//! - user space, from init to the agent listening: about 0.2 s.
+//!   QEMU spends about 3.3 s there (its own start-up and firmware);
+//! - user space, from init to the agent listening: about 0.15 s.
+//!
+//! The i8042 keyboard controller driver used to be the biggest gap, 1.6 to
+//! 2.8 s: capsa's i8042 is only a reset line and reads as an idle
+//! controller, so the driver polled its status port 10,000 times, 50 µs
+//! apart, each poll a VM exit, before giving up (QEMU's microvm has no
+//! i8042: its ports read 0xff and the driver gives up at once). No
+//! `i8042.*` parameter skips that read, so the guest kernel is built
+//! without `SERIO_I8042`; `reboot=k` still resets through the port.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
