@@ -12,8 +12,10 @@
 //!   `target/nested/l1/<version>/` with the modules it needs;
 //! - an initramfs written here: a static busybox, those modules and an
 //!   `/init` script that mounts this machine's `/` read-only over 9p, a
-//!   writable scratch folder at its own path, fresh `/proc`, `/sys`, `/dev`
-//!   and `/tmp`, and runs a script from the scratch folder in a `chroot`.
+//!   writable scratch folder at its own path, fresh `/proc`, `/sys`, `/dev`,
+//!   `/run` and `/tmp` (`TMPDIR` is `/run/capsa-tmp`, and `/tmp` stays this
+//!   machine's when the workspace is under it), and runs a script from the
+//!   scratch folder in a `chroot`.
 //!
 //! So the binaries already built here run unchanged, at their own paths,
 //! against the real KVM of the L1 kernel. Their output streams to this
@@ -170,7 +172,14 @@ impl NestedMachine {
             .arg("-append")
             .arg(format!(
                 "console=ttyS0 quiet loglevel=3 panic=-1 i8042.noaux i8042.nokbd \
-                 capsa_scratch={scratch_str}"
+                 capsa_scratch={scratch_str}{}",
+                // The workspace under /tmp (a checkout there): keep the
+                // host's /tmp visible instead of a fresh one over it.
+                if scratch.starts_with("/tmp") {
+                    " capsa_keep_tmp=1"
+                } else {
+                    ""
+                }
             ))
             .args([
                 "-virtfs",
@@ -272,7 +281,8 @@ impl NestedMachine {
 /// job in its folder, stopping at the first failure; the exit code goes to
 /// `$capsa_scratch/status`.
 fn job_script(env: &[(String, String)], jobs: &[Job]) -> String {
-    let mut s = String::from("#!/bin/sh\n");
+    // Temporary files go to the machine's own memory, wherever /tmp is.
+    let mut s = String::from("#!/bin/sh\nexport TMPDIR=/run/capsa-tmp\n");
     for (key, value) in env {
         let _ = writeln!(s, "export {key}={}", quote(value));
     }
@@ -317,8 +327,10 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 scratch "/host$capsa_s
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
 mount -t devtmpfs devtmpfs /host/dev
-mount -t tmpfs -o mode=1777 tmpfs /host/tmp
-mount -t tmpfs tmpfs /host/run
+mount -t tmpfs tmpfs /host/run || fail "could not mount a tmpfs on /run"
+mkdir -p -m 1777 /host/run/capsa-tmp
+# A fresh /tmp, unless the jobs' own files live under this machine's /tmp.
+[ -n "$capsa_keep_tmp" ] || mount -t tmpfs -o mode=1777 tmpfs /host/tmp
 mkdir -p /host/dev/shm /host/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /host/dev/shm
 mount -t devpts devpts /host/dev/pts
