@@ -39,7 +39,8 @@ struct Options {
   # Zero means "inherit from the parent" for every limit.
 
   memoryLimitBytes @0 :UInt64;
-  # Upper bound on the child's linear memories and tables together.
+  # Upper bound on the child's linear memories and tables together (a
+  # table element counts 8 bytes). A microVM's memory counts against it.
   deadlineMillis @1 :UInt64;
   # Wall-clock deadline from the start; the child is killed when it passes.
   cpuBudgetMillis @2 :UInt64;

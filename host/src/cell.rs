@@ -367,10 +367,7 @@ fn new_store<W: Send + 'static>(
         engine,
         CellState {
             wasi,
-            limiter: MemoryLimiter {
-                limit: limits.memory_bytes,
-                refused: false,
-            },
+            limiter: MemoryLimiter::new(limits.memory_bytes),
             ticks: 0,
             cpu_budget: limits.cpu_ticks,
         },

@@ -64,35 +64,87 @@ impl WasiView for CellState<P2Wasi> {
     }
 }
 
-/// Refuses to grow any memory or table past the process's limit, and
-/// remembers that it did so the exit status can say "out of memory".
+/// Refuses to grow the guest's memories and tables, counted together, past
+/// the process's limit, and remembers that it did so the exit status can
+/// say "out of memory". wasmtime asks it for every memory and table at
+/// creation (from size 0) and at every growth, so `used` is their sum
+/// (a growth it admitted that then fails stays counted: the error is on
+/// the safe side).
 pub struct MemoryLimiter {
     pub limit: u64,
+    /// Bytes of all memories and tables admitted so far.
+    pub used: u64,
     pub refused: bool,
+}
+
+impl MemoryLimiter {
+    pub fn new(limit: u64) -> Self {
+        MemoryLimiter {
+            limit,
+            used: 0,
+            refused: false,
+        }
+    }
+
+    /// Admits one memory or table going from `current` to `desired` bytes
+    /// if the total stays within the limit.
+    fn admit(&mut self, current: u64, desired: u64) -> bool {
+        let total = self.used.saturating_sub(current).saturating_add(desired);
+        let ok = total <= self.limit;
+        if ok {
+            self.used = total;
+        } else {
+            self.refused = true;
+        }
+        ok
+    }
+}
+
+/// Bytes a table of `elements` references takes: one pointer each.
+fn table_bytes(elements: usize) -> u64 {
+    (elements as u64).saturating_mul(8)
 }
 
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let ok = desired as u64 <= self.limit;
-        self.refused |= !ok;
-        Ok(ok)
+        Ok(self.admit(current as u64, desired as u64))
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        // A table element is a pointer-sized reference.
-        let ok = (desired as u64).saturating_mul(8) <= self.limit;
-        self.refused |= !ok;
-        Ok(ok)
+        Ok(self.admit(table_bytes(current), table_bytes(desired)))
+    }
+}
+
+#[cfg(test)]
+mod limiter_tests {
+    use super::*;
+
+    #[test]
+    fn memories_and_tables_count_together() {
+        let mut l = MemoryLimiter::new(64 << 20);
+        assert!(l.memory_growing(0, 40 << 20, None).unwrap());
+        // A second 40 MiB memory fits alone, not beside the first.
+        assert!(!l.memory_growing(0, 40 << 20, None).unwrap());
+        assert!(l.refused);
+        assert!(l.memory_growing(40 << 20, 60 << 20, None).unwrap());
+        assert!(l.table_growing(0, (4 << 20) / 8, None).unwrap());
+        assert!(!l
+            .table_growing((4 << 20) / 8, (4 << 20) / 8 + 1, None)
+            .unwrap());
+        assert_eq!(l.used, 64 << 20);
+        let mut huge = MemoryLimiter::new(u64::MAX);
+        assert!(huge.memory_growing(0, usize::MAX, None).unwrap());
+        assert!(huge.table_growing(0, usize::MAX, None).unwrap());
     }
 }
 
