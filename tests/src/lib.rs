@@ -35,6 +35,29 @@ pub fn guest(name: &str) -> Vec<u8> {
     })
 }
 
+/// This process's thread count once it has stopped changing: a thread
+/// that has finished its work (tokio's blocking pool, a joined vCPU thread)
+/// can stay listed for a moment after its owner let go of it. A thread
+/// left running stays counted, so comparisons still catch a leak.
+pub fn settled_thread_count() -> usize {
+    use std::time::{Duration, Instant};
+    let count = || std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count());
+    let mut last = count();
+    let mut stable_since = Instant::now();
+    let start = Instant::now();
+    while stable_since.elapsed() < Duration::from_secs(1)
+        && start.elapsed() < Duration::from_secs(15)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = count();
+        if now != last {
+            last = now;
+            stable_since = Instant::now();
+        }
+    }
+    last
+}
+
 /// Sends the host's logs to stderr when `CAPSA_LOG` names an env-filter
 /// (e.g. `CAPSA_LOG=debug`), as the `capsa` binary does; else nothing.
 pub fn init_logs() {

@@ -364,7 +364,7 @@ fn dropping_the_last_process_reference_kills_the_child() {
 }
 
 #[test]
-fn pid0_exit_leaves_nothing_running() {
+fn the_demo_pid0_runs_to_a_clean_exit() {
     host(|host| async move {
         let status = host.run_pid0(&guest("pid0"), vec![]).await.unwrap();
         assert_eq!(status, ExitStatus::Exited(0));

@@ -63,26 +63,8 @@ fn open_fds() -> Vec<String> {
     fds
 }
 
-/// This process's thread count once it has stopped changing: a thread
-/// that has finished its work (tokio's blocking pool, a joined vCPU thread)
-/// can stay listed for a moment after its owner let go of it. A thread
-/// left running stays counted, so the comparisons still catch a leak.
 fn threads() -> usize {
-    let count = || std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count());
-    let mut last = count();
-    let mut stable_since = std::time::Instant::now();
-    let start = std::time::Instant::now();
-    while stable_since.elapsed() < Duration::from_secs(1)
-        && start.elapsed() < Duration::from_secs(15)
-    {
-        std::thread::sleep(Duration::from_millis(50));
-        let now = count();
-        if now != last {
-            last = now;
-            stable_since = std::time::Instant::now();
-        }
-    }
-    last
+    settled_thread_count()
 }
 
 fn rss_kib() -> u64 {

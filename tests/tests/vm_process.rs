@@ -301,3 +301,72 @@ fn a_machine_larger_than_the_callers_limits_is_refused() {
         assert_eq!(wait(&p).await, ExitStatus::Exited(0));
     });
 }
+
+/// Processes whose command line contains `needle` (NUL-separated args
+/// joined by spaces).
+fn processes_with(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmdline.contains(needle) {
+            found.push(format!("{pid}: {cmdline}"));
+        }
+    }
+    found
+}
+
+/// PID0 exits while a WASM child blocks on its stdin and a machine runs
+/// `busybox sleep`, without killing either: the host ends both, the agent
+/// and the ELF it started are gone, and threads and fds are back where
+/// they were.
+#[test]
+fn pid0_exit_leaves_nothing_running() {
+    // A sleep length no other process on this machine uses.
+    let secs = format!("{}", 500_000 + std::process::id());
+    let needle = format!("sleep {secs}");
+    let round = || {
+        with_host(config(), |host| {
+            let secs = secs.clone();
+            async move {
+                let status = host
+                    .run_pid0(&guest("pid0"), vec!["abandon".into(), secs])
+                    .await
+                    .unwrap();
+                assert_eq!(status, ExitStatus::Exited(0));
+                assert_eq!(host.live_cells(), 0);
+            }
+        });
+        let start = std::time::Instant::now();
+        while !processes_with(&needle).is_empty() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(
+            processes_with(&needle),
+            Vec::<String>::new(),
+            "the ELF survived PID0"
+        );
+        assert_eq!(
+            processes_with(&format!("capsa-vm-{}-", std::process::id())),
+            Vec::<String>::new(),
+            "the agent survived PID0"
+        );
+        (
+            settled_thread_count(),
+            std::fs::read_dir("/proc/self/fd").unwrap().count(),
+        )
+    };
+    // The first round also starts what a process keeps for good
+    // (wasmtime-wasi's own runtime); the second must add nothing.
+    let before = round();
+    assert_eq!(round(), before, "threads or fds left behind");
+}

@@ -5,7 +5,9 @@
 //! - `pipeline`: spawn, bootstrap and echo in one pipelined round;
 //! - `bench-echo N`: time N echo round trips to the root executor;
 //! - `bench-nested N`: time N echoes from a grandchild;
-//! - `microvm`: run the embedded ELF (busybox) through `runBytes`.
+//! - `microvm`: run the embedded ELF (busybox) through `runBytes`;
+//! - `abandon SECS`: start a blocked child and `busybox sleep SECS` in a
+//!   machine, then exit without ending either.
 //!
 //! Progress goes to stderr; stdout is the connection to the host. Any failure
 //! is logged and ends PID0 with exit code 1.
@@ -24,6 +26,7 @@ enum Mode {
     BenchEcho(usize),
     BenchNested(usize),
     Microvm,
+    Abandon(String),
 }
 
 fn parse(args: &[String]) -> Result<Mode, String> {
@@ -33,11 +36,12 @@ fn parse(args: &[String]) -> Result<Mode, String> {
         [] => Ok(Mode::Demo),
         ["pipeline"] => Ok(Mode::Pipeline),
         ["microvm"] => Ok(Mode::Microvm),
+        ["abandon", secs] => Ok(Mode::Abandon(secs.to_string())),
         ["bench-echo", n] => rounds(n).map(Mode::BenchEcho),
         ["bench-nested", n] => rounds(n).map(Mode::BenchNested),
         _ => Err(format!(
             "unknown arguments {args:?}; expected none, `pipeline`, \
-             `bench-echo N`, `bench-nested N` or `microvm`"
+             `bench-echo N`, `bench-nested N`, `microvm` or `abandon SECS`"
         )),
     }
 }
@@ -59,6 +63,7 @@ fn main() {
         Mode::BenchEcho(rounds) => connection.run_until(bench::echo_rounds(root, rounds)),
         Mode::BenchNested(rounds) => connection.run_until(bench::nested(root, rounds)),
         Mode::Microvm => connection.run_until(microvm::run(root)),
+        Mode::Abandon(secs) => connection.run_until(microvm::abandon(root, &secs)),
     };
     if let Err(e) = result {
         log!("pid0: failed: {e}");

@@ -56,3 +56,44 @@ pub async fn run(root: executor::Client) -> capnp::Result<()> {
     log!("pid0: microVM demo complete");
     Ok(())
 }
+
+/// The `abandon SECS` mode: starts a WASM child that blocks reading its
+/// stdin and `busybox sleep SECS` in a machine, checks both run, and exits
+/// without killing or waiting for either: the host must leave nothing.
+pub async fn abandon(root: executor::Client, secs: &str) -> capnp::Result<()> {
+    let blocked = Spawn {
+        bytes: crate::guests::HELLO,
+        args: &["cat"],
+        stdio: StdioMode::Data,
+        name: "blocked-cat",
+        bootstrap: None,
+    }
+    .start(&root)
+    .await?;
+    let sleeper = Spawn {
+        bytes: DEMO_ELF,
+        args: &["sleep", secs],
+        stdio: StdioMode::Data,
+        name: "",
+        bootstrap: None,
+    }
+    .start(&root)
+    .await?;
+    let agent: executor::Client = capnp::capability::FromClientHook::new(
+        sleeper
+            .bootstrap_request()
+            .send()
+            .pipeline
+            .get_cap()
+            .as_cap(),
+    );
+    log!(
+        "pid0: the sleeper's machine answered: {}",
+        echo(&agent, "up").await?
+    );
+    // Leak both handles: PID0's exit, not a kill or a dropped reference
+    // while it runs, is what must end them.
+    std::mem::forget((blocked, sleeper, agent));
+    log!("pid0: exiting with a blocked child and a sleeping machine");
+    Ok(())
+}
