@@ -9,6 +9,13 @@ use std::time::Duration;
 use capsa::{ExitStatus, HostConfig, VmBackend, VmSettings};
 use capsa_tests::*;
 
+/// The tests of this file take turns: one of them looks for agent
+/// processes left behind, which another's live agent would look like.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn agent() -> PathBuf {
     match std::env::var_os("CAPSA_AGENT_BIN") {
         Some(p) => PathBuf::from(p),
@@ -47,6 +54,7 @@ fn elf(path: &str) -> Vec<u8> {
 
 #[test]
 fn an_elf_runs_with_its_output_and_status() {
+    let _serial = serial();
     with_host(config(), |host| async move {
         let root = host.root_executor();
         let p = run(
@@ -78,6 +86,7 @@ fn an_elf_runs_with_its_output_and_status() {
 
 #[test]
 fn stdin_streams_into_the_elf() {
+    let _serial = serial();
     with_host(config(), |host| async move {
         let root = host.root_executor();
         let p = run(&root, &elf("/bin/cat"), Run::default()).await.unwrap();
@@ -103,6 +112,7 @@ fn stdin_streams_into_the_elf() {
 
 #[test]
 fn bootstrap_is_the_agents_executor_and_can_be_passed_to_a_wasm_child() {
+    let _serial = serial();
     with_host(config(), |host| async move {
         let root = host.root_executor();
         let p = run(&root, &elf("/bin/true"), Run::default()).await.unwrap();
@@ -149,6 +159,7 @@ fn bootstrap_is_the_agents_executor_and_can_be_passed_to_a_wasm_child() {
 
 #[test]
 fn kill_drop_and_deadline_tear_the_machine_down() {
+    let _serial = serial();
     with_host(config(), |host| async move {
         let root = host.root_executor();
         let sleeper = || Run {
@@ -180,6 +191,7 @@ fn kill_drop_and_deadline_tear_the_machine_down() {
 
 #[test]
 fn an_agent_that_never_answers_is_bounded_by_the_ready_timeout() {
+    let _serial = serial();
     let dir = std::env::temp_dir().join(format!("capsa-mute-agent-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mute = dir.join("mute-agent");
@@ -209,6 +221,7 @@ fn an_agent_that_never_answers_is_bounded_by_the_ready_timeout() {
 
 #[test]
 fn a_bad_elf_is_refused_and_the_machine_goes() {
+    let _serial = serial();
     with_host(config(), |host| async move {
         let root = host.root_executor();
         // Refused by the format check, before any machine boots.
@@ -240,6 +253,7 @@ fn a_bad_elf_is_refused_and_the_machine_goes() {
 /// with the agent as a host process.
 #[test]
 fn pid0_runs_busybox_through_the_capsa_binary() {
+    let _serial = serial();
     let exe = std::env::current_exe().unwrap();
     let capsa = exe.parent().unwrap().parent().unwrap().join("capsa");
     let out = std::process::Command::new(&capsa)
@@ -268,6 +282,7 @@ fn pid0_runs_busybox_through_the_capsa_binary() {
 /// Refused before anything boots; the host goes on serving.
 #[test]
 fn a_machine_larger_than_the_callers_limits_is_refused() {
+    let _serial = serial();
     with_host(config(), |host| async move {
         let root = host.root_executor();
         let err = run(
@@ -331,6 +346,7 @@ fn processes_with(needle: &str) -> Vec<String> {
 /// they were.
 #[test]
 fn pid0_exit_leaves_nothing_running() {
+    let _serial = serial();
     // A sleep length no other process on this machine uses.
     let secs = format!("{}", 500_000 + std::process::id());
     let needle = format!("sleep {secs}");

@@ -2,7 +2,7 @@
 //! which boots a microVM for it (or, on a host started with
 //! `--vm-as-process`, runs it through the agent as a host process).
 
-use capsa_schema::capsa_capnp::{executor, StdioMode};
+use capsa_schema::capsa_capnp::{executor, process, StdioMode};
 use guest_runtime::log;
 
 use crate::calls::{echo, read_to_end, wait, Ended, Spawn};
@@ -21,15 +21,7 @@ pub async fn run(root: executor::Client) -> capnp::Result<()> {
         "pid0: running busybox ({} bytes) through runBytes",
         DEMO_ELF.len()
     );
-    let busybox = Spawn {
-        bytes: DEMO_ELF,
-        args: &["echo", GREETING],
-        stdio: StdioMode::Data,
-        name: "busybox",
-        bootstrap: None,
-    }
-    .start(&root)
-    .await?;
+    let busybox = start_busybox(&root, &["echo", GREETING]).await?;
     let output = read_to_end(busybox.stdout_request().send().pipeline.get_source()).await?;
     let ended = wait(&busybox).await?;
     let output = String::from_utf8_lossy(&output);
@@ -40,14 +32,7 @@ pub async fn run(root: executor::Client) -> capnp::Result<()> {
         )));
     }
     // The machine's own Executor: more work in the same VM.
-    let agent: executor::Client = capnp::capability::FromClientHook::new(
-        busybox
-            .bootstrap_request()
-            .send()
-            .pipeline
-            .get_cap()
-            .as_cap(),
-    );
+    let agent = machine_of(&busybox);
     log!(
         "pid0: the VM's agent answered: {}",
         echo(&agent, "are you there?").await?
@@ -96,4 +81,25 @@ pub async fn abandon(root: executor::Client, secs: &str) -> capnp::Result<()> {
     std::mem::forget((blocked, sleeper, agent));
     log!("pid0: exiting with a blocked child and a sleeping machine");
     Ok(())
+}
+
+/// Starts the embedded busybox with `args` (the applet first) in data mode.
+async fn start_busybox(root: &executor::Client, args: &[&str]) -> capnp::Result<process::Client> {
+    Spawn {
+        bytes: DEMO_ELF,
+        args,
+        stdio: StdioMode::Data,
+        name: "busybox",
+        bootstrap: None,
+    }
+    .start(root)
+    .await
+}
+
+/// The Executor of the machine an ELF process runs in (its bootstrap),
+/// pipelined: usable before the answer is back.
+fn machine_of(elf: &process::Client) -> executor::Client {
+    capnp::capability::FromClientHook::new(
+        elf.bootstrap_request().send().pipeline.get_cap().as_cap(),
+    )
 }
