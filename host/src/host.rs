@@ -198,6 +198,13 @@ impl Host {
         })
         .await?;
         let vm = Rc::new(vm);
+        // A boot takes seconds: the host may have begun shutting down
+        // meanwhile, and its shutdown did not see this machine.
+        if self.0.closed.get() {
+            vm.kill(ExitStatus::Killed);
+            cell::wait_status(vm.torn_down()).await;
+            return Err(SpawnError::ShuttingDown);
+        }
         self.0.cells.borrow_mut().insert(
             id,
             Live {

@@ -317,8 +317,8 @@ fn a_machine_larger_than_the_callers_limits_is_refused() {
     });
 }
 
-/// Processes whose command line contains `needle` (NUL-separated args
-/// joined by spaces).
+/// Processes whose `PID: ARGS...` line (arguments joined by spaces)
+/// contains `needle`.
 fn processes_with(needle: &str) -> Vec<String> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -332,9 +332,12 @@ fn processes_with(needle: &str) -> Vec<String> {
         let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
             continue;
         };
-        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-        if cmdline.contains(needle) {
-            found.push(format!("{pid}: {cmdline}"));
+        let line = format!(
+            "{pid}: {}",
+            String::from_utf8_lossy(&raw).replace('\0', " ")
+        );
+        if line.contains(needle) {
+            found.push(line);
         }
     }
     found
@@ -385,4 +388,54 @@ fn pid0_exit_leaves_nothing_running() {
     // (wasmtime-wasi's own runtime); the second must add nothing.
     let before = round();
     assert_eq!(round(), before, "threads or fds left behind");
+}
+
+/// A host that begins shutting down while a machine boots does not keep
+/// that machine: `runBytes` fails with "shutting down" once the boot ends,
+/// and the agent is gone.
+#[test]
+fn a_machine_booting_while_the_host_shuts_down_is_not_kept() {
+    let _serial = serial();
+    let dir = std::env::temp_dir().join(format!("capsa-slow-agent-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let slow = dir.join("slow-agent");
+    std::fs::write(
+        &slow,
+        format!("#!/bin/sh\nsleep 1\nexec {} \"$@\"\n", agent().display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    with_host(
+        config_with(slow, Duration::from_secs(10)),
+        |host| async move {
+            let root = host.root_executor();
+            let booting = tokio::task::spawn_local({
+                let root = root.clone();
+                async move {
+                    run(
+                        &root,
+                        &elf("/bin/sleep"),
+                        Run {
+                            args: &["1000"],
+                            ..Run::default()
+                        },
+                    )
+                    .await
+                    .map(drop)
+                }
+            });
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            host.shutdown().await;
+            let err = booting.await.unwrap().err().expect("the machine was kept");
+            assert!(err.contains("shutting down"), "{err}");
+            assert_eq!(host.live_cells(), 0);
+        },
+    );
+    let agents = processes_with(&format!("capsa-vm-{}-", std::process::id()));
+    assert_eq!(
+        agents,
+        Vec::<String>::new(),
+        "the agent outlived the shutdown"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
