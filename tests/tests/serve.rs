@@ -642,6 +642,47 @@ fn the_embedding_api_serves_each_caller_its_own_executor() {
     });
 }
 
+/// Runs `cmd` to its end with its output captured, killing it (and saying
+/// what it printed) if it takes longer than `limit`.
+fn output_within(cmd: &mut Command, limit: Duration) -> std::process::Output {
+    use std::io::Read;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "still running after {limit:?}; it printed:\n{}\n{}",
+                String::from_utf8_lossy(&out.join().unwrap()),
+                String::from_utf8_lossy(&err.join().unwrap())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
 /// The Python example against `capsa serve`: echo, a WASM program and an
 /// ELF, the last through `vm_args` (a microVM or the agent as a process).
 fn python_example_against_capsa_serve(name: &str, vm_args: &[String]) {
@@ -665,14 +706,15 @@ fn python_example_against_capsa_serve(name: &str, vm_args: &[String]) {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let _served = Served::start(&args);
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/python/capsa_client.py");
-    let out = Command::new(&python)
-        .arg(&example)
-        .args(["--connect", &listen, "--wasm"])
-        .arg(guests_dir().join("hello.wasm"))
-        .arg("--elf")
-        .arg(&busybox)
-        .output()
-        .unwrap();
+    let out = output_within(
+        Command::new(&python)
+            .arg(&example)
+            .args(["--connect", &listen, "--wasm"])
+            .arg(guests_dir().join("hello.wasm"))
+            .arg("--elf")
+            .arg(&busybox),
+        Duration::from_secs(300),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");

@@ -78,6 +78,10 @@ const KERNEL_META_PACKAGE: &str = "linux-image-amd64";
 const L1_MEMORY_MIB: u32 = 4096;
 const L1_CPUS: u32 = 2;
 
+/// How long one job may run in the machine before `timeout` ends it: a
+/// hung test fails with its name instead of using up the whole deadline.
+const JOB_TIMEOUT_SECS: u32 = 20 * 60;
+
 /// Marks the line the `/init` script prints once KVM is there, before it
 /// runs the script; what comes before it is boot noise.
 const READY_MARKER: &str = "capsa-nested: ready";
@@ -291,10 +295,15 @@ fn job_script(env: &[(String, String)], jobs: &[Job]) -> String {
         let argv: Vec<String> = job.argv.iter().map(|a| quote(a)).collect();
         let _ = writeln!(
             s,
-            "if [ $code = 0 ]; then\n  echo {}\n  cd {} && {}\n  code=$?\nfi",
+            "if [ $code = 0 ]; then\n  echo {}\n  cd {} && timeout -k 10 {JOB_TIMEOUT_SECS} {}\n  \
+             code=$?\n  [ $code = 124 ] && echo {}\nfi",
             quote(&format!("==> [nested] {}", job.title)),
             quote(&job.dir.to_string_lossy()),
-            argv.join(" ")
+            argv.join(" "),
+            quote(&format!(
+                "==> [nested] {} did not finish within {JOB_TIMEOUT_SECS} s and was killed",
+                job.title
+            ))
         );
     }
     s.push_str("exit $code\n");
@@ -513,7 +522,7 @@ mod tests {
             "{script}"
         );
         assert!(
-            script.contains("cd '/a b' && '/bin/echo' '$(reboot)'"),
+            script.contains("cd '/a b' && timeout -k 10 1200 '/bin/echo' '$(reboot)'"),
             "{script}"
         );
         assert_eq!(script.matches("if [ $code = 0 ]").count(), 2, "{script}");
