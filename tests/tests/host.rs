@@ -738,19 +738,7 @@ fn concurrent_readers_and_writers_of_one_stream_all_finish() {
         };
         let reader = || {
             let source = p.stdout_request().send().pipeline.get_source();
-            async move {
-                let mut total = 0usize;
-                loop {
-                    let mut req = source.read_request();
-                    req.get().set_max_bytes(16 << 10);
-                    let resp = req.send().promise.await.unwrap();
-                    let r = resp.get().unwrap();
-                    total += r.get_data().unwrap().len();
-                    if r.get_eof() {
-                        return total;
-                    }
-                }
-            }
+            async move { read_all(source).await.len() }
         };
         let writers = async {
             // Both readers are waiting on the empty pipe before a byte

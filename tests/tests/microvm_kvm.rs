@@ -63,10 +63,6 @@ fn open_fds() -> Vec<String> {
     fds
 }
 
-fn threads() -> usize {
-    settled_thread_count()
-}
-
 fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -107,7 +103,7 @@ fn an_initramfs_without_an_agent_fails_cleanly(ready: Duration) {
             assert!(err.contains("console:"), "{err}");
             assert_eq!(host.live_cells(), 0);
         });
-        let now = (threads(), open_fds());
+        let now = (settled_thread_count(), open_fds());
         match &baseline {
             None => baseline = Some(now),
             Some(b) => {
@@ -390,7 +386,7 @@ mod native_kvm {
         let bb = busybox();
         // Warm up what the process keeps for good (runtime, KVM probe).
         with_host(kvm_config(READY), |_| async {});
-        let before = (threads(), open_fds());
+        let before = (settled_thread_count(), open_fds());
         with_host(kvm_config(READY), |host| async move {
             let root = host.root_executor();
             let sleeper = |deadline_ms| Run {
@@ -418,7 +414,7 @@ mod native_kvm {
             until_nothing_runs(&host, "the machine outlived its Process").await;
         });
         assert_eq!(
-            (threads(), open_fds()),
+            (settled_thread_count(), open_fds()),
             before,
             "threads or fds left behind"
         );
@@ -554,13 +550,13 @@ mod native_kvm {
         };
         // Warm up once (runtime, probe, allocator arenas) before counting.
         cycle(0);
-        let (t, f, rss) = (threads(), open_fds(), rss_kib());
+        let (t, f, rss) = (settled_thread_count(), open_fds(), rss_kib());
         for round in 1..=20 {
             cycle(round);
         }
         let now = rss_kib();
         eprintln!("RSS {rss} KiB before, {now} KiB after 20 boots");
-        assert_eq!(threads(), t, "threads left behind");
+        assert_eq!(settled_thread_count(), t, "threads left behind");
         assert_eq!(open_fds(), f, "fds left behind");
         assert!(now < rss + 8 * 1024, "RSS grew from {rss} KiB to {now} KiB");
     }

@@ -164,38 +164,37 @@ impl MicrovmAssets {
         })
     }
 
+    /// The paths, under the names the tests read them from.
+    fn vars(&self) -> [(&'static str, &Path); 6] {
+        [
+            ("CAPSA_KERNEL", &self.kernel),
+            ("CAPSA_INITRAMFS", &self.initramfs),
+            ("CAPSA_AGENT_BIN", &self.agent),
+            ("CAPSA_BUSYBOX", &self.busybox),
+            ("CAPSA_INITRAMFS_NO_AGENT", &self.no_agent),
+            ("CAPSA_INITRAMFS_NO_INIT", &self.no_init),
+        ]
+    }
+
     /// Passes the paths to `cmd` in the environment the tests read.
     fn export(&self, cmd: &mut Command) {
-        cmd.env("CAPSA_KERNEL", &self.kernel)
-            .env("CAPSA_INITRAMFS", &self.initramfs)
-            .env("CAPSA_AGENT_BIN", &self.agent)
-            .env("CAPSA_BUSYBOX", &self.busybox)
-            .env("CAPSA_INITRAMFS_NO_AGENT", &self.no_agent)
-            .env("CAPSA_INITRAMFS_NO_INIT", &self.no_init);
+        cmd.envs(self.vars());
     }
 
     /// The same environment for the nested test machine, with the guests'
     /// folder and this machine's `PATH`.
     fn env(&self, root: &Path) -> Vec<(String, String)> {
-        let mut env = vec![
-            ("CAPSA_KERNEL", self.kernel.display().to_string()),
-            ("CAPSA_INITRAMFS", self.initramfs.display().to_string()),
-            ("CAPSA_AGENT_BIN", self.agent.display().to_string()),
-            ("CAPSA_BUSYBOX", self.busybox.display().to_string()),
-            (
-                "CAPSA_INITRAMFS_NO_AGENT",
-                self.no_agent.display().to_string(),
-            ),
-            (
-                "CAPSA_INITRAMFS_NO_INIT",
-                self.no_init.display().to_string(),
-            ),
-            (guests::ENV_VAR, guests::out_dir(root).display().to_string()),
-        ];
+        let guests = guests::out_dir(root);
+        let mut env: Vec<(String, String)> = self
+            .vars()
+            .into_iter()
+            .chain([(guests::ENV_VAR, guests.as_path())])
+            .map(|(k, v)| (k.to_string(), v.display().to_string()))
+            .collect();
         if let Some(path) = std::env::var_os("PATH") {
-            env.push(("PATH", path.to_string_lossy().into_owned()));
+            env.push(("PATH".to_string(), path.to_string_lossy().into_owned()));
         }
-        env.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+        env
     }
 }
 
