@@ -5,6 +5,7 @@
 
 pub mod argv;
 pub mod format;
+pub mod hostile;
 
 #[allow(clippy::all, missing_docs, unsafe_code)]
 pub mod capsa_capnp {

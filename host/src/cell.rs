@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 
 use capnp_rpc::rpc_twoparty_capnp::Side;
-use capnp_rpc::{twoparty, RpcSystem};
+use capnp_rpc::RpcSystem;
 use tokio::sync::watch;
 use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::p1::WasiP1Ctx;
@@ -20,6 +20,7 @@ use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
 use crate::engine::{CellState, Compiled, CpuBudgetExceeded, MemoryLimiter, P2Wasi, Runtime};
 use crate::pipe::{self, GuestInput, GuestOutput, PipeReader, PipeWriter};
 use crate::status::{ExitStatus, Limits};
+use crate::transport::{self, FlowLimits};
 
 /// How a child's stdin/stdout are wired.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,6 +138,7 @@ pub fn spawn(
     id: u64,
     compiled: Compiled,
     spec: CellSpec,
+    flow: FlowLimits,
     on_exit: impl FnOnce(&ExitStatus) + 'static,
 ) -> Rc<Cell> {
     let (stdin_host, stdin_guest) = pipe::guest_input(PIPE_CAPACITY);
@@ -163,7 +165,8 @@ pub fn spawn(
     let mut data = None;
     let mut export = None;
     let mut rpc_task = None;
-    let mut held_stdin = None;
+    let mut held_stdio = None;
+    let mut outcome = None;
     let mut stderr_drained = None;
     match spec.stdio {
         StdioMode::Data => {
@@ -183,16 +186,19 @@ pub fn spawn(
                 let _ = done_tx.send(());
             });
             let stdin_host = Rc::new(stdin_host);
-            held_stdin = Some(stdin_host.clone());
-            // The connection never closes the guest's stdin itself: a guest
-            // whose connection broke must still be running when the kill
-            // below reaches it, not see EOF and exit 0 first.
-            let network = twoparty::VatNetwork::new(
-                stdout_host,
+            let stdout_host = Rc::new(stdout_host);
+            held_stdio = Some((stdin_host.clone(), stdout_host.clone()));
+            // The connection never closes the guest's stdin or stdout
+            // itself: a guest whose connection broke must still be running
+            // when the kill below reaches it, not see EOF or a broken pipe
+            // and exit on its own first.
+            let network = transport::bounded(
+                pipe::KeepOpenReader(stdout_host),
                 pipe::KeepOpen(stdin_host),
                 Side::Server,
-                capnp::message::ReaderOptions::new(),
+                flow,
             );
+            outcome = Some(network.outcome());
             let mut rpc = RpcSystem::new(Box::new(network), spec.bootstrap);
             if spec.want_export {
                 export = Some(rpc.bootstrap::<capnp::capability::Client>(Side::Client));
@@ -202,13 +208,13 @@ pub fn spawn(
     }
 
     let kill = Rc::new(KillSwitch(kill_tx));
-    if let Some(rpc) = rpc_task {
+    if let (Some(rpc), Some(outcome)) = (rpc_task, outcome) {
         // A guest that breaks its connection (garbage on stdout, a bad
         // message) is ended with the reason: it can no longer be reached.
         let kill = Rc::downgrade(&kill);
         let label = label.clone();
         tokio::task::spawn_local(async move {
-            if let Err(e) = rpc.await {
+            if let Err(e) = outcome.of(rpc.await) {
                 tracing::debug!(cell = %label, "RPC connection ended: {e}");
                 if let Some(k) = kill.upgrade() {
                     k.fire(ExitStatus::Failed(format!("broken RPC connection: {e}")));
@@ -229,7 +235,7 @@ pub fn spawn(
             stdin: stdin_guest,
             stdout: stdout_guest,
             stderr: stderr_guest,
-            _held_stdin: held_stdin,
+            _held_stdio: held_stdio,
             stderr_drained,
             tail,
         },
@@ -250,8 +256,9 @@ struct GuestEnds {
     stdin: GuestInput,
     stdout: GuestOutput,
     stderr: GuestOutput,
-    /// RPC mode: the host's end of stdin, kept open until the cell ends.
-    _held_stdin: Option<Rc<PipeWriter>>,
+    /// RPC mode: the host's ends of stdin and stdout, kept open until the
+    /// cell ends.
+    _held_stdio: Option<(Rc<PipeWriter>, Rc<PipeReader>)>,
     /// RPC mode: resolves once the stderr logger has seen end of stream.
     stderr_drained: Option<tokio::sync::oneshot::Receiver<()>>,
     tail: Rc<RefCell<VecDeque<String>>>,

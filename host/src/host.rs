@@ -17,6 +17,7 @@ use crate::engine::Runtime;
 use crate::error::SpawnError;
 use crate::executor::{ExecutorImpl, Slot};
 use crate::status::{ExitStatus, Limits};
+use crate::transport::FlowLimits;
 use crate::vm::{self, Probed, VmProcess, VmRequest, VmSettings};
 
 /// Host-wide settings.
@@ -33,6 +34,8 @@ pub struct HostConfig {
     pub max_cells: u32,
     /// How ELF payloads run; `None` refuses them.
     pub vm: Option<VmSettings>,
+    /// What each RPC connection to a guest, client or agent may hold.
+    pub flow: FlowLimits,
 }
 
 impl Default for HostConfig {
@@ -43,6 +46,7 @@ impl Default for HostConfig {
             max_children: 64,
             max_cells: 1024,
             vm: None,
+            flow: FlowLimits::default(),
         }
     }
 }
@@ -154,7 +158,8 @@ impl Host {
         let id = self.0.next_id.get();
         self.0.next_id.set(id + 1);
         let weak = Rc::downgrade(&self.0);
-        let cell = cell::spawn(&self.0.runtime, id, compiled, spec, move |_| {
+        let flow = self.0.config.flow;
+        let cell = cell::spawn(&self.0.runtime, id, compiled, spec, flow, move |_| {
             drop(slot);
             if let Some(inner) = weak.upgrade() {
                 inner.cells.borrow_mut().remove(&id);
@@ -190,7 +195,8 @@ impl Host {
         let id = self.0.next_id.get();
         self.0.next_id.set(id + 1);
         let weak = Rc::downgrade(&self.0);
-        let vm = vm::start(settings, &self.0.probed, req, move || {
+        let flow = self.0.config.flow;
+        let vm = vm::start(settings, &self.0.probed, req, flow, move || {
             drop(slot);
             if let Some(inner) = weak.upgrade() {
                 inner.cells.borrow_mut().remove(&id);

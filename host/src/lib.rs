@@ -16,6 +16,7 @@
 //! - [`pipe`]: the bounded in-memory pipes behind every guest's stdio;
 //! - [`format`]: telling components, modules and ELF files apart;
 //! - [`vm`]: ELF payloads in microVMs, through the in-guest agent;
+//! - [`transport`]: flow control on every RPC connection the host serves;
 //! - [`scope`]: the processes of one client, killed together when it goes;
 //! - [`serve`]: `capsa serve`, the root Executor over a Unix or TCP socket;
 //! - [`exec`]: the client behind `capsa exec`;
@@ -36,12 +37,14 @@ pub mod scope;
 pub mod serve;
 pub mod status;
 pub mod stream;
+pub mod transport;
 pub mod vm;
 
 pub use embed::Embedded;
 pub use error::SpawnError;
 pub use host::{Host, HostConfig, HostError};
 pub use status::{ExitStatus, Limits};
+pub use transport::FlowLimits;
 pub use vm::{VmBackend, VmSettings};
 
 pub use capsa_schema::capsa_capnp as schema;

@@ -307,6 +307,7 @@ impl HostArgs {
             max_children,
             max_cells,
             vm,
+            flow: capsa::FlowLimits::default(),
         })
     }
 }

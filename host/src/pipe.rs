@@ -181,12 +181,8 @@ impl Drop for PipeWriter {
     }
 }
 
-impl futures::io::AsyncRead for PipeReader {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
+impl PipeReader {
+    fn poll_read_shared(&self, cx: &mut Context<'_>, out: &mut [u8]) -> Poll<io::Result<usize>> {
         if out.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -200,6 +196,30 @@ impl futures::io::AsyncRead for PipeReader {
             s.wake_writer();
         }
         Poll::Ready(Ok(n))
+    }
+}
+
+impl futures::io::AsyncRead for PipeReader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_read_shared(cx, out)
+    }
+}
+
+/// A reader that never closes the pipe: the writer keeps blocking, not
+/// failing, while whoever owns the [`PipeReader`] still holds it.
+pub struct KeepOpenReader(pub std::rc::Rc<PipeReader>);
+
+impl futures::io::AsyncRead for KeepOpenReader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        self.0.poll_read_shared(cx, out)
     }
 }
 

@@ -42,6 +42,7 @@ use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
 use crate::host::Host;
 use crate::scope::Scope;
+use crate::transport;
 
 /// What a client sends first when the server has a token.
 pub const TOKEN_PREFIX: &str = "CAPSA-TOKEN ";
@@ -448,14 +449,15 @@ pub async fn serve_connection(
     }
     let scope = Scope::new();
     let (read, write) = tokio::io::split(stream);
-    let network = twoparty::VatNetwork::new(
+    let network = transport::bounded(
         read.compat(),
         write.compat_write(),
         Side::Server,
-        capnp::message::ReaderOptions::new(),
+        host.config().flow,
     );
+    let outcome = network.outcome();
     let rpc = RpcSystem::new(Box::new(network), Some(scope.root_executor(host).client));
-    let result = rpc.await;
+    let result = outcome.of(rpc.await);
     // The connection's capabilities are gone with it; whatever still runs
     // (a Process passed on elsewhere) ends here.
     let killed = scope.close().await;

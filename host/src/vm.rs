@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use capnp_rpc::rpc_twoparty_capnp::Side;
-use capnp_rpc::{twoparty, RpcSystem};
+use capnp_rpc::RpcSystem;
 use capsa_microvm::{CpuProfile, KernelImage, Vm, VmConfig, VmExit};
 use capsa_schema::capsa_capnp::{executor, process, StdioMode};
 use futures::io::{AsyncRead, AsyncWrite};
@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use crate::cell::{wait_status, KillSwitch};
 use crate::error::SpawnError;
 use crate::status::{ExitStatus, Limits};
+use crate::transport::{self, FlowLimits};
 
 /// The vsock port the agent serves its Executor on.
 pub const AGENT_PORT: u32 = 1024;
@@ -413,15 +414,18 @@ pub(crate) async fn start(
     settings: &VmSettings,
     probed: &Probed,
     req: VmRequest,
+    flow: FlowLimits,
     on_exit: impl FnOnce() + 'static,
 ) -> Result<VmProcess, SpawnError> {
     let (mut machine, stream) = boot(settings, probed, &req).await?;
     let stream = Rc::new(std::cell::RefCell::new(stream));
-    let network = twoparty::VatNetwork::new(
+    // The agent runs inside the machine: the guest's kernel is as
+    // untrusted as any guest, so its connection is bounded like theirs.
+    let network = transport::bounded(
         ReadHalf(stream.clone()),
         WriteHalf(stream),
         Side::Client,
-        capnp::message::ReaderOptions::new(),
+        flow,
     );
     let mut rpc = RpcSystem::new(Box::new(network), None);
     let agent: executor::Client = rpc.bootstrap(Side::Server);

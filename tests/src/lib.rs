@@ -60,6 +60,16 @@ pub fn settled_thread_count() -> usize {
 
 /// Sends the host's logs to stderr when `CAPSA_LOG` names an env-filter
 /// (e.g. `CAPSA_LOG=debug`), as the `capsa` binary does; else nothing.
+/// This process's resident memory in KiB.
+pub fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 pub fn init_logs() {
     if let Ok(filter) = std::env::var("CAPSA_LOG") {
         let _ = tracing_subscriber::fmt()

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use futures::FutureExt;
+
 use capsa::{ExitStatus, HostConfig};
 use capsa_tests::*;
 
@@ -612,6 +614,73 @@ fn garbage_on_the_rpc_channel_ends_that_guest_only() {
             s => panic!("garbage: {s}"),
         }
         assert!(echo(&exported_executor(&p), "hello?").await.is_err());
+        still_healthy(&witness).await;
+    });
+}
+
+/// Starts `faulty flood ARGS`, watches the host's RSS for a while and
+/// returns the flood process and the largest growth seen, in MiB.
+async fn flood(
+    root: &capsa::schema::executor::Client,
+    args: &[&str],
+) -> (capsa::schema::process::Client, u64) {
+    let before = rss_kib();
+    let mut args_with_mode = vec!["flood"];
+    args_with_mode.extend_from_slice(args);
+    let p = run(
+        root,
+        &guest("faulty"),
+        Run {
+            args: &args_with_mode,
+            ..Run::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut grown = 0;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        grown = grown.max(rss_kib().saturating_sub(before) / 1024);
+    }
+    (p, grown)
+}
+
+/// Hole 1 of the robustness issue: a guest that pipelines calls and never
+/// reads the replies is held back (the host stops reading it once 4 MiB of
+/// replies wait), instead of the host queueing every reply. 20,000 calls of
+/// 64 KiB grew the host by more than a GiB before.
+#[test]
+fn a_guest_that_never_reads_its_replies_is_held_back() {
+    host(|host| async move {
+        let root = host.root_executor();
+        let witness = healthy(&root).await;
+        let (p, grown) = flood(&root, &["20000", "65536", "finish"]).await;
+        assert!(grown < 128, "the host grew by {grown} MiB");
+        still_healthy(&witness).await;
+        assert!(
+            p.wait_request().send().promise.now_or_never().is_none(),
+            "held back, not ended"
+        );
+        p.kill_request().send().promise.await.unwrap();
+        assert_eq!(wait(&p).await, ExitStatus::Killed);
+        still_healthy(&witness).await;
+    });
+}
+
+/// The same with a million small calls, each left open (no `Finish`): every
+/// open call keeps an answer in the host, so past the limit the connection
+/// ends with a reason that says so.
+#[test]
+fn a_guest_that_leaves_a_million_calls_open_is_cut_off() {
+    host(|host| async move {
+        let root = host.root_executor();
+        let witness = healthy(&root).await;
+        let (p, grown) = flood(&root, &["1000000", "16", "open"]).await;
+        assert!(grown < 128, "the host grew by {grown} MiB");
+        match wait(&p).await {
+            ExitStatus::Failed(m) => assert!(m.contains("calls open at once"), "{m}"),
+            s => panic!("flood: {s}"),
+        }
         still_healthy(&witness).await;
     });
 }

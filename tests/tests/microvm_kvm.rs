@@ -63,15 +63,6 @@ fn open_fds() -> Vec<String> {
     fds
 }
 
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// A machine whose initramfs has no agent (its `/init` is busybox's init,
 /// which never listens on vsock) fails `runBytes` after the ready timeout
 /// with the console's last lines, and leaves no vCPU thread or fd behind.

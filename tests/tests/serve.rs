@@ -464,6 +464,54 @@ fn bad_clients_are_dropped_and_the_server_keeps_serving() {
     });
 }
 
+/// A process's resident memory in MiB.
+fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        / 1024
+}
+
+/// Hole 1 of the robustness issue over a socket: a client that pipelines
+/// 20,000 `echo` calls of 64 KiB and never reads a reply grew the server by
+/// more than a GiB. The server now stops reading that client once 4 MiB of
+/// replies wait, and keeps serving the others.
+#[test]
+fn a_client_that_never_reads_its_replies_is_held_back() {
+    let dir = scratch("flood");
+    let served = Served::start(&["--listen", &sock_arg(&dir), "-v"]);
+    let path = unix_path(&served.address).to_path_buf();
+    let address = served.address.clone();
+    local(async {
+        let witness = serve::connect(&address, None).await.unwrap().executor;
+        assert_eq!(echo(&witness, "before").await.unwrap(), "before");
+        let before = rss_mib(served.child.id());
+        let flood = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let mut writer = flood.try_clone().unwrap();
+        let writing = std::thread::spawn(move || {
+            let mut out = std::io::BufWriter::new(&mut writer);
+            capsa_schema::hostile::echo_flood(&mut out, 20_000, 65_536, true)
+        });
+        let mut grown = 0;
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            grown = grown.max(rss_mib(served.child.id()).saturating_sub(before));
+        }
+        assert!(grown < 128, "the server grew by {grown} MiB");
+        assert!(!writing.is_finished(), "the server read all 1.25 GiB");
+        assert_eq!(echo(&witness, "during").await.unwrap(), "during");
+        // Closing the socket ends the writer, and the server forgets the
+        // connection.
+        flood.shutdown(std::net::Shutdown::Both).unwrap();
+        assert!(writing.join().unwrap().is_err());
+        drop(flood);
+        assert_eq!(echo(&witness, "after").await.unwrap(), "after");
+    });
+}
+
 #[test]
 fn tcp_is_loopback_only_and_a_token_is_checked_before_any_capability() {
     let log = Served::try_start(&["--listen", "tcp:0.0.0.0:0"])

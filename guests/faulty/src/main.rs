@@ -8,7 +8,10 @@
 //!   connection, then reads stdin until EOF;
 //! - `exit-mid-call`: serves an `Executor` whose `echo` exits with code 7
 //!   while the call is in flight;
-//! - `block-stdin`: reads stdin until EOF, then exits 0.
+//! - `block-stdin`: reads stdin until EOF, then exits 0;
+//! - `flood COUNT BYTES finish|open`: writes a `Bootstrap` and then COUNT
+//!   pipelined `echo` calls of BYTES bytes each straight onto its stdout,
+//!   each followed by its `Finish` or left open, and never reads a reply.
 
 use std::hint::black_box;
 use std::io::{self, Write};
@@ -80,6 +83,33 @@ fn exit_mid_call() -> Result<(), guest_runtime::Error> {
     .serve()
 }
 
+fn flood(count: u32, bytes: usize, finish: bool) -> io::Result<()> {
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    capsa_schema::hostile::echo_flood(&mut out, count, bytes, finish)?;
+    log!("faulty flood: {count} calls sent; never reading a reply");
+    loop {
+        wasip2::clocks::monotonic_clock::subscribe_duration(3_600_000_000_000).block();
+    }
+}
+
+fn flood_args() -> Result<(u32, usize, bool), String> {
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    let usage = || "usage: flood COUNT BYTES finish|open".to_string();
+    let [count, bytes, finish] = args.as_slice() else {
+        return Err(usage());
+    };
+    let finish = match finish.as_str() {
+        "finish" => true,
+        "open" => false,
+        _ => return Err(usage()),
+    };
+    Ok((
+        count.parse().map_err(|_| usage())?,
+        bytes.parse().map_err(|_| usage())?,
+        finish,
+    ))
+}
+
 fn main() {
     let mode = std::env::args().nth(1).unwrap_or_default();
     let result = match mode.as_str() {
@@ -90,9 +120,12 @@ fn main() {
         "garbage" => garbage().map_err(|e| e.to_string()),
         "exit-mid-call" => exit_mid_call().map_err(|e| e.to_string()),
         "block-stdin" => drain_stdin().map_err(|e| e.to_string()),
+        "flood" => flood_args().and_then(|(count, bytes, finish)| {
+            flood(count, bytes, finish).map_err(|e| e.to_string())
+        }),
         _ => Err(format!(
             "unknown mode {mode:?}; expected trap, panic, loop, alloc, garbage, \
-             exit-mid-call or block-stdin"
+             exit-mid-call, block-stdin or flood"
         )),
     };
     if let Err(e) = result {

@@ -1,0 +1,338 @@
+//! Flow control for every RPC connection the host serves to something it
+//! does not trust: a guest's stdio, a `capsa serve` socket, a microVM's
+//! agent.
+//!
+//! capnp-rpc's two-party network reads the peer's messages as fast as they
+//! come and queues the replies without bound, so a peer that pipelines calls
+//! and never reads its replies grows the host for ever. [`bounded`] wraps
+//! that network with two rules, checked before each incoming message is
+//! read:
+//!
+//! - while more than [`FlowLimits::queued_bytes`] of outgoing messages wait
+//!   to be written, the host stops reading from the peer (back-pressure: the
+//!   peer blocks on its own writes);
+//! - a peer may have at most [`FlowLimits::open_calls`] questions open
+//!   (`Call` and `Bootstrap` messages it has not sent `Finish` for). Each one
+//!   keeps an answer in the host's tables, so past the limit the connection
+//!   is ended with an error that says so.
+//!
+//! Both rules act on this one connection only: other guests and clients keep
+//! being served. When reading fails (a bad message, a broken limit), the
+//! replies still queued are dropped rather than flushed: a peer that does
+//! not read would otherwise hold the connection open for ever, because
+//! capnp-rpc's shutdown waits for the write queue to drain.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+use capnp::capability::Promise;
+use capnp::message::{Builder, HeapAllocator, ReaderOptions};
+use capnp_rpc::rpc_capnp::message;
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use capnp_rpc::{twoparty, Connection, IncomingMessage, OutgoingMessage, VatNetwork};
+use futures::future::Shared;
+use futures::{AsyncRead, AsyncWrite, FutureExt, TryFutureExt};
+
+/// What one connection may hold in the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowLimits {
+    /// Bytes of outgoing messages waiting to be written above which the
+    /// host stops reading from the peer.
+    pub queued_bytes: usize,
+    /// Questions the peer may have open at once.
+    pub open_calls: u32,
+}
+
+impl Default for FlowLimits {
+    fn default() -> Self {
+        FlowLimits {
+            queued_bytes: 4 << 20,
+            open_calls: 16_384,
+        }
+    }
+}
+
+/// A two-party network on `reader`/`writer` under `limits`.
+pub fn bounded<R, W>(reader: R, writer: W, side: Side, limits: FlowLimits) -> Bounded<R>
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let flow = Rc::new(RefCell::new(Flow {
+        limits,
+        unwritten: VecDeque::new(),
+        queued_bytes: 0,
+        open_calls: 0,
+        aborted: false,
+        blocked_writer: None,
+        failure: None,
+    }));
+    let writer = Abortable {
+        inner: writer,
+        flow: flow.clone(),
+    };
+    Bounded {
+        inner: twoparty::VatNetwork::new(reader, writer, side, ReaderOptions::new()),
+        flow,
+    }
+}
+
+/// A [`twoparty::VatNetwork`] under [`FlowLimits`].
+pub struct Bounded<R: AsyncRead + Unpin + 'static> {
+    inner: twoparty::VatNetwork<R>,
+    flow: Rc<RefCell<Flow>>,
+}
+
+impl<R: AsyncRead + Unpin + 'static> Bounded<R> {
+    /// A handle that tells, once the connection has ended, whether it
+    /// failed and why. capnp-rpc's `RpcSystem` resolves `Ok` even when
+    /// reading failed, so this is the way to learn it.
+    pub fn outcome(&self) -> Outcome {
+        Outcome(self.flow.clone())
+    }
+}
+
+/// See [`Bounded::outcome`].
+pub struct Outcome(Rc<RefCell<Flow>>);
+
+impl Outcome {
+    /// `result` (what the `RpcSystem` resolved to), or the reason reading
+    /// failed if it said nothing of it.
+    pub fn of(&self, result: Result<(), capnp::Error>) -> Result<(), capnp::Error> {
+        match (result, self.0.borrow().failure.clone()) {
+            (Ok(()), Some(why)) => Err(why),
+            (result, _) => result,
+        }
+    }
+}
+
+type Written = Shared<Promise<(), capnp::Error>>;
+
+/// The accounting shared by the connection's reader and its messages.
+struct Flow {
+    limits: FlowLimits,
+    /// Messages handed to the write queue, oldest first, with their sizes.
+    unwritten: VecDeque<(Written, usize)>,
+    queued_bytes: usize,
+    open_calls: u32,
+    /// Set once reading failed: every later write fails.
+    aborted: bool,
+    /// The write queue's waker while the peer is not reading.
+    blocked_writer: Option<Waker>,
+    /// Why reading failed, first reason only.
+    failure: Option<capnp::Error>,
+}
+
+impl Flow {
+    fn abort(&mut self, why: capnp::Error) {
+        self.aborted = true;
+        self.failure.get_or_insert(why);
+        if let Some(waker) = self.blocked_writer.take() {
+            waker.wake();
+        }
+    }
+
+    /// Forgets the messages written since the last look; true while the
+    /// rest is over the limit. The queue writes in order, so the oldest
+    /// entry is the one to wait for (its waker is `cx`'s).
+    fn over_limit(&mut self, cx: &mut Context<'_>) -> bool {
+        while let Some((written, _)) = self.unwritten.front_mut() {
+            if written.poll_unpin(cx).is_pending() {
+                break;
+            }
+            if let Some((_, bytes)) = self.unwritten.pop_front() {
+                self.queued_bytes = self.queued_bytes.saturating_sub(bytes);
+            }
+        }
+        self.queued_bytes > self.limits.queued_bytes
+    }
+
+    /// Counts the questions `message` opens or closes.
+    fn observe(&mut self, message: &dyn IncomingMessage) -> Result<(), capnp::Error> {
+        let Ok(body) = message.get_body() else {
+            return Ok(());
+        };
+        let Ok(message) = body.get_as::<message::Reader>() else {
+            return Ok(());
+        };
+        match message.which() {
+            Ok(message::Call(_) | message::Bootstrap(_)) => {
+                self.open_calls = self.open_calls.saturating_add(1);
+                if self.open_calls > self.limits.open_calls {
+                    return Err(capnp::Error::failed(format!(
+                        "the peer has more than {} calls open at once (calls it has not \
+                         finished); the connection is closed",
+                        self.limits.open_calls
+                    )));
+                }
+            }
+            Ok(message::Finish(_)) => self.open_calls = self.open_calls.saturating_sub(1),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl<R: AsyncRead + Unpin + 'static> VatNetwork<Side> for Bounded<R> {
+    fn connect(&mut self, host_id: Side) -> Option<Box<dyn Connection<Side>>> {
+        let inner = self.inner.connect(host_id)?;
+        Some(Box::new(BoundedConnection {
+            inner,
+            flow: self.flow.clone(),
+        }))
+    }
+
+    fn accept(&mut self) -> Promise<Box<dyn Connection<Side>>, capnp::Error> {
+        let flow = self.flow.clone();
+        Promise::from_future(self.inner.accept().map_ok(move |inner| {
+            Box::new(BoundedConnection { inner, flow }) as Box<dyn Connection<Side>>
+        }))
+    }
+
+    fn drive_until_shutdown(&mut self) -> Promise<(), capnp::Error> {
+        self.inner.drive_until_shutdown()
+    }
+}
+
+struct BoundedConnection {
+    inner: Box<dyn Connection<Side>>,
+    flow: Rc<RefCell<Flow>>,
+}
+
+impl Connection<Side> for BoundedConnection {
+    fn get_peer_vat_id(&self) -> Side {
+        self.inner.get_peer_vat_id()
+    }
+
+    fn new_outgoing_message(&mut self, first_segment_word_size: u32) -> Box<dyn OutgoingMessage> {
+        Box::new(Counted {
+            inner: self.inner.new_outgoing_message(first_segment_word_size),
+            flow: self.flow.clone(),
+        })
+    }
+
+    fn receive_incoming_message(
+        &mut self,
+    ) -> Promise<Option<Box<dyn IncomingMessage>>, capnp::Error> {
+        let flow = self.flow.clone();
+        let mut read = self.inner.receive_incoming_message();
+        let mut reading = false;
+        Promise::from_future(async move {
+            // Keep forgetting written messages while the read waits, so the
+            // list stays as short as the write queue.
+            let received = futures::future::poll_fn(|cx| {
+                let over = flow.borrow_mut().over_limit(cx);
+                if over && !reading {
+                    return Poll::Pending;
+                }
+                reading = true;
+                read.poll_unpin(cx)
+            })
+            .await;
+            let mut flow = flow.borrow_mut();
+            let observed = match &received {
+                Ok(Some(message)) => flow.observe(message.as_ref()),
+                Ok(None) => Ok(()),
+                Err(e) => Err(e.clone()),
+            };
+            if let Err(e) = observed {
+                flow.abort(e.clone());
+                return Err(e);
+            }
+            received
+        })
+    }
+
+    fn new_stream(
+        &mut self,
+    ) -> (
+        Box<dyn capnp_rpc::FlowController>,
+        Promise<(), capnp::Error>,
+    ) {
+        self.inner.new_stream()
+    }
+
+    fn shutdown(&mut self, result: capnp::Result<()>) -> Promise<(), capnp::Error> {
+        self.inner.shutdown(result)
+    }
+}
+
+/// The connection's writer, failing every write once reading has failed.
+struct Abortable<W> {
+    inner: W,
+    flow: Rc<RefCell<Flow>>,
+}
+
+impl<W> Abortable<W> {
+    fn check(&self, cx: &mut Context<'_>) -> Result<(), io::Error> {
+        let mut flow = self.flow.borrow_mut();
+        if flow.aborted {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the connection failed; its unsent replies are dropped",
+            ));
+        }
+        if !matches!(&flow.blocked_writer, Some(w) if w.will_wake(cx.waker())) {
+            flow.blocked_writer = Some(cx.waker().clone());
+        }
+        Ok(())
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Abortable<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.check(cx)?;
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.check(cx)?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+/// An outgoing message whose bytes count as queued until it is written.
+struct Counted {
+    inner: Box<dyn OutgoingMessage>,
+    flow: Rc<RefCell<Flow>>,
+}
+
+impl OutgoingMessage for Counted {
+    fn get_body(&mut self) -> capnp::Result<capnp::any_pointer::Builder<'_>> {
+        self.inner.get_body()
+    }
+
+    fn get_body_as_reader(&self) -> capnp::Result<capnp::any_pointer::Reader<'_>> {
+        self.inner.get_body_as_reader()
+    }
+
+    fn send(self: Box<Self>) -> (Promise<(), capnp::Error>, Rc<Builder<HeapAllocator>>) {
+        let bytes = self.inner.size_in_words().saturating_mul(8);
+        let (written, message) = self.inner.send();
+        let written = written.shared();
+        let mut flow = self.flow.borrow_mut();
+        flow.queued_bytes = flow.queued_bytes.saturating_add(bytes);
+        flow.unwritten.push_back((written.clone(), bytes));
+        (Promise::from_future(written), message)
+    }
+
+    fn take(self: Box<Self>) -> Builder<HeapAllocator> {
+        self.inner.take()
+    }
+
+    fn size_in_words(&self) -> usize {
+        self.inner.size_in_words()
+    }
+}
