@@ -21,6 +21,40 @@ interface Executor {
   # Returns the message unchanged. For transport tests and benchmarks.
 }
 
+enum ErrorKind {
+  # What an exception from capsa is about. Every exception the host and the
+  # agent raise has a description of the form "<kind>: <message>", <kind>
+  # being one of these names as written here (a message without one is
+  # `failed`). Across connections capnp-rpc puts "remote exception: " in
+  # front, once per hop; `capsa_schema::error::kind` skips those. Match the
+  # kind, never the message: the message is for people and may change.
+  failed @0;
+  # Anything not below.
+  badRequest @1;
+  # A malformed argument: text that is not UTF-8 or holds a NUL, an
+  # environment variable name with '='.
+  badPayload @2;
+  # The bytes are not a program this host runs: unknown format, invalid
+  # WebAssembly, a module without `_start`, a 32-bit ELF.
+  link @3;
+  # The program imports something this host does not provide.
+  quota @4;
+  # A quota of the Executor asked: nesting depth or live children.
+  hostFull @5;
+  # The host already runs its maximum of guests.
+  tooLarge @6;
+  # A microVM larger than the caller may have (memory limit, vCPUs).
+  vmDisabled @7;
+  # The bytes are an ELF and this host runs no microVMs.
+  vm @8;
+  # The microVM did not boot, or its agent did not answer or refused.
+  shuttingDown @9;
+  # The host is shutting down and starts nothing more.
+  wrongMode @10;
+  # A stdio stream of a process in RPC mode, or the bootstrap capability of
+  # one in data mode.
+}
+
 struct EnvVar {
   name @0 :Text;
   value @1 :Text;

@@ -4,6 +4,7 @@
 //! implementation shares.
 
 pub mod argv;
+pub mod error;
 pub mod format;
 pub mod hostile;
 

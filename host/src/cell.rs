@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::RpcSystem;
@@ -19,6 +20,7 @@ use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
 
 use crate::engine::{CellState, Compiled, CpuBudgetExceeded, MemoryLimiter, P2Wasi, Runtime};
 use crate::pipe::{self, GuestInput, GuestOutput, PipeReader, PipeWriter};
+use crate::scope::MemoryShare;
 use crate::status::{ExitStatus, Limits};
 use crate::transport::{self, FlowLimits};
 
@@ -46,6 +48,8 @@ pub struct CellSpec {
     pub bootstrap: Option<capnp::capability::Client>,
     /// RPC mode: whether to ask for the capability the guest exports.
     pub want_export: bool,
+    /// The client's memory share the guest also draws on, if any.
+    pub memory_share: Option<Arc<MemoryShare>>,
 }
 
 /// The host's ends of a data-mode guest's stdio.
@@ -224,7 +228,13 @@ pub fn spawn(
     }
 
     let limits = spec.limits.clone();
-    let run = run_guest(runtime, compiled, builder, limits.clone());
+    let run = run_guest(
+        runtime,
+        compiled,
+        builder,
+        limits.clone(),
+        spec.memory_share.clone(),
+    );
     tokio::task::spawn_local(drive(
         label.clone(),
         run,
@@ -310,7 +320,7 @@ async fn drive(
                     let _ = tokio::time::timeout(STDERR_DRAIN, drained).await;
                 }
             }
-            classify(outcome, &limits, &ends.tail)
+            classify(outcome, &ends.tail)
         }
     };
     tracing::debug!(cell = %label, "{status}");
@@ -321,7 +331,12 @@ async fn drive(
 /// What running a guest to its end gave, before it is named an exit status.
 struct Outcome {
     result: wasmtime::Result<i32>,
-    memory_refused: bool,
+    /// The memory bound that refused a growth, if one did.
+    memory_refused: Option<u64>,
+}
+
+fn refused(limiter: &MemoryLimiter) -> Option<u64> {
+    limiter.refused.then_some(limiter.refused_at)
 }
 
 fn run_guest(
@@ -329,13 +344,14 @@ fn run_guest(
     compiled: Compiled,
     mut builder: WasiCtxBuilder,
     limits: Limits,
+    share: Option<Arc<MemoryShare>>,
 ) -> impl std::future::Future<Output = Outcome> {
     let engine = runtime.engine().clone();
     async move {
         match compiled {
             Compiled::Component(pre) => {
                 let wasi = P2Wasi::new(builder.build());
-                let mut store = new_store(&engine, wasi, &limits);
+                let mut store = new_store(&engine, wasi, &limits, share);
                 let result = async {
                     let command = pre.instantiate_async(&mut store).await?;
                     command.wasi_cli_run().call_run(&mut store).await
@@ -343,12 +359,12 @@ fn run_guest(
                 .await;
                 Outcome {
                     result: result.map(|r| if r.is_ok() { 0 } else { 1 }),
-                    memory_refused: store.data().limiter.refused,
+                    memory_refused: refused(&store.data().limiter),
                 }
             }
             Compiled::Module(pre) => {
                 let wasi: WasiP1Ctx = builder.build_p1();
-                let mut store = new_store(&engine, wasi, &limits);
+                let mut store = new_store(&engine, wasi, &limits, share);
                 let result = async {
                     let instance = pre.instantiate_async(&mut store).await?;
                     let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
@@ -358,7 +374,7 @@ fn run_guest(
                 .await;
                 Outcome {
                     result,
-                    memory_refused: store.data().limiter.refused,
+                    memory_refused: refused(&store.data().limiter),
                 }
             }
         }
@@ -369,12 +385,13 @@ fn new_store<W: Send + 'static>(
     engine: &wasmtime::Engine,
     wasi: W,
     limits: &Limits,
+    share: Option<Arc<MemoryShare>>,
 ) -> Store<CellState<W>> {
     let mut store = Store::new(
         engine,
         CellState {
             wasi,
-            limiter: MemoryLimiter::new(limits.memory_bytes),
+            limiter: MemoryLimiter::sharing(limits.memory_bytes, share),
             ticks: 0,
             cpu_budget: limits.cpu_ticks,
         },
@@ -395,7 +412,7 @@ fn new_store<W: Send + 'static>(
 }
 
 /// Turns the outcome of running a guest into its exit status.
-fn classify(outcome: Outcome, limits: &Limits, tail: &RefCell<VecDeque<String>>) -> ExitStatus {
+fn classify(outcome: Outcome, tail: &RefCell<VecDeque<String>>) -> ExitStatus {
     let err = match outcome.result {
         Ok(code) => return ExitStatus::Exited(code),
         Err(e) => e,
@@ -406,8 +423,8 @@ fn classify(outcome: Outcome, limits: &Limits, tail: &RefCell<VecDeque<String>>)
     if err.downcast_ref::<CpuBudgetExceeded>().is_some() {
         return ExitStatus::CpuBudgetExceeded;
     }
-    if outcome.memory_refused {
-        return ExitStatus::OutOfMemory(limits.memory_bytes);
+    if let Some(bound) = outcome.memory_refused {
+        return ExitStatus::OutOfMemory(bound);
     }
     let mut message = match err.downcast_ref::<wasmtime::Trap>() {
         Some(trap) => trap.to_string(),

@@ -97,7 +97,7 @@ pub fn start(config: HostConfig) -> Result<Embedded, HostError> {
                 while let Some(stream) = connections.recv().await {
                     let host = host.clone();
                     tokio::task::spawn_local(async move {
-                        if let Err(e) = serve::serve_connection(&host, stream, None).await {
+                        if let Err(e) = serve::serve_connection(&host, stream, None, None).await {
                             tracing::debug!("embedded connection ended: {e}");
                         }
                     });

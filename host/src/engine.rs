@@ -24,6 +24,7 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::format::{self, Format};
+use crate::scope::MemoryShare;
 use crate::SpawnError;
 
 /// How often the engine's epoch advances. A running guest yields to the host
@@ -70,33 +71,64 @@ impl WasiView for CellState<P2Wasi> {
 /// creation (from size 0) and at every growth, so `used` is their sum
 /// (a growth it admitted that then fails stays counted: the error is on
 /// the safe side).
+///
+/// With a client's [`MemoryShare`], the growth must also fit in what is left
+/// of it; the guest's bytes go back to the share when the limiter (the
+/// store) is dropped.
 pub struct MemoryLimiter {
     pub limit: u64,
     /// Bytes of all memories and tables admitted so far.
     pub used: u64,
     pub refused: bool,
+    /// The bound that refused a growth: `limit`, or the share's.
+    pub refused_at: u64,
+    share: Option<Arc<MemoryShare>>,
 }
 
 impl MemoryLimiter {
     pub fn new(limit: u64) -> Self {
+        Self::sharing(limit, None)
+    }
+
+    /// A limiter that also draws on `share`.
+    pub fn sharing(limit: u64, share: Option<Arc<MemoryShare>>) -> Self {
         MemoryLimiter {
             limit,
             used: 0,
             refused: false,
+            refused_at: limit,
+            share,
         }
     }
 
     /// Admits one memory or table going from `current` to `desired` bytes
-    /// if the total stays within the limit.
+    /// if the total stays within the limit (and the share).
     fn admit(&mut self, current: u64, desired: u64) -> bool {
         let total = self.used.saturating_sub(current).saturating_add(desired);
-        let ok = total <= self.limit;
-        if ok {
-            self.used = total;
-        } else {
+        if total > self.limit {
             self.refused = true;
+            self.refused_at = self.limit;
+            return false;
         }
-        ok
+        if let Some(share) = &self.share {
+            let more = total.saturating_sub(self.used);
+            if !share.take(more) {
+                self.refused = true;
+                self.refused_at = share.limit();
+                return false;
+            }
+            share.give(self.used.saturating_sub(total));
+        }
+        self.used = total;
+        true
+    }
+}
+
+impl Drop for MemoryLimiter {
+    fn drop(&mut self) {
+        if let Some(share) = &self.share {
+            share.give(self.used);
+        }
     }
 }
 
@@ -256,7 +288,7 @@ impl Runtime {
                     .map_err(|e| SpawnError::Compile(e.to_string()))?
                     .map_err(|e| SpawnError::Compile(format!("{e:#}")))?;
                 if module.get_export("_start").is_none() {
-                    return Err(SpawnError::Link(
+                    return Err(SpawnError::NotACommand(
                         "the module exports no `_start`: not a WASI command".into(),
                     ));
                 }

@@ -1,9 +1,11 @@
 //! Why a `runBytes` could not start a process.
 
+use capsa_schema::ErrorKind;
+
 use crate::format::FormatError;
 
-/// Why a guest could not be started. Reaches the caller as the text of a
-/// Cap'n Proto exception.
+/// Why a guest could not be started. Reaches the caller as a Cap'n Proto
+/// exception whose description is "<kind>: <this text>".
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
     #[error(transparent)]
@@ -16,6 +18,9 @@ pub enum SpawnError {
     VmDisabled,
     #[error("microVM: {0}")]
     Vm(String),
+    /// The machine's agent refused the request, for a reason of this kind.
+    #[error("microVM: {1}")]
+    Refused(ErrorKind, String),
     /// The machine asked for is larger than the caller may have.
     #[error("microVM too large: {0}")]
     VmTooLarge(String),
@@ -23,18 +28,45 @@ pub enum SpawnError {
     Compile(String),
     #[error("cannot link the guest against this host: {0}")]
     Link(String),
+    /// A module without the entry point of a WASI command.
+    #[error("{0}")]
+    NotACommand(String),
     #[error("nesting depth limit of {0} reached")]
     Depth(u32),
     #[error("live children limit of {0} reached for this executor")]
     Children(u32),
     #[error("the host runs its maximum of {0} guests")]
     HostFull(u32),
+    /// The client's share of the host is in use (see `scope::Share`).
+    #[error("{0}")]
+    Share(String),
     #[error("the host is shutting down")]
     ShuttingDown,
 }
 
+impl SpawnError {
+    /// The kind a client matches on (see `ErrorKind` in the schema).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            SpawnError::Format(_) | SpawnError::Compile(_) | SpawnError::NotACommand(_) => {
+                ErrorKind::BadPayload
+            }
+            SpawnError::VmDisabled => ErrorKind::VmDisabled,
+            SpawnError::Vm(_) => ErrorKind::Vm,
+            SpawnError::Refused(kind, _) => *kind,
+            SpawnError::VmTooLarge(_) => ErrorKind::TooLarge,
+            SpawnError::Link(_) => ErrorKind::Link,
+            SpawnError::Depth(_) | SpawnError::Children(_) | SpawnError::Share(_) => {
+                ErrorKind::Quota
+            }
+            SpawnError::HostFull(_) => ErrorKind::HostFull,
+            SpawnError::ShuttingDown => ErrorKind::ShuttingDown,
+        }
+    }
+}
+
 impl From<SpawnError> for capnp::Error {
     fn from(e: SpawnError) -> capnp::Error {
-        capnp::Error::failed(e.to_string())
+        capsa_schema::error::error(e.kind(), e)
     }
 }

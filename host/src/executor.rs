@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use capsa_schema::argv;
 use capsa_schema::capsa_capnp::{executor, options, StdioMode as WireStdio};
+use capsa_schema::error::error;
+use capsa_schema::ErrorKind;
 
 use crate::cell::{CellSpec, StdioMode};
 use crate::engine::EPOCH_TICK;
@@ -17,7 +19,7 @@ use crate::error::SpawnError;
 use crate::format::{self, Format};
 use crate::host::Host;
 use crate::process::ProcessImpl;
-use crate::scope::Scope;
+use crate::scope::{MemoryShare, Scope, Seat};
 use crate::status::Limits;
 use crate::vm::VmRequest;
 
@@ -61,17 +63,36 @@ impl ExecutorImpl {
         if self.live.get() >= config.max_children {
             return Err(SpawnError::Children(config.max_children));
         }
+        let seat = self.scope.as_ref().map(Scope::seat).transpose()?;
         self.live.set(self.live.get() + 1);
-        Ok(Slot(self.live.clone()))
+        Ok(Slot {
+            live: self.live.clone(),
+            seat,
+        })
     }
 }
 
-/// One live child counted against its Executor; released when dropped.
-pub(crate) struct Slot(Rc<Counter<u32>>);
+/// One live child counted against its Executor and its client's share;
+/// released when dropped.
+pub(crate) struct Slot {
+    live: Rc<Counter<u32>>,
+    seat: Option<Seat>,
+}
+
+impl Slot {
+    /// Takes a machine's RAM from the client's memory share.
+    fn take_memory(&mut self, bytes: u64) -> Result<(), SpawnError> {
+        self.seat.as_mut().map_or(Ok(()), |s| s.take_memory(bytes))
+    }
+
+    fn memory_share(&self) -> Option<Arc<MemoryShare>> {
+        self.seat.as_ref().and_then(Seat::memory_share)
+    }
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.set(self.0.get().saturating_sub(1));
+        self.live.set(self.live.get().saturating_sub(1));
     }
 }
 
@@ -79,7 +100,7 @@ fn text_list(list: capnp::text_list::Reader<'_>, what: &str) -> capnp::Result<Ve
     list.iter()
         .map(|t| {
             t?.to_string()
-                .map_err(|_| capnp::Error::failed(format!("{what} must be UTF-8")))
+                .map_err(|_| error(ErrorKind::BadRequest, format!("{what} must be UTF-8")))
         })
         .collect()
 }
@@ -138,9 +159,9 @@ impl executor::Server for ExecutorImpl {
             match (name, value) {
                 (Ok(n), Ok(v)) if !n.is_empty() && !n.contains('=') => env.push((n, v)),
                 _ => {
-                    return Err(capnp::Error::failed(
-                        "environment variables need a UTF-8 name without '=' and a UTF-8 value"
-                            .into(),
+                    return Err(error(
+                        ErrorKind::BadRequest,
+                        "environment variables need a UTF-8 name without '=' and a UTF-8 value",
                     ))
                 }
             }
@@ -148,7 +169,7 @@ impl executor::Server for ExecutorImpl {
         // An unset struct reads as its defaults: every limit inherited.
         let opts: options::Reader<'_> = p.get_options()?;
 
-        let slot = self.reserve()?;
+        let mut slot = self.reserve()?;
         let cpu_ticks = cpu_ticks(opts.get_cpu_budget_millis());
         let limits = self.limits.narrowed(
             opts.get_memory_limit_bytes(),
@@ -191,6 +212,7 @@ impl executor::Server for ExecutorImpl {
             stdio,
             bootstrap,
             want_export: stdio == StdioMode::Rpc,
+            memory_share: slot.memory_share(),
         };
         if format::detect(&bytes).map_err(SpawnError::from)? == Format::Elf {
             let vm = opts.get_vm();
@@ -219,6 +241,7 @@ impl executor::Server for ExecutorImpl {
                 kernel: non_empty(vm.get_kernel()?),
                 initramfs: non_empty(vm.get_initramfs()?),
             };
+            slot.take_memory(u64::from(memory_mib) << 20)?;
             let process = self.host.spawn_vm(req, Some(slot)).await?;
             if let Some(scope) = &self.scope {
                 scope.track(process.kill_switch(), process.torn_down());

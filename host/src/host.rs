@@ -131,6 +131,7 @@ impl Host {
             stdio: StdioMode::Rpc,
             bootstrap: Some(bootstrap),
             want_export: false,
+            memory_share: None,
         };
         let pid0 = self.spawn(Arc::from(bytes), spec, None).await?;
         let status = pid0.wait().await;

@@ -54,6 +54,15 @@ enum Command {
         /// Connections served at once; more are closed as soon as accepted.
         #[arg(long, default_value_t = capsa::serve::DEFAULT_MAX_CONNECTIONS)]
         max_connections: usize,
+        /// Guests one connection may run at once, at every nesting level
+        /// together [default: --max-cells / --max-connections].
+        #[arg(long)]
+        connection_cells: Option<u32>,
+        /// Guest memory one connection may hold at once, in MiB: WASM
+        /// memories as they grow, machines' RAM while they run [default:
+        /// this machine's RAM / --max-connections, at least --memory-mib].
+        #[arg(long)]
+        connection_memory_mib: Option<u64>,
         #[command(flatten)]
         host: HostArgs,
     },
@@ -176,15 +185,20 @@ fn run(command: Command) -> anyhow::Result<i32> {
             allow_remote,
             token_file,
             max_connections,
+            connection_cells,
+            connection_memory_mib,
             host,
         } => {
             let config = host.config()?;
+
             let token = token_file.as_deref().map(Token::from_file).transpose()?;
             let server = Server::bind(ServeConfig {
                 listen,
                 allow_remote,
                 token,
                 max_connections,
+                connection_cells,
+                connection_memory_bytes: connection_memory_mib.map(|m| m.saturating_mul(1 << 20)),
             })?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -9,6 +9,8 @@ use std::cell::OnceCell;
 use std::rc::Rc;
 
 use capsa_schema::capsa_capnp::{byte_sink, byte_source, process};
+use capsa_schema::error::error;
+use capsa_schema::ErrorKind;
 
 use crate::cell::{wait_status, Cell, DataStdio};
 use crate::status::ExitStatus;
@@ -59,12 +61,15 @@ impl ProcessImpl {
     /// A cell's data-mode stdio, or why there is none.
     fn data<'a>(cell: &'a Cell, what: &str) -> Result<&'a DataStdio, capnp::Error> {
         cell.data.as_ref().ok_or_else(|| {
-            capnp::Error::failed(format!(
-                "{} runs in RPC mode: its stdin/stdout carry its Cap'n Proto connection and \
+            error(
+                ErrorKind::WrongMode,
+                format!(
+                    "{} runs in RPC mode: its stdin/stdout carry its Cap'n Proto connection and \
                  its stderr goes to the host log, so there is no {what} stream; start it in \
                  data mode",
-                cell.name
-            ))
+                    cell.name
+                ),
+            )
         })
     }
 
@@ -183,10 +188,13 @@ impl process::Server for ProcessImpl {
             // The agent's Executor: more processes in the same machine.
             Target::Vm(vm) => &vm.agent.client,
             Target::Cell(cell) => cell.export.as_ref().ok_or_else(|| {
-                capnp::Error::failed(format!(
+                error(
+                    ErrorKind::WrongMode,
+                    format!(
                     "{} runs in data mode: it has no Cap'n Proto connection and exports nothing",
                     cell.name
-                ))
+                ),
+                )
             })?,
         };
         results

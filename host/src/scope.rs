@@ -10,11 +10,14 @@
 
 use std::cell::{Cell as Flag, RefCell};
 use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use capsa_schema::capsa_capnp::executor;
 use tokio::sync::watch;
 
 use crate::cell::{self, KillSwitch};
+use crate::error::SpawnError;
 use crate::executor::ExecutorImpl;
 use crate::host::Host;
 use crate::status::ExitStatus;
@@ -27,6 +30,99 @@ pub struct Scope(Rc<Inner>);
 struct Inner {
     live: RefCell<Vec<Tracked>>,
     closed: Flag<bool>,
+    /// Guests of this scope alive or starting, at every nesting level.
+    cells: Flag<u32>,
+    share: Option<(u32, Arc<MemoryShare>)>,
+}
+
+/// What one client may hold of the host at once, all its processes at every
+/// nesting level together, so that one client cannot lock the others out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Share {
+    /// Guests alive at once (WASM cells and machines).
+    pub cells: u32,
+    /// Bytes of guest memory: WASM memories and tables as they grow, and
+    /// each machine's RAM from boot to teardown.
+    pub memory_bytes: u64,
+}
+
+/// A memory budget several guests draw on; shared with each guest's
+/// memory limiter, which runs wherever its store does.
+#[derive(Debug)]
+pub struct MemoryShare {
+    limit: u64,
+    used: AtomicU64,
+}
+
+impl MemoryShare {
+    pub fn new(limit: u64) -> MemoryShare {
+        MemoryShare {
+            limit,
+            used: AtomicU64::new(0),
+        }
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Takes `bytes` if they fit.
+    pub fn take(&self, bytes: u64) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|total| *total <= self.limit)
+            })
+            .is_ok()
+    }
+
+    /// Gives back `bytes` taken before.
+    pub fn give(&self, bytes: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                Some(used.saturating_sub(bytes))
+            });
+    }
+}
+
+/// One guest of a scope with a share, and the machine memory it took;
+/// both are given back when it is dropped (when the guest has ended).
+pub(crate) struct Seat {
+    scope: Rc<Inner>,
+    memory: u64,
+}
+
+impl Seat {
+    /// Takes `bytes` of the scope's memory for a machine's RAM.
+    pub(crate) fn take_memory(&mut self, bytes: u64) -> Result<(), SpawnError> {
+        if let Some((_, memory)) = &self.scope.share {
+            if !memory.take(bytes) {
+                return Err(SpawnError::Share(format!(
+                    "a machine of {} MiB does not fit in what is left of this client's \
+                     memory share of {} MiB",
+                    bytes >> 20,
+                    memory.limit() >> 20
+                )));
+            }
+            self.memory = self.memory.saturating_add(bytes);
+        }
+        Ok(())
+    }
+
+    /// The budget the guest's memory limiter draws on.
+    pub(crate) fn memory_share(&self) -> Option<Arc<MemoryShare>> {
+        self.scope.share.as_ref().map(|(_, m)| m.clone())
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        let inner = &self.scope;
+        inner.cells.set(inner.cells.get().saturating_sub(1));
+        if let Some((_, memory)) = &inner.share {
+            memory.give(self.memory);
+        }
+    }
 }
 
 struct Tracked {
@@ -43,6 +139,32 @@ impl Tracked {
 impl Scope {
     pub fn new() -> Scope {
         Scope::default()
+    }
+
+    /// A scope whose processes together hold at most `share`.
+    pub fn with_share(share: Share) -> Scope {
+        Scope(Rc::new(Inner {
+            share: Some((share.cells, Arc::new(MemoryShare::new(share.memory_bytes)))),
+            ..Inner::default()
+        }))
+    }
+
+    /// A seat for one more guest, or a refusal once the share's guests are
+    /// all alive.
+    pub(crate) fn seat(&self) -> Result<Seat, SpawnError> {
+        let inner = &self.0;
+        if let Some((cells, _)) = &inner.share {
+            if inner.cells.get() >= *cells {
+                return Err(SpawnError::Share(format!(
+                    "this client already runs its share of {cells} guests"
+                )));
+            }
+        }
+        inner.cells.set(inner.cells.get() + 1);
+        Ok(Seat {
+            scope: self.0.clone(),
+            memory: 0,
+        })
     }
 
     /// A new root Executor of `host` whose processes belong to this scope:

@@ -41,7 +41,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
 use crate::host::Host;
-use crate::scope::Scope;
+use crate::scope::{Scope, Share};
 use crate::transport;
 
 /// What a client sends first when the server has a token.
@@ -157,6 +157,12 @@ pub struct ServeConfig {
     pub token: Option<Token>,
     /// Connections served at once; more are closed as soon as accepted.
     pub max_connections: usize,
+    /// Guests each connection may run at once; `None` takes
+    /// [`fair_share`]'s.
+    pub connection_cells: Option<u32>,
+    /// Guest memory each connection may hold at once; `None` takes
+    /// [`fair_share`]'s.
+    pub connection_memory_bytes: Option<u64>,
 }
 
 impl ServeConfig {
@@ -166,8 +172,38 @@ impl ServeConfig {
             allow_remote: false,
             token: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            connection_cells: None,
+            connection_memory_bytes: None,
         }
     }
+}
+
+/// The share of `host` that lets `max_connections` clients all hold theirs
+/// at once: its guests, and this machine's memory, divided between them
+/// (never below one guest, or below one guest's memory limit).
+pub fn fair_share(host: &Host, max_connections: usize) -> Share {
+    let n = u64::try_from(max_connections.max(1)).unwrap_or(u64::MAX);
+    let config = host.config();
+    let cells = u64::from(config.max_cells) / n;
+    let memory = machine_memory_bytes().map_or(u64::MAX, |m| m / n);
+    Share {
+        cells: u32::try_from(cells).unwrap_or(u32::MAX).max(1),
+        memory_bytes: memory.max(config.limits.memory_bytes),
+    }
+}
+
+/// This machine's RAM, from `/proc/meminfo`.
+fn machine_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    kib.checked_mul(1024)
 }
 
 /// A bound socket, before the runtime takes it over.
@@ -284,6 +320,16 @@ impl Server {
         let listener = listener.into_listener()?;
         let open = Rc::new(Counter::new(0usize));
         let token = config.token.map(Rc::new);
+        let fair = fair_share(host, config.max_connections);
+        let share = Share {
+            cells: config.connection_cells.unwrap_or(fair.cells),
+            memory_bytes: config.connection_memory_bytes.unwrap_or(fair.memory_bytes),
+        };
+        tracing::info!(
+            "each connection may run {} guests and {} MiB of guest memory at once",
+            share.cells,
+            share.memory_bytes >> 20
+        );
         let mut next_id = 0u64;
         tokio::pin!(shutdown);
         loop {
@@ -318,7 +364,7 @@ impl Server {
             let token = token.clone();
             tokio::task::spawn_local(async move {
                 tracing::info!("connection {id} from {peer} opened");
-                let result = serve_connection(&host, stream, token.as_deref()).await;
+                let result = serve_connection(&host, stream, token.as_deref(), Some(share)).await;
                 open.set(open.get() - 1);
                 match result {
                     Ok(killed) => tracing::info!(
@@ -429,12 +475,14 @@ pub enum ConnectionError {
 }
 
 /// Serves one connection: the token handshake if `token` is set, then a
-/// root Executor in a new [`Scope`] until the stream ends. Returns how many
-/// of the connection's processes were still running and were killed.
+/// root Executor in a new [`Scope`], holding at most `share` of the host,
+/// until the stream ends. Returns how many of the connection's processes
+/// were still running and were killed.
 pub async fn serve_connection(
     host: &Host,
     stream: impl Stream,
     token: Option<&Token>,
+    share: Option<Share>,
 ) -> Result<usize, ConnectionError> {
     let mut stream = stream;
     if let Some(token) = token {
@@ -447,7 +495,7 @@ pub async fn serve_connection(
             return Err(ConnectionError::WrongToken);
         }
     }
-    let scope = Scope::new();
+    let scope = share.map_or_else(Scope::new, Scope::with_share);
     let (read, write) = tokio::io::split(stream);
     let network = transport::bounded(
         read.compat(),

@@ -14,6 +14,7 @@
 //! is the same code either way.
 
 use std::cell::OnceCell;
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -24,6 +25,7 @@ use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::RpcSystem;
 use capsa_microvm::{CpuProfile, KernelImage, Vm, VmConfig, VmExit};
 use capsa_schema::capsa_capnp::{executor, process, StdioMode};
+use capsa_schema::ErrorKind;
 use futures::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
@@ -134,6 +136,11 @@ impl Machine {
 }
 
 /// A temporary directory removed on drop.
+/// How many of an agent process's last lines an early exit reports.
+const AGENT_LAST_LINES: usize = 8;
+/// How long an agent that exited gets to have its last lines read.
+const AGENT_LAST_WORDS: Duration = Duration::from_secs(1);
+
 struct TempDir(PathBuf);
 
 impl TempDir {
@@ -329,6 +336,10 @@ async fn boot(
                 .arg("--listen")
                 .arg(format!("unix:{}", socket.display()))
                 .arg("--once")
+                // Inside the folder the host removes, even when it has to
+                // kill the agent.
+                .arg("--work-dir")
+                .arg(dir.0.join("work"))
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::piped())
@@ -338,17 +349,25 @@ async fn boot(
                     SpawnError::Vm(format!("starting the agent {}: {e}", agent.display()))
                 })?;
             let mut child = child;
-            if let Some(stderr) = child.stderr.take() {
-                // The agent's console, as a VM's serial log would be: to
-                // the host log, never into a data stream.
+            // The agent's console, as a VM's serial log would be: to the
+            // host log, never into a data stream; its last lines explain an
+            // agent that exits before answering.
+            let said = Rc::new(std::cell::RefCell::new(VecDeque::new()));
+            let console = child.stderr.take().map(|stderr| {
+                let said = said.clone();
                 tokio::task::spawn_local(async move {
                     use tokio::io::AsyncBufReadExt;
                     let mut lines = tokio::io::BufReader::new(stderr).lines();
                     while let Ok(Some(line)) = lines.next_line().await {
                         tracing::debug!(target: "capsa::guest", "[agent] {line}");
+                        let mut said = said.borrow_mut();
+                        if said.len() == AGENT_LAST_LINES {
+                            said.pop_front();
+                        }
+                        said.push_back(line);
                     }
-                });
-            }
+                })
+            });
             let mut machine = Machine::Agent { child, _dir: dir };
             loop {
                 match tokio::net::UnixStream::connect(&socket).await {
@@ -366,8 +385,13 @@ async fn boot(
                     Err(_) => {
                         if let Machine::Agent { child, .. } = &mut machine {
                             if let Ok(Some(s)) = child.try_wait() {
+                                if let Some(console) = console {
+                                    let _ = tokio::time::timeout(AGENT_LAST_WORDS, console).await;
+                                }
+                                let said = Vec::from(std::mem::take(&mut *said.borrow_mut()));
                                 return Err(SpawnError::Vm(format!(
-                                    "the agent exited before answering: {s}"
+                                    "the agent exited before answering: {s}; it said: {}",
+                                    said.join(" / ")
                                 )));
                             }
                         }
@@ -466,9 +490,17 @@ pub(crate) async fn start(
             } else {
                 format!("; console: {tail}")
             };
-            return Err(SpawnError::Vm(format!(
-                "the agent refused the ELF: {e}{tail}"
-            )));
+            // What the agent found wrong with the request is the caller's
+            // to know; anything else is the machine's failure.
+            let kind = match capsa_schema::error::kind(&e) {
+                kind @ (ErrorKind::BadPayload | ErrorKind::BadRequest) => kind,
+                _ => ErrorKind::Vm,
+            };
+            let message = capsa_schema::error::message_of(&e.extra);
+            return Err(SpawnError::Refused(
+                kind,
+                format!("the agent refused the ELF: {message}{tail}"),
+            ));
         }
     };
 

@@ -2,6 +2,7 @@
 //! current-thread runtime, and a Cap'n Proto connection to it over in-memory
 //! pipes that records every message crossing it.
 
+pub use capsa_schema::ErrorKind;
 use std::cell::RefCell;
 use std::future::Future;
 use std::path::PathBuf;
@@ -62,7 +63,13 @@ pub fn settled_thread_count() -> usize {
 /// (e.g. `CAPSA_LOG=debug`), as the `capsa` binary does; else nothing.
 /// This process's resident memory in KiB.
 pub fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    rss_kib_of("self")
+}
+
+/// A process's resident memory in KiB (`pid` as in `/proc`: a number or
+/// `self`); 0 if it is gone.
+pub fn rss_kib_of(pid: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -177,6 +184,15 @@ pub async fn run(
     resp.get()
         .and_then(|r| r.get_process())
         .map_err(|e| e.to_string())
+}
+
+/// Asserts that `err` (an exception's text) is of `kind`, and that its
+/// message says `says`.
+#[track_caller]
+pub fn assert_kind(err: &str, kind: ErrorKind, says: &str) {
+    let found = capsa_schema::error::kind_of(err);
+    assert_eq!(found, kind, "{err}");
+    assert!(err.contains(says), "{err} does not say {says:?}");
 }
 
 /// Waits (up to five seconds) until the host runs nothing, else panics with

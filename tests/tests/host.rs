@@ -400,7 +400,7 @@ fn nesting_depth_is_bounded() {
         .await
         .err()
         .expect("runBytes should fail");
-        assert!(err.contains("nesting depth limit of 2 reached"), "{err}");
+        assert_kind(&err, ErrorKind::Quota, "nesting depth limit of 2 reached");
     });
 }
 
@@ -423,7 +423,7 @@ fn live_children_are_bounded_per_executor() {
             .await
             .err()
             .expect("runBytes should fail");
-        assert!(err.contains("live children limit of 2"), "{err}");
+        assert_kind(&err, ErrorKind::Quota, "live children limit of 2");
         a.kill_request().send().promise.await.unwrap();
         wait(&a).await;
         run(&root, &guest("faulty"), block())
@@ -474,19 +474,19 @@ fn bad_bytes_get_clear_errors() {
             .await
             .err()
             .expect("runBytes should fail");
-        assert!(err.contains("invalid WebAssembly"), "{err}");
+        assert_kind(&err, ErrorKind::BadPayload, "invalid WebAssembly");
         let err = run(&root, b"\0as", Run::default())
             .await
             .err()
             .expect("runBytes should fail");
-        assert!(err.contains("truncated"), "{err}");
+        assert_kind(&err, ErrorKind::BadPayload, "truncated");
 
         let elf = capsa_schema::format::elf_header(2, 2, 0x3e);
         let err = run(&root, &elf, Run::default())
             .await
             .err()
             .expect("runBytes should fail");
-        assert!(err.contains("microVMs are not enabled"), "{err}");
+        assert_kind(&err, ErrorKind::VmDisabled, "microVMs are not enabled");
 
         let missing = wat::parse_str(
             r#"(component (import "capsa:missing/thing" (instance (export "f" (func)))))"#,
@@ -496,17 +496,14 @@ fn bad_bytes_get_clear_errors() {
             .await
             .err()
             .expect("runBytes should fail");
-        assert!(
-            err.contains("cannot link") && err.contains("capsa:missing/thing"),
-            "{err}"
-        );
+        assert_kind(&err, ErrorKind::Link, "capsa:missing/thing");
 
         let no_start = wat::parse_str("(module)").unwrap();
         let err = run(&root, &no_start, Run::default())
             .await
             .err()
             .expect("runBytes should fail");
-        assert!(err.contains("_start"), "{err}");
+        assert_kind(&err, ErrorKind::BadPayload, "_start");
 
         still_healthy(&witness).await;
     });

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use capsa::schema::StdioMode;
+use capsa::scope::Share;
 use capsa::serve::{self, Address, Token};
 use capsa::{ExitStatus, HostConfig};
 use capsa_tests::*;
@@ -289,17 +290,107 @@ fn sigterm_kills_every_process_removes_the_socket_and_exits_0() {
 
 /// Serves `host` over one end of a socket pair in this thread and returns a
 /// client on the other end, plus the task serving it.
-fn in_process(
-    host: &capsa::Host,
-) -> (
-    serve::Connection,
-    tokio::task::JoinHandle<Result<usize, serve::ConnectionError>>,
-) {
+type ServerTask = tokio::task::JoinHandle<Result<usize, serve::ConnectionError>>;
+
+fn in_process(host: &capsa::Host) -> (serve::Connection, ServerTask) {
+    in_process_with(host, None)
+}
+
+/// A connection served by `host` with `share`, over a socket pair.
+fn in_process_with(host: &capsa::Host, share: Option<Share>) -> (serve::Connection, ServerTask) {
     let (a, b) = tokio::net::UnixStream::pair().unwrap();
     let host = host.clone();
     let server =
-        tokio::task::spawn_local(async move { serve::serve_connection(&host, a, None).await });
+        tokio::task::spawn_local(
+            async move { serve::serve_connection(&host, a, None, share).await },
+        );
     (serve::client_over(b), server)
+}
+
+/// Hole 7 of the robustness issue: each connection holds at most its share
+/// of guests (at every nesting level together) and of guest memory, so one
+/// client cannot lock the others out; what a guest held goes back to the
+/// share when it ends.
+#[test]
+fn a_connection_holds_only_its_share_of_guests_and_memory() {
+    with_host(HostConfig::default(), |host| async move {
+        let share = Share {
+            cells: 2,
+            memory_bytes: 64 << 20,
+        };
+        let cat = Run {
+            args: &["cat"],
+            data: true,
+            ..Run::default()
+        };
+        let (conn_one, _served_one) = in_process_with(&host, Some(share));
+        let (conn_two, _served_two) = in_process_with(&host, Some(share));
+        let (one, two) = (conn_one.executor.clone(), conn_two.executor.clone());
+
+        // A child and its grandchild fill one's share of guests.
+        let child = run(&one, &guest("child-echo"), Run::default())
+            .await
+            .unwrap();
+        let child_exec = exported_executor(&child);
+        let grandchild = run(&child_exec, &guest("hello"), Run { ..cat })
+            .await
+            .unwrap();
+        for exec in [&one, &child_exec] {
+            let refused = run(exec, &guest("hello"), Run { ..cat })
+                .await
+                .err()
+                .unwrap();
+            assert_kind(&refused, ErrorKind::Quota, "share of 2 guests");
+        }
+        // Two's share is its own.
+        let b = run(&two, &guest("hello"), Run { ..cat }).await.unwrap();
+        drop(b);
+
+        // Memory: a guest that allocates without end is stopped at two's
+        // 64 MiB, far below its own 512 MiB limit.
+        let hog = run(
+            &two,
+            &guest("faulty"),
+            Run {
+                args: &["alloc"],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(wait(&hog).await, ExitStatus::OutOfMemory(64 << 20));
+        drop(hog);
+        let reply = echo(&child_exec, "one still served").await.unwrap();
+        assert!(reply.ends_with("one still served"), "{reply}");
+
+        // What the hog held went back: a guest with 48 MiB of its own runs.
+        let again = run(
+            &two,
+            &guest("faulty"),
+            Run {
+                args: &["alloc"],
+                memory_limit: 48 << 20,
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(wait(&again).await, ExitStatus::OutOfMemory(48 << 20));
+
+        // A grandchild that ends gives its seat back.
+        grandchild.kill_request().send().promise.await.unwrap();
+        wait(&grandchild).await;
+        drop(grandchild);
+        let start = Instant::now();
+        loop {
+            match run(&one, &guest("hello"), Run { ..cat }).await {
+                Ok(_) => break,
+                Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "{e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop((conn_one, conn_two));
+    });
 }
 
 #[test]
@@ -330,7 +421,7 @@ fn a_connection_gets_its_own_quotas_and_its_processes_die_with_it() {
             .await
             .err()
             .unwrap();
-        assert!(refused.contains("live children limit of 2"), "{refused}");
+        assert_kind(&refused, ErrorKind::Quota, "live children limit of 2");
         // The other connection's quota is its own.
         let _b = run(&two, &guest("hello"), Run { ..cat }).await.unwrap();
         assert_eq!(host.live_cells(), 4);
@@ -466,13 +557,7 @@ fn bad_clients_are_dropped_and_the_server_keeps_serving() {
 
 /// A process's resident memory in MiB.
 fn rss_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap_or(0)
-        / 1024
+    rss_kib_of(&pid.to_string()) / 1024
 }
 
 /// Hole 1 of the robustness issue over a socket: a client that pipelines

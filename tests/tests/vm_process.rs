@@ -208,7 +208,7 @@ fn an_agent_that_never_answers_is_bounded_by_the_ready_timeout() {
                 .await
                 .err()
                 .expect("runBytes should fail");
-            assert!(err.contains("the agent did not answer within"), "{err}");
+            assert_kind(&err, ErrorKind::Vm, "the agent did not answer within");
             assert_eq!(host.live_cells(), 1);
             assert!(echo(&exported_executor(&witness), "ok?")
                 .await
@@ -230,14 +230,14 @@ fn a_bad_elf_is_refused_and_the_machine_goes() {
             .await
             .err()
             .expect("runBytes should fail");
-        assert!(err.contains("ELF executable of class 1"), "{err}");
+        assert_kind(&err, ErrorKind::BadPayload, "ELF executable of class 1");
         assert_eq!(host.live_cells(), 0);
 
         // A header that passes the check with nothing behind it: the agent
         // cannot execute it, and the process says so.
         let hollow = capsa_schema::format::elf_header(2, 2, 0x3e);
         match run(&root, &hollow, Run::default()).await {
-            Err(e) => assert!(e.contains("the agent refused the ELF"), "{e}"),
+            Err(e) => assert_kind(&e, ErrorKind::BadPayload, "the agent refused the ELF"),
             Ok(p) => {
                 let status = wait(&p).await;
                 assert!(!status.success(), "a hollow ELF ran: {status}");
@@ -297,7 +297,7 @@ fn a_machine_larger_than_the_callers_limits_is_refused() {
         .await
         .err()
         .expect("a 100 GiB machine for a 64 MiB caller");
-        assert!(err.contains("microVM too large"), "{err}");
+        assert_kind(&err, ErrorKind::TooLarge, "microVM too large");
         assert!(err.contains("memory limit is 64 MiB"), "{err}");
         let err = run(
             &root,
@@ -310,7 +310,7 @@ fn a_machine_larger_than_the_callers_limits_is_refused() {
         .await
         .err()
         .expect("4 billion vCPUs");
-        assert!(err.contains("vCPUs"), "{err}");
+        assert_kind(&err, ErrorKind::TooLarge, "vCPUs");
         assert_eq!(host.live_cells(), 0);
         let p = run(&root, &elf("/bin/true"), Run::default()).await.unwrap();
         assert_eq!(wait(&p).await, ExitStatus::Exited(0));
@@ -427,7 +427,7 @@ fn a_machine_booting_while_the_host_shuts_down_is_not_kept() {
             tokio::time::sleep(Duration::from_millis(300)).await;
             host.shutdown().await;
             let err = booting.await.unwrap().err().expect("the machine was kept");
-            assert!(err.contains("shutting down"), "{err}");
+            assert_kind(&err, ErrorKind::ShuttingDown, "shutting down");
             assert_eq!(host.live_cells(), 0);
         },
     );

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use capsa_schema::argv;
 use capsa_schema::capsa_capnp::executor;
+use capsa_schema::error::error;
+use capsa_schema::ErrorKind;
 
 use crate::format::check_elf;
 use crate::process::{self, ProcessImpl, Spec};
@@ -41,7 +43,7 @@ impl ExecutorImpl {
 }
 
 fn invalid(what: String) -> capnp::Error {
-    capnp::Error::failed(what)
+    error(ErrorKind::BadRequest, what)
 }
 
 fn text(reader: capnp::text::Reader<'_>, what: &str) -> Result<String, capnp::Error> {
@@ -62,7 +64,7 @@ impl executor::Server for ExecutorImpl {
     ) -> Result<(), capnp::Error> {
         let params = params.get()?;
         let bytes = params.get_bytes()?;
-        check_elf(bytes).map_err(|e| invalid(e.to_string()))?;
+        check_elf(bytes).map_err(|e| error(ErrorKind::BadPayload, e))?;
 
         let mut args = Vec::new();
         for (i, arg) in params.get_args()?.iter().enumerate() {
@@ -127,7 +129,15 @@ impl executor::Server for ExecutorImpl {
                 memory_limit,
             },
         )
-        .map_err(|e| capnp::Error::failed(format!("could not start {name}: {e}")))?;
+        .map_err(|e| {
+            // The kernel refusing the bytes is the caller's to know.
+            let kind = if e.raw_os_error() == Some(nix::errno::Errno::ENOEXEC as i32) {
+                ErrorKind::BadPayload
+            } else {
+                ErrorKind::Failed
+            };
+            error(kind, format!("could not start {name}: {e}"))
+        })?;
         eprintln!("capsa-agent: started {name}");
         results
             .get()

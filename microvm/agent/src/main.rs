@@ -21,7 +21,7 @@ mod status;
 mod stream;
 
 use std::os::unix::fs::DirBuilderExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::rc::Rc;
 
@@ -43,13 +43,16 @@ client disconnects.
   --listen ENDPOINT  serve on unix:PATH (created mode 0600),
                      tcp:127.0.0.1:PORT (loopback only) or vsock:PORT
   --listen-fd N      serve on the already listening socket N
-  --once             exit after the first connection closes";
+  --once             exit after the first connection closes
+  --work-dir DIR     keep the executables it is given in DIR (created
+                     mode 0700; default: a new folder under $TMPDIR)";
 
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Args {
     endpoint: Option<Endpoint>,
     once: bool,
     help: bool,
+    work_dir: Option<PathBuf>,
 }
 
 impl Args {
@@ -69,6 +72,10 @@ impl Args {
                 }
                 "--once" => {
                     parsed.once = true;
+                    continue;
+                }
+                "--work-dir" => {
+                    parsed.work_dir = Some(PathBuf::from(value("--work-dir")?));
                     continue;
                 }
                 "-h" | "--help" => {
@@ -136,7 +143,7 @@ fn run(args: Args, pid1: bool) -> Result<(), String> {
     local.block_on(&runtime, async move {
         // Subscribed to SIGCHLD before any child exists.
         let reaper = Reaper::start(pid1).map_err(|e| format!("cannot watch SIGCHLD: {e}"))?;
-        let dir = private_dir(pid1)?;
+        let dir = private_dir(pid1, args.work_dir)?;
         let endpoint = args.endpoint.unwrap_or(Endpoint::Vsock(VSOCK_PORT));
         let listener =
             Listener::bind(&endpoint).map_err(|e| format!("cannot listen on {endpoint:?}: {e}"))?;
@@ -174,18 +181,35 @@ fn run(args: Args, pid1: bool) -> Result<(), String> {
 }
 
 /// A folder only the agent can reach, for the executables it is given:
-/// `/tmp/capsa-agent` in the VM, a per-process one elsewhere.
-fn private_dir(pid1: bool) -> Result<PathBuf, String> {
-    let dir = if pid1 {
-        PathBuf::from("/tmp/capsa-agent")
-    } else {
-        std::env::temp_dir().join(format!("capsa-agent-{}", std::process::id()))
-    };
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    Ok(dir)
+/// `/tmp/capsa-agent` in the VM, `given` or a new one elsewhere.
+///
+/// A new one is named by the process id and the time, and another name is
+/// tried if it exists: an agent that was killed leaves its folder behind,
+/// and process ids come round again.
+fn private_dir(pid1: bool, given: Option<PathBuf>) -> Result<PathBuf, String> {
+    let create = |dir: &Path| std::fs::DirBuilder::new().mode(0o700).create(dir);
+    let fail = |dir: &Path, e: std::io::Error| format!("cannot create {}: {e}", dir.display());
+    if let Some(dir) = given.or_else(|| pid1.then(|| PathBuf::from("/tmp/capsa-agent"))) {
+        create(&dir).map_err(|e| fail(&dir, e))?;
+        return Ok(dir);
+    }
+    let mut attempt = 0u32;
+    loop {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = std::env::temp_dir().join(format!(
+            "capsa-agent-{}-{nanos:08x}{attempt}",
+            std::process::id()
+        ));
+        match create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 16 => {
+                attempt += 1;
+            }
+            Err(e) => return Err(fail(&dir, e)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -200,11 +224,12 @@ mod tests {
     fn parses_arguments() {
         assert_eq!(parse(&[]), Ok(Args::default()));
         assert_eq!(
-            parse(&["--listen", "unix:/s", "--once"]),
+            parse(&["--listen", "unix:/s", "--once", "--work-dir", "/w"]),
             Ok(Args {
                 endpoint: Some(Endpoint::Unix("/s".into())),
                 once: true,
-                help: false
+                help: false,
+                work_dir: Some("/w".into()),
             })
         );
         assert_eq!(
@@ -214,5 +239,20 @@ mod tests {
         assert!(parse(&["--listen"]).is_err());
         assert!(parse(&["--listen", "unix:/a", "--listen-fd", "3"]).is_err());
         assert!(parse(&["--frobnicate"]).is_err());
+        assert!(parse(&["--work-dir"]).is_err());
+    }
+
+    /// A folder left by an earlier agent with the same process id (killed,
+    /// so it could not remove it) does not stop a new one from starting.
+    #[test]
+    fn a_stale_work_folder_is_no_obstacle() {
+        let stale = std::env::temp_dir().join(format!("capsa-agent-{}", std::process::id()));
+        let _ = std::fs::create_dir(&stale);
+        let a = private_dir(false, None).unwrap();
+        let b = private_dir(false, None).unwrap();
+        assert_ne!(a, b);
+        for dir in [a, b, stale] {
+            std::fs::remove_dir(dir).unwrap();
+        }
     }
 }

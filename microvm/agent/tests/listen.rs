@@ -44,6 +44,8 @@ impl Agent {
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))
             .args(extra)
+            .arg("--work-dir")
+            .arg(dir.join("work"))
             .env("TMPDIR", &dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -68,7 +70,7 @@ impl Agent {
 
     /// The agent's private folder for the executables it writes.
     fn exec_dir(&self) -> PathBuf {
-        self.dir.join(format!("capsa-agent-{}", self.child.id()))
+        self.dir.join("work")
     }
 
     fn rss_kib(&self) -> u64 {
