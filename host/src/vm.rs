@@ -13,7 +13,6 @@
 //! host's half of the path (connection, RPC, process semantics, teardown)
 //! is the same code either way.
 
-use std::cell::OnceCell;
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -201,13 +200,44 @@ impl AsyncWrite for WriteHalf {
     }
 }
 
-/// What the host learnt about this machine's KVM, once per host.
-#[derive(Default)]
-pub struct Probed(OnceCell<Option<capsa_microvm::Probe>>);
+/// What the host learnt about this machine's KVM, once per host. The probe
+/// runs a guest for a while, so it runs on a blocking thread, never on the
+/// thread that serves every guest.
+pub struct Probed {
+    result: tokio::sync::OnceCell<Option<capsa_microvm::Probe>>,
+    probe: fn() -> Result<capsa_microvm::Probe, capsa_microvm::ProbeError>,
+}
+
+impl Default for Probed {
+    fn default() -> Self {
+        Probed {
+            result: tokio::sync::OnceCell::new(),
+            probe: capsa_microvm::probe,
+        }
+    }
+}
 
 impl Probed {
-    fn get(&self) -> Option<capsa_microvm::Probe> {
-        *self.0.get_or_init(|| match capsa_microvm::probe() {
+    async fn get(&self) -> Option<capsa_microvm::Probe> {
+        let probe = self.probe;
+        *self
+            .result
+            .get_or_init(|| async move {
+                match tokio::task::spawn_blocking(probe).await {
+                    Ok(result) => Self::report(result),
+                    Err(e) => {
+                        tracing::warn!("KVM probe failed: {e}");
+                        None
+                    }
+                }
+            })
+            .await
+    }
+
+    fn report(
+        result: Result<capsa_microvm::Probe, capsa_microvm::ProbeError>,
+    ) -> Option<capsa_microvm::Probe> {
+        match result {
             Ok(p) => {
                 tracing::info!(
                     "KVM probe: {:.1} ns per loop iteration ({})",
@@ -224,7 +254,45 @@ impl Probed {
                 tracing::warn!("KVM probe failed: {e}");
                 None
             }
-        })
+        }
+    }
+}
+
+/// Drops `value` on a blocking thread when called inside a runtime: for
+/// values whose drop waits (a machine joining its vCPU threads), which must
+/// not stall the one thread that serves every guest.
+fn drop_off_thread<T: Send + 'static>(value: T) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(move || drop(value))),
+        Err(_) => drop(value),
+    }
+}
+
+fn gone() -> SpawnError {
+    SpawnError::Vm("the machine is gone".into())
+}
+
+/// A machine still booting. If the boot is abandoned (its future dropped:
+/// the caller went away), the machine is ended off the host's thread.
+struct Booting(Option<Vm>);
+
+impl Booting {
+    fn vm(&self) -> Result<&Vm, SpawnError> {
+        self.0.as_ref().ok_or_else(gone)
+    }
+
+    /// The machine, now the host's to tear down.
+    fn machine(mut self) -> Option<Machine> {
+        self.0.take().map(|vm| Machine::Kvm(Rc::new(vm)))
+    }
+}
+
+impl Drop for Booting {
+    fn drop(&mut self) {
+        if let Some(vm) = self.0.take() {
+            vm.shutdown();
+            drop_off_thread(vm);
+        }
     }
 }
 
@@ -256,7 +324,7 @@ async fn boot(
             };
             let mut cmdline = String::from("console=ttyS0 reboot=k panic=-1 quiet");
             let mut profile = CpuProfile::Native;
-            if let Some(p) = probed.get().filter(|p| p.emulated) {
+            if let Some(p) = probed.get().await.filter(|p| p.emulated) {
                 profile = CpuProfile::Compat;
                 cmdline.push(' ');
                 cmdline.push_str(&capsa_microvm::compat_kernel_args(Some(p.ns_per_iteration)));
@@ -276,9 +344,9 @@ async fn boot(
                 .await
                 .map_err(|e| SpawnError::Vm(e.to_string()))?
                 .map_err(|e| SpawnError::Vm(e.to_string()))?;
-            let vm = Rc::new(vm);
-            let machine = Machine::Kvm(Rc::clone(&vm));
+            let booting = Booting(Some(vm));
             loop {
+                let vm = booting.vm()?;
                 // Until the guest's driver is up a connection request gets
                 // no answer at all, so each attempt is bounded too, and a
                 // machine that stops (a kernel panic) ends the wait at once.
@@ -298,6 +366,7 @@ async fn boot(
                                 "the agent answered {:.2} s after the VM started",
                                 boot_started.elapsed().as_secs_f64()
                             );
+                            let machine = booting.machine().ok_or_else(gone)?;
                             return Ok((machine, Box::pin(stream)));
                         }
                         Ok(Err(e)) => e.to_string(),
@@ -309,16 +378,16 @@ async fn boot(
                         VmExit::Panic(lines) => format!("the kernel panicked: {lines}"),
                         other => format!("{other:?}"),
                     };
+                    let machine = booting.machine().ok_or_else(gone)?;
                     let tail = machine.console_tail();
-                    drop(vm);
                     machine.tear_down().await;
                     return Err(SpawnError::Vm(format!(
                         "the VM stopped while booting: {why}; console: {tail}"
                     )));
                 }
                 if Instant::now() >= deadline {
+                    let machine = booting.machine().ok_or_else(gone)?;
                     let tail = machine.console_tail();
-                    drop(vm);
                     machine.tear_down().await;
                     return Err(SpawnError::Vm(format!(
                         "the agent did not answer within {:?} ({why}); console: {tail}",
@@ -561,4 +630,74 @@ pub(crate) async fn start(
         status: status_rx,
         torn_down: down_rx,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::thread::ThreadId;
+
+    use super::*;
+
+    fn on_this_thread<F: std::future::Future>(f: F) -> F::Output {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(f)
+    }
+
+    static PROBED_ON: Mutex<Option<ThreadId>> = Mutex::new(None);
+
+    fn recording_probe() -> Result<capsa_microvm::Probe, capsa_microvm::ProbeError> {
+        *PROBED_ON.lock().unwrap() = Some(std::thread::current().id());
+        Ok(capsa_microvm::Probe {
+            emulated: true,
+            ns_per_iteration: 1000.0,
+        })
+    }
+
+    /// Hole 6 of the robustness issue: the probe runs a guest for a while;
+    /// on the host's thread it would stall every guest meanwhile.
+    #[test]
+    fn the_kvm_probe_runs_off_the_host_thread_once() {
+        let probed = Probed {
+            result: tokio::sync::OnceCell::new(),
+            probe: recording_probe,
+        };
+        let host_thread = std::thread::current().id();
+        let first = on_this_thread(probed.get());
+        assert!(first.is_some_and(|p| p.emulated));
+        let probed_on = PROBED_ON.lock().unwrap().take();
+        assert!(probed_on.is_some_and(|t| t != host_thread), "{probed_on:?}");
+        on_this_thread(probed.get());
+        assert_eq!(*PROBED_ON.lock().unwrap(), None, "probed twice");
+    }
+
+    struct Recorder(Arc<Mutex<Option<ThreadId>>>);
+
+    impl Drop for Recorder {
+        fn drop(&mut self) {
+            *self.0.lock().unwrap() = Some(std::thread::current().id());
+        }
+    }
+
+    /// What a machine abandoned mid-boot is dropped with: joining its
+    /// threads must not happen on the host's thread.
+    #[test]
+    fn values_dropped_off_thread_are_dropped_elsewhere() {
+        let dropped_on = Arc::new(Mutex::new(None));
+        let host_thread = std::thread::current().id();
+        on_this_thread(async {
+            drop_off_thread(Recorder(dropped_on.clone()));
+            while dropped_on.lock().unwrap().is_none() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        let thread = dropped_on.lock().unwrap().take();
+        assert!(thread.is_some_and(|t| t != host_thread), "{thread:?}");
+        // Outside a runtime there is no other thread to use.
+        drop_off_thread(Recorder(dropped_on.clone()));
+        assert_eq!(dropped_on.lock().unwrap().take(), Some(host_thread));
+    }
 }

@@ -36,7 +36,7 @@ use vmm_sys_util::signal::Killable;
 pub use arch::x86_64::cpuid::{compat_kernel_args, CpuProfile};
 pub use boot::KernelImage;
 pub use devices::virtio::vsock::{VsockDeviceState, VsockListener, VsockStream};
-pub use probe::{probe, Probe};
+pub use probe::{probe, Probe, ProbeError};
 
 use arch::x86_64::layout::{SERIAL_IRQ, VIRTIO_IRQ, VIRTIO_MMIO_START};
 use devices::bus::DeviceBus;

@@ -403,6 +403,19 @@ mod native_kvm {
             let p = run(&root, &bb, sleeper(0)).await.unwrap();
             drop(p);
             until_nothing_runs(&host, "the machine outlived its Process").await;
+
+            // A caller that gives up while its machine boots: the machine is
+            // ended (off the host's thread), and the host keeps serving.
+            let abandoned = tokio::time::timeout(
+                Duration::from_millis(500),
+                run_request(&root, &bb, sleeper(0)).promise,
+            )
+            .await;
+            if abandoned.is_ok() {
+                eprintln!("the machine booted within 500 ms: nothing was abandoned");
+            }
+            assert_eq!(echo(&root, "still here").await.unwrap(), "still here");
+            until_nothing_runs(&host, "an abandoned machine").await;
         });
         assert_eq!(
             (settled_thread_count(), open_fds()),
