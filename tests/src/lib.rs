@@ -59,8 +59,6 @@ pub fn settled_thread_count() -> usize {
     last
 }
 
-/// Sends the host's logs to stderr when `CAPSA_LOG` names an env-filter
-/// (e.g. `CAPSA_LOG=debug`), as the `capsa` binary does; else nothing.
 /// This process's resident memory in KiB.
 pub fn rss_kib() -> u64 {
     rss_kib_of("self")
@@ -77,6 +75,97 @@ pub fn rss_kib_of(pid: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// This process's open files, sorted, without those under `/proc`.
+pub fn open_fds() -> Vec<String> {
+    open_fds_of("self")
+}
+
+/// A process's open files (`pid` as in `/proc`), sorted, without those
+/// under `/proc`.
+pub fn open_fds_of(pid: &str) -> Vec<String> {
+    let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|f| std::fs::read_link(f.ok()?.path()).ok())
+                .map(|p| p.display().to_string())
+                .filter(|p| !p.starts_with("/proc/"))
+                .collect()
+        })
+        .unwrap_or_default();
+    fds.sort();
+    fds
+}
+
+/// The number of cycles a soak test runs: `var` if set (the long runs
+/// whose figures PLAN.md keeps), else `default` (the short run every
+/// `cargo xtask test` makes).
+pub fn soak_cycles(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A small deterministic random source for the seeded stand-ins of the
+/// fuzz targets (xorshift64*).
+pub struct XorShift(u64);
+
+impl XorShift {
+    pub fn new(seed: u64) -> XorShift {
+        XorShift(seed.max(1))
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        if n == 0 {
+            0
+        } else {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// Changes `bytes` the way a fuzzer would: flips bytes, cuts the end,
+    /// repeats a slice or inserts noise.
+    pub fn mutate(&mut self, bytes: &mut Vec<u8>) {
+        for _ in 0..=self.below(4) {
+            match self.below(4) {
+                0 => {
+                    for _ in 0..=self.below(8) {
+                        let i = self.below(bytes.len());
+                        if let Some(b) = bytes.get_mut(i) {
+                            *b ^= 1 << self.below(8);
+                        }
+                    }
+                }
+                1 => {
+                    let keep = self.below(bytes.len() + 1);
+                    bytes.truncate(keep);
+                }
+                2 => {
+                    let start = self.below(bytes.len());
+                    let end = (start + self.below(64)).min(bytes.len());
+                    let slice = bytes[start..end].to_vec();
+                    let at = self.below(bytes.len() + 1);
+                    bytes.splice(at..at, slice);
+                }
+                _ => {
+                    let at = self.below(bytes.len() + 1);
+                    let noise: Vec<u8> = (0..self.below(16)).map(|_| self.next() as u8).collect();
+                    bytes.splice(at..at, noise);
+                }
+            }
+        }
+    }
+}
+
+/// Sends the host's logs to stderr when `CAPSA_LOG` names an env-filter
+/// (e.g. `CAPSA_LOG=debug`), as the `capsa` binary does; else nothing.
 pub fn init_logs() {
     if let Ok(filter) = std::env::var("CAPSA_LOG") {
         let _ = tracing_subscriber::fmt()

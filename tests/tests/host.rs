@@ -682,6 +682,53 @@ fn a_guest_that_leaves_a_million_calls_open_is_cut_off() {
     });
 }
 
+/// Soak: spawn, call and kill cycles of WASM children leave the host's
+/// threads, fds and memory where they were. `CAPSA_SOAK_CYCLES` sets the
+/// count (PLAN.md's figures come from 10,000).
+#[test]
+fn soak_spawn_call_kill_cycles_leave_nothing_behind() {
+    let cycles = soak_cycles("CAPSA_SOAK_CYCLES", 1000);
+    host(|host| async move {
+        let root = host.root_executor();
+        let echo_guest = guest("child-echo");
+        let cycle = || async {
+            let p = run(&root, &echo_guest, Run::default()).await.unwrap();
+            let reply = echo(&exported_executor(&p), "soak").await.unwrap();
+            assert!(reply.ends_with("soak"), "{reply}");
+            p.kill_request().send().promise.await.unwrap();
+            assert_eq!(wait(&p).await, ExitStatus::Killed);
+        };
+        // What the process keeps for good (cache, pools) comes first.
+        for _ in 0..20 {
+            cycle().await;
+        }
+        until_nothing_runs(&host, "warm-up children").await;
+        let (threads, fds, rss) = (settled_thread_count(), open_fds(), rss_kib());
+        let start = std::time::Instant::now();
+        for _ in 0..cycles {
+            cycle().await;
+        }
+        until_nothing_runs(&host, "soaked children").await;
+        let took = start.elapsed();
+        let (threads_after, fds_after, rss_after) = (settled_thread_count(), open_fds(), rss_kib());
+        eprintln!(
+            "soak: {cycles} spawn/echo/kill cycles in {:.1} s ({:.0} µs each); \
+             RSS {rss} -> {rss_after} KiB; threads {threads} -> {threads_after}; \
+             fds {} -> {}",
+            took.as_secs_f64(),
+            took.as_secs_f64() * 1e6 / cycles.max(1) as f64,
+            fds.len(),
+            fds_after.len()
+        );
+        assert_eq!(threads_after, threads, "threads left behind");
+        assert_eq!(fds_after, fds, "fds left behind");
+        assert!(
+            rss_after < rss + 16 * 1024,
+            "RSS grew from {rss} KiB to {rss_after} KiB"
+        );
+    });
+}
+
 #[test]
 fn the_capsa_binary_runs_the_demo() {
     let exe = std::env::current_exe().unwrap();

@@ -52,17 +52,6 @@ fn kvm_config(ready: Duration) -> HostConfig {
     }
 }
 
-fn open_fds() -> Vec<String> {
-    let mut fds: Vec<String> = std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|f| std::fs::read_link(f.ok()?.path()).ok())
-        .map(|p| p.display().to_string())
-        .filter(|p| !p.starts_with("/proc/"))
-        .collect();
-    fds.sort();
-    fds
-}
-
 /// A machine whose initramfs has no agent (its `/init` is busybox's init,
 /// which never listens on vsock) fails `runBytes` after the ready timeout
 /// with the console's last lines, and leaves no vCPU thread or fd behind.
@@ -527,8 +516,9 @@ mod native_kvm {
         });
     }
 
-    /// Twenty machines booted and torn down one after another: threads,
-    /// fds and RSS come back to where they were.
+    /// Twenty machines (`CAPSA_SOAK_BOOTS`, for the long soak) booted and
+    /// torn down one after another: threads, fds and RSS come back to where
+    /// they were.
     #[test]
     fn twenty_boots_leave_nothing_behind() {
         require_native_kvm();
@@ -546,8 +536,9 @@ mod native_kvm {
                     ("hello from a microVM\n", ExitStatus::Exited(0))
                 );
                 eprintln!(
-                    "boot {round}: {:.2} s to output",
-                    start.elapsed().as_secs_f64()
+                    "boot {round}: {:.2} s to output, RSS {} KiB",
+                    start.elapsed().as_secs_f64(),
+                    rss_kib()
                 );
                 until_nothing_runs(&host, "the machine outlived its Process").await;
             });
@@ -555,11 +546,12 @@ mod native_kvm {
         // Warm up once (runtime, probe, allocator arenas) before counting.
         cycle(0);
         let (t, f, rss) = (settled_thread_count(), open_fds(), rss_kib());
-        for round in 1..=20 {
+        let boots = soak_cycles("CAPSA_SOAK_BOOTS", 20);
+        for round in 1..=boots {
             cycle(round);
         }
         let now = rss_kib();
-        eprintln!("RSS {rss} KiB before, {now} KiB after 20 boots");
+        eprintln!("RSS {rss} KiB before, {now} KiB after {boots} boots");
         assert_eq!(settled_thread_count(), t, "threads left behind");
         assert_eq!(open_fds(), f, "fds left behind");
         assert!(now < rss + 8 * 1024, "RSS grew from {rss} KiB to {now} KiB");

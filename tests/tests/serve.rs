@@ -307,6 +307,50 @@ fn in_process_with(host: &capsa::Host, share: Option<Share>) -> (serve::Connecti
     (serve::client_over(b), server)
 }
 
+/// Seeded stand-in for the `executor_messages` fuzz target: RPC streams of
+/// pipelined calls, mutated as a fuzzer would, sent to a connection never
+/// panic the host, and it keeps serving everyone else.
+#[test]
+fn mutated_rpc_streams_never_break_the_host() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    with_host(HostConfig::default(), |host| async move {
+        let (witness_conn, _witness_served) = in_process(&host);
+        let witness = witness_conn.executor.clone();
+        let mut base = Vec::new();
+        capsa_schema::hostile::echo_flood(&mut base, 4, 24, true).unwrap();
+        let mut rng = XorShift::new(0x5eed_cafe);
+        for round in 0..3000 {
+            let mut bytes = base.clone();
+            rng.mutate(&mut bytes);
+            let (client, server) = tokio::io::duplex(1 << 16);
+            let served_by = host.clone();
+            let served = tokio::task::spawn_local(async move {
+                serve::serve_connection(&served_by, server, None, None).await
+            });
+            let (mut from_host, mut to_host) = tokio::io::split(client);
+            let talk = async {
+                let _ = to_host.write_all(&bytes).await;
+                let _ = to_host.shutdown().await;
+                let mut sink = vec![0u8; 1 << 16];
+                while let Ok(n) = from_host.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(2), talk).await;
+            drop((from_host, to_host));
+            match tokio::time::timeout(Duration::from_secs(5), served).await {
+                Ok(Err(e)) if e.is_panic() => panic!("round {round}: the host panicked: {e}"),
+                Ok(_) => {}
+                Err(_) => panic!("round {round}: the connection outlived its client"),
+            }
+        }
+        assert_eq!(echo(&witness, "after").await.unwrap(), "after");
+        assert_eq!(host.live_cells(), 0);
+    });
+}
+
 /// Hole 7 of the robustness issue: each connection holds at most its share
 /// of guests (at every nesting level together) and of guest memory, so one
 /// client cannot lock the others out; what a guest held goes back to the
@@ -595,6 +639,83 @@ fn a_client_that_never_reads_its_replies_is_held_back() {
         drop(flood);
         assert_eq!(echo(&witness, "after").await.unwrap(), "after");
     });
+}
+
+/// Soak: clients that connect, run a program and disconnect, one after
+/// another, leave the server's threads, fds and memory where they were.
+/// `CAPSA_SOAK_CONNECTIONS` sets the count (PLAN.md's figures come from
+/// 1,000).
+#[test]
+fn soak_connect_run_disconnect_cycles_leave_the_server_as_it_was() {
+    let cycles = soak_cycles("CAPSA_SOAK_CONNECTIONS", 200);
+    let dir = scratch("soak");
+    let served = Served::start(&["--listen", &sock_arg(&dir)]);
+    let address = served.address.clone();
+    let pid = served.child.id().to_string();
+    let hello = guest("hello");
+    local(async {
+        let cycle = || async {
+            let conn = serve::connect(&address, None).await.unwrap();
+            let p = run(
+                &conn.executor,
+                &hello,
+                Run {
+                    args: &["soak"],
+                    data: true,
+                    ..Run::default()
+                },
+            )
+            .await
+            .unwrap();
+            let out = stdout_of(&p).await;
+            assert!(String::from_utf8_lossy(&out).contains("soak"));
+            assert_eq!(wait(&p).await, ExitStatus::Exited(0));
+            drop(p);
+            conn.close().await;
+        };
+        for _ in 0..5 {
+            cycle().await;
+        }
+        let settled = || {
+            let start = Instant::now();
+            let mut last = (thread_count_of(&pid), open_fds_of(&pid));
+            loop {
+                std::thread::sleep(Duration::from_millis(200));
+                let now = (thread_count_of(&pid), open_fds_of(&pid));
+                if now == last || start.elapsed() > Duration::from_secs(15) {
+                    return now;
+                }
+                last = now;
+            }
+        };
+        let (before, rss) = (settled(), rss_mib(served.child.id()));
+        let start = Instant::now();
+        for _ in 0..cycles {
+            cycle().await;
+        }
+        let took = start.elapsed();
+        let (after, rss_after) = (settled(), rss_mib(served.child.id()));
+        eprintln!(
+            "soak: {cycles} connect/run/disconnect cycles in {:.1} s ({:.1} ms each); \
+             server RSS {rss} -> {rss_after} MiB; threads {} -> {}; fds {} -> {}",
+            took.as_secs_f64(),
+            took.as_secs_f64() * 1e3 / cycles.max(1) as f64,
+            before.0,
+            after.0,
+            before.1.len(),
+            after.1.len()
+        );
+        assert_eq!(after, before, "threads or fds left behind in the server");
+        assert!(
+            rss_after < rss + 16,
+            "server RSS grew from {rss} to {rss_after} MiB"
+        );
+    });
+}
+
+/// A process's thread count.
+fn thread_count_of(pid: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
 }
 
 #[test]
