@@ -18,6 +18,7 @@ pub mod boot;
 pub mod devices;
 pub mod event_loop;
 pub mod probe;
+pub mod seccomp;
 pub mod vstate;
 
 use std::io;
@@ -112,6 +113,9 @@ pub enum VmError {
     /// The VM is not running any more.
     #[error("the VM has stopped")]
     Stopped,
+    /// The vCPU threads' seccomp filter could not be built.
+    #[error("vCPU seccomp filter: {0}")]
+    Seccomp(String),
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> VmError {
@@ -255,7 +259,10 @@ impl Vm {
                 .spawn(move || dt.run())
                 .map_err(io_err("spawning device thread"))?,
         );
+        // Every vCPU thread runs the guest's exits under this filter.
+        let filter = seccomp::vcpu_filter().map_err(|e| VmError::Seccomp(e.to_string()))?;
         for mut v in vcpus {
+            let filter = filter.clone();
             let bus = bus.clone();
             let stop = stop.clone();
             let exit_tx = exit_tx.clone();
@@ -264,7 +271,10 @@ impl Vm {
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{}", v.id))
                 .spawn(move || {
-                    let why = v.run(&*bus, &stop);
+                    let why = match seccomp::apply(&filter) {
+                        Ok(()) => v.run(&*bus, &stop),
+                        Err(e) => VcpuStop::Error(e.to_string()),
+                    };
                     if why != VcpuStop::Stopped {
                         let exit = classify(why, &log);
                         exit_tx.send_if_modified(|e| {

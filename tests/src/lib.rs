@@ -64,6 +64,19 @@ pub fn rss_kib() -> u64 {
     rss_kib_of("self")
 }
 
+/// This process's resident memory in KiB once the allocator has given
+/// back the free memory it keeps (glibc's `malloc_trim`): memory still in
+/// use, for leak checks across many short-lived hosts.
+#[allow(unsafe_code)]
+pub fn trimmed_rss_kib() -> u64 {
+    // SAFETY: malloc_trim only releases free heap memory; it takes no
+    // pointer and is safe to call at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    rss_kib()
+}
+
 /// A process's resident memory in KiB (`pid` as in `/proc`: a number or
 /// `self`); 0 if it is gone.
 pub fn rss_kib_of(pid: &str) -> u64 {
@@ -114,7 +127,7 @@ impl XorShift {
         XorShift(seed.max(1))
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -126,7 +139,7 @@ impl XorShift {
         if n == 0 {
             0
         } else {
-            (self.next() % n as u64) as usize
+            (self.next_u64() % n as u64) as usize
         }
     }
 
@@ -156,11 +169,43 @@ impl XorShift {
                 }
                 _ => {
                     let at = self.below(bytes.len() + 1);
-                    let noise: Vec<u8> = (0..self.below(16)).map(|_| self.next() as u8).collect();
+                    let noise: Vec<u8> =
+                        (0..self.below(16)).map(|_| self.next_u64() as u8).collect();
                     bytes.splice(at..at, noise);
                 }
             }
         }
+    }
+}
+
+/// Sends `bytes` to `host` as the whole of one client connection (what
+/// `capsa serve` does with a socket, over an in-memory pipe), reads and
+/// drops whatever comes back, and checks the connection's end: an error if
+/// the host panicked serving it or kept it after its client left.
+pub async fn feed_connection(host: &Host, bytes: &[u8]) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (client, server) = tokio::io::duplex(1 << 16);
+    let served_by = host.clone();
+    let served = tokio::task::spawn_local(async move {
+        capsa::serve::serve_connection(&served_by, server, None, None).await
+    });
+    let (mut from_host, mut to_host) = tokio::io::split(client);
+    let talk = async {
+        let _ = to_host.write_all(bytes).await;
+        let _ = to_host.shutdown().await;
+        let mut sink = vec![0u8; 1 << 16];
+        while let Ok(n) = from_host.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), talk).await;
+    drop((from_host, to_host));
+    match tokio::time::timeout(std::time::Duration::from_secs(10), served).await {
+        Ok(Err(e)) if e.is_panic() => Err(format!("the host panicked: {e}")),
+        Ok(_) => Ok(()),
+        Err(_) => Err("the connection outlived its client".into()),
     }
 }
 
