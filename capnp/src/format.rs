@@ -184,4 +184,33 @@ mod tests {
             Err(FormatError::ElfType(1))
         );
     }
+
+    /// Seeded stand-in for the `payload_format` fuzz target: random bytes,
+    /// and random bytes behind each magic, never panic detection, and what
+    /// it names ELF or WASM has that magic.
+    #[test]
+    fn random_bytes_never_panic_detection() {
+        let mut state: u64 = 0x5eed_f00d;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..100_000 {
+            let len = (next() % 80) as usize;
+            let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let magic: &[u8] = match round % 3 {
+                0 => ELF_MAGIC,
+                1 => WASM_MAGIC,
+                _ => b"",
+            };
+            bytes.splice(0..0, magic.iter().copied());
+            match detect(&bytes) {
+                Ok(Format::Elf) => assert!(bytes.starts_with(ELF_MAGIC)),
+                Ok(Format::Component | Format::Module) => assert!(bytes.starts_with(WASM_MAGIC)),
+                Err(e) => assert!(!e.to_string().is_empty()),
+            }
+        }
+    }
 }
