@@ -543,3 +543,25 @@ pub fn connect(bootstrap: capnp::capability::Client) -> (executor::Client, Rc<Re
     tokio::task::spawn_local(rpc);
     (exec, wire)
 }
+
+/// A child that answers echo: the "host keeps serving the others" witness.
+pub async fn healthy(exec: &capsa::schema::executor::Client) -> capsa::schema::process::Client {
+    let p = run(
+        exec,
+        &guest("child-echo"),
+        Run {
+            args: &["witness"],
+            ..Run::default()
+        },
+    )
+    .await
+    .expect("spawn witness");
+    let reply = echo(&exported_executor(&p), "still there?").await.unwrap();
+    assert!(reply.contains("still there?"), "{reply}");
+    p
+}
+
+pub async fn still_healthy(witness: &capsa::schema::process::Client) {
+    let reply = echo(&exported_executor(witness), "after the fault").await;
+    assert!(reply.unwrap().contains("after the fault"));
+}
