@@ -16,11 +16,49 @@ fn send(out: &mut impl Write, fill: impl FnOnce(message::Builder<'_>)) -> io::Re
     capnp::serialize::write_message(out, &m).map_err(io::Error::other)
 }
 
+/// What follows each call of a flood.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// Its `Finish`.
+    Each,
+    /// Nothing: the call stays open.
+    Never,
+    /// A `Finish` for a question never asked, as if to wind a count of
+    /// open calls down.
+    Bogus,
+}
+
+/// Writes `count` `Bootstrap` messages, each followed as `finish` says.
+/// Each answer holds a capability, so unlike an `echo` it stays in the
+/// other side's tables until its `Finish`.
+pub fn bootstrap_flood(out: &mut impl Write, count: u32, finish: Finish) -> io::Result<()> {
+    for question in 0..count {
+        send(out, |m| m.init_bootstrap().set_question_id(question))?;
+        follow(out, question, finish)?;
+    }
+    out.flush()
+}
+
+fn follow(out: &mut impl Write, question: u32, finish: Finish) -> io::Result<()> {
+    match finish {
+        Finish::Each => send(out, |m| m.init_finish().set_question_id(question)),
+        Finish::Bogus => send(out, |m| {
+            m.init_finish().set_question_id(u32::MAX - question)
+        }),
+        Finish::Never => Ok(()),
+    }
+}
+
 /// Writes a `Bootstrap` and then `count` `echo` calls of `bytes` bytes
-/// each, pipelined on the bootstrap's answer, each followed by its `Finish`
-/// if `finish` (else left open). Reads nothing: the replies pile up on the
-/// other side unless it holds back.
-pub fn echo_flood(out: &mut impl Write, count: u32, bytes: usize, finish: bool) -> io::Result<()> {
+/// each, pipelined on the bootstrap's answer, each followed as `finish`
+/// says. Reads nothing: the replies pile up on the other side unless it
+/// holds back.
+pub fn echo_flood(
+    out: &mut impl Write,
+    count: u32,
+    bytes: usize,
+    finish: Finish,
+) -> io::Result<()> {
     let text = "x".repeat(bytes);
     send(out, |m| m.init_bootstrap().set_question_id(0))?;
     for question in 1..=count {
@@ -38,9 +76,7 @@ pub fn echo_flood(out: &mut impl Write, count: u32, bytes: usize, finish: bool) 
                 .init_as::<executor::echo_params::Builder<'_>>()
                 .set_message(text.as_str());
         })?;
-        if finish {
-            send(out, |m| m.init_finish().set_question_id(question))?;
-        }
+        follow(out, question, finish)?;
     }
     out.flush()
 }

@@ -11,10 +11,13 @@
 //! - while more than [`FlowLimits::queued_bytes`] of outgoing messages wait
 //!   to be written, the host stops reading from the peer (back-pressure: the
 //!   peer blocks on its own writes);
-//! - a peer may have at most [`FlowLimits::open_calls`] questions open
-//!   (`Call` and `Bootstrap` messages it has not sent `Finish` for). Each one
-//!   keeps an answer in the host's tables, so past the limit the connection
-//!   is ended with an error that says so.
+//! - a peer may have at most [`FlowLimits::open_calls`] questions open:
+//!   `Call` and `Bootstrap` messages whose answer the host still keeps,
+//!   that is, not yet `Finish`ed by the peer nor answered with a `Return`
+//!   that needs no `Finish` (capnp-rpc sends those for results without
+//!   capabilities). Past the limit the connection is ended with an error
+//!   that says so. The open questions are kept by id, so `Finish` messages
+//!   for questions never asked cannot wind the count down.
 //!
 //! Both rules act on this one connection only: other guests and clients keep
 //! being served. When reading fails (a bad message, a broken limit), the
@@ -23,7 +26,7 @@
 //! capnp-rpc's shutdown waits for the write queue to drain.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
+use std::collections::HashSet;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -34,7 +37,6 @@ use capnp::message::{Builder, HeapAllocator, ReaderOptions};
 use capnp_rpc::rpc_capnp::message;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, Connection, IncomingMessage, OutgoingMessage, VatNetwork};
-use futures::future::Shared;
 use futures::{AsyncRead, AsyncWrite, FutureExt, TryFutureExt};
 
 /// What one connection may hold in the host.
@@ -64,9 +66,9 @@ where
 {
     let flow = Rc::new(RefCell::new(Flow {
         limits,
-        unwritten: VecDeque::new(),
+        blocked_reader: None,
         queued_bytes: 0,
-        open_calls: 0,
+        open_calls: HashSet::new(),
         aborted: false,
         blocked_writer: None,
         failure: None,
@@ -110,15 +112,17 @@ impl Outcome {
     }
 }
 
-type Written = Shared<Promise<(), capnp::Error>>;
-
 /// The accounting shared by the connection's reader and its messages.
 struct Flow {
     limits: FlowLimits,
-    /// Messages handed to the write queue, oldest first, with their sizes.
-    unwritten: VecDeque<(Written, usize)>,
+    /// Bytes of messages handed to the write queue and not yet written:
+    /// each message adds its exact serialized size, every write through
+    /// [`Abortable`] takes off what it wrote.
     queued_bytes: usize,
-    open_calls: u32,
+    /// The reader's waker while it waits for the queue to drain.
+    blocked_reader: Option<Waker>,
+    /// Ids of the peer's questions whose answers the host keeps.
+    open_calls: HashSet<u32>,
     /// Set once reading failed: every later write fails.
     aborted: bool,
     /// The write queue's waker while the peer is not reading.
@@ -136,22 +140,17 @@ impl Flow {
         }
     }
 
-    /// Forgets the messages written since the last look; true while the
-    /// rest is over the limit. The queue writes in order, so the oldest
-    /// entry is the one to wait for (its waker is `cx`'s).
+    /// True while the queue is over the limit; a write that brings it
+    /// back under then wakes `cx`.
     fn over_limit(&mut self, cx: &mut Context<'_>) -> bool {
-        while let Some((written, _)) = self.unwritten.front_mut() {
-            if written.poll_unpin(cx).is_pending() {
-                break;
-            }
-            if let Some((_, bytes)) = self.unwritten.pop_front() {
-                self.queued_bytes = self.queued_bytes.saturating_sub(bytes);
-            }
+        let over = self.queued_bytes > self.limits.queued_bytes;
+        if over {
+            self.blocked_reader = Some(cx.waker().clone());
         }
-        self.queued_bytes > self.limits.queued_bytes
+        over
     }
 
-    /// Counts the questions `message` opens or closes.
+    /// Follows the questions an incoming `message` opens or closes.
     fn observe(&mut self, message: &dyn IncomingMessage) -> Result<(), capnp::Error> {
         let Ok(body) = message.get_body() else {
             return Ok(());
@@ -159,21 +158,41 @@ impl Flow {
         let Ok(message) = body.get_as::<message::Reader>() else {
             return Ok(());
         };
-        match message.which() {
-            Ok(message::Call(_) | message::Bootstrap(_)) => {
-                self.open_calls = self.open_calls.saturating_add(1);
-                if self.open_calls > self.limits.open_calls {
-                    return Err(capnp::Error::failed(format!(
-                        "the peer has more than {} calls open at once (calls it has not \
-                         finished); the connection is closed",
-                        self.limits.open_calls
-                    )));
-                }
+        let opened = match message.which() {
+            Ok(message::Call(Ok(call))) => Some(call.get_question_id()),
+            Ok(message::Bootstrap(Ok(bootstrap))) => Some(bootstrap.get_question_id()),
+            Ok(message::Finish(Ok(finish))) => {
+                self.open_calls.remove(&finish.get_question_id());
+                None
             }
-            Ok(message::Finish(_)) => self.open_calls = self.open_calls.saturating_sub(1),
-            _ => {}
+            _ => None,
+        };
+        if let Some(question) = opened {
+            self.open_calls.insert(question);
+            if self.open_calls.len() > self.limits.open_calls as usize {
+                return Err(capnp::Error::failed(format!(
+                    "the peer has more than {} calls open at once (calls it has not \
+                         finished); the connection is closed",
+                    self.limits.open_calls
+                )));
+            }
         }
         Ok(())
+    }
+
+    /// Forgets the question an outgoing `Return` ends for good.
+    fn answered(&mut self, message: &dyn OutgoingMessage) {
+        let Ok(body) = message.get_body_as_reader() else {
+            return;
+        };
+        let Ok(message) = body.get_as::<message::Reader>() else {
+            return;
+        };
+        if let Ok(message::Return(Ok(ret))) = message.which() {
+            if ret.get_no_finish_needed() {
+                self.open_calls.remove(&ret.get_answer_id());
+            }
+        }
     }
 }
 
@@ -290,7 +309,17 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Abortable<W> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.check(cx)?;
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = written {
+            let mut flow = self.flow.borrow_mut();
+            flow.queued_bytes = flow.queued_bytes.saturating_sub(n);
+            if flow.queued_bytes <= flow.limits.queued_bytes {
+                if let Some(reader) = flow.blocked_reader.take() {
+                    reader.wake();
+                }
+            }
+        }
+        written
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -319,13 +348,12 @@ impl OutgoingMessage for Counted {
     }
 
     fn send(self: Box<Self>) -> (Promise<(), capnp::Error>, Rc<Builder<HeapAllocator>>) {
-        let bytes = self.inner.size_in_words().saturating_mul(8);
+        self.flow.borrow_mut().answered(self.inner.as_ref());
         let (written, message) = self.inner.send();
-        let written = written.shared();
+        let bytes = capnp::serialize::compute_serialized_size_in_words(&message).saturating_mul(8);
         let mut flow = self.flow.borrow_mut();
         flow.queued_bytes = flow.queued_bytes.saturating_add(bytes);
-        flow.unwritten.push_back((written.clone(), bytes));
-        (Promise::from_future(written), message)
+        (written, message)
     }
 
     fn take(self: Box<Self>) -> Builder<HeapAllocator> {

@@ -12,6 +12,7 @@ use capsa::schema::StdioMode;
 use capsa::scope::Share;
 use capsa::serve::{self, Address, Token};
 use capsa::{ExitStatus, HostConfig};
+use capsa_schema::hostile::Finish;
 use capsa_tests::*;
 
 fn capsa_bin() -> PathBuf {
@@ -307,6 +308,22 @@ fn in_process_with(host: &capsa::Host, share: Option<Share>) -> (serve::Connecti
     (serve::client_over(b), server)
 }
 
+/// A client that makes more calls, one after another, than the open-call
+/// limit is not cut off: a `Return` without capabilities needs no `Finish`
+/// (capnp-rpc says so in the `Return`), and its call is no longer open.
+#[test]
+fn many_sequential_calls_are_not_open_calls() {
+    with_host(HostConfig::default(), |host| async move {
+        let (conn, _served) = in_process(&host);
+        let limit = host.config().flow.open_calls;
+        for i in 0..limit + 1_000 {
+            if let Err(e) = echo(&conn.executor, "again").await {
+                panic!("call {i}: {e}");
+            }
+        }
+    });
+}
+
 /// Seeded stand-in for the `executor_messages` fuzz target: RPC streams of
 /// pipelined calls, mutated as a fuzzer would, sent to a connection never
 /// panic the host, and it keeps serving everyone else.
@@ -316,7 +333,7 @@ fn mutated_rpc_streams_never_break_the_host() {
         let (witness_conn, _witness_served) = in_process(&host);
         let witness = witness_conn.executor.clone();
         let mut base = Vec::new();
-        capsa_schema::hostile::echo_flood(&mut base, 4, 24, true).unwrap();
+        capsa_schema::hostile::echo_flood(&mut base, 4, 24, Finish::Each).unwrap();
         let mut rng = XorShift::new(0x5eed_cafe);
         for round in 0..3000 {
             let mut bytes = base.clone();
@@ -601,7 +618,7 @@ fn a_client_that_never_reads_its_replies_is_held_back() {
         let mut writer = flood.try_clone().unwrap();
         let writing = std::thread::spawn(move || {
             let mut out = std::io::BufWriter::new(&mut writer);
-            capsa_schema::hostile::echo_flood(&mut out, 20_000, 65_536, true)
+            capsa_schema::hostile::echo_flood(&mut out, 20_000, 65_536, Finish::Each)
         });
         let mut grown = 0;
         for _ in 0..20 {

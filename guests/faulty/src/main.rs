@@ -9,14 +9,17 @@
 //! - `exit-mid-call`: serves an `Executor` whose `echo` exits with code 7
 //!   while the call is in flight;
 //! - `block-stdin`: reads stdin until EOF, then exits 0;
-//! - `flood COUNT BYTES finish|open`: writes a `Bootstrap` and then COUNT
-//!   pipelined `echo` calls of BYTES bytes each straight onto its stdout,
-//!   each followed by its `Finish` or left open, and never reads a reply.
+//! - `flood COUNT BYTES finish|open|bogus`: writes a `Bootstrap` and then
+//!   COUNT pipelined `echo` calls of BYTES bytes each (or, with BYTES 0,
+//!   COUNT `Bootstrap` messages) straight onto its stdout,
+//!   each followed by its `Finish`, left open, or followed by a `Finish`
+//!   for a question never asked, and never reads a reply.
 
 use std::hint::black_box;
 use std::io::{self, Write};
 
 use capsa_schema::executor;
+use capsa_schema::hostile::Finish;
 use guest_runtime::{log, Connection};
 
 const BLOCK_BYTES: usize = 1024 * 1024;
@@ -83,24 +86,30 @@ fn exit_mid_call() -> Result<(), guest_runtime::Error> {
     .serve()
 }
 
-fn flood(count: u32, bytes: usize, finish: bool) -> io::Result<()> {
+/// `bytes` 0 floods with `Bootstrap` messages instead of `echo` calls.
+fn flood(count: u32, bytes: usize, finish: Finish) -> io::Result<()> {
     let mut out = io::BufWriter::new(io::stdout().lock());
-    capsa_schema::hostile::echo_flood(&mut out, count, bytes, finish)?;
+    if bytes == 0 {
+        capsa_schema::hostile::bootstrap_flood(&mut out, count, finish)?;
+    } else {
+        capsa_schema::hostile::echo_flood(&mut out, count, bytes, finish)?;
+    }
     log!("faulty flood: {count} calls sent; never reading a reply");
     loop {
         wasip2::clocks::monotonic_clock::subscribe_duration(3_600_000_000_000).block();
     }
 }
 
-fn flood_args() -> Result<(u32, usize, bool), String> {
+fn flood_args() -> Result<(u32, usize, Finish), String> {
     let args: Vec<String> = std::env::args().skip(2).collect();
-    let usage = || "usage: flood COUNT BYTES finish|open".to_string();
+    let usage = || "usage: flood COUNT BYTES finish|open|bogus".to_string();
     let [count, bytes, finish] = args.as_slice() else {
         return Err(usage());
     };
     let finish = match finish.as_str() {
-        "finish" => true,
-        "open" => false,
+        "finish" => Finish::Each,
+        "open" => Finish::Never,
+        "bogus" => Finish::Bogus,
         _ => return Err(usage()),
     };
     Ok((
