@@ -287,18 +287,22 @@ struct Abortable<W> {
 }
 
 impl<W> Abortable<W> {
-    fn check(&self, cx: &mut Context<'_>) -> Result<(), io::Error> {
-        let mut flow = self.flow.borrow_mut();
-        if flow.aborted {
+    fn check(&self) -> Result<(), io::Error> {
+        if self.flow.borrow().aborted {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 "the connection failed; its unsent replies are dropped",
             ));
         }
-        if !matches!(&flow.blocked_writer, Some(w) if w.will_wake(cx.waker())) {
-            flow.blocked_writer = Some(cx.waker().clone());
-        }
         Ok(())
+    }
+
+    /// Keeps the write queue's waker while the peer is not reading, so an
+    /// abort can end the wait.
+    fn note_blocked<T>(&self, result: &Poll<T>, cx: &Context<'_>) {
+        if result.is_pending() {
+            self.flow.borrow_mut().blocked_writer = Some(cx.waker().clone());
+        }
     }
 }
 
@@ -308,8 +312,9 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Abortable<W> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.check(cx)?;
+        self.check()?;
         let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note_blocked(&written, cx);
         if let Poll::Ready(Ok(n)) = written {
             let mut flow = self.flow.borrow_mut();
             flow.queued_bytes = flow.queued_bytes.saturating_sub(n);
@@ -323,8 +328,10 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Abortable<W> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.check(cx)?;
-        Pin::new(&mut self.inner).poll_flush(cx)
+        self.check()?;
+        let flushed = Pin::new(&mut self.inner).poll_flush(cx);
+        self.note_blocked(&flushed, cx);
+        flushed
     }
 
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -42,7 +42,7 @@ pub fn guest(name: &str) -> Vec<u8> {
 /// left running stays counted, so comparisons still catch a leak.
 pub fn settled_thread_count() -> usize {
     use std::time::{Duration, Instant};
-    let count = || std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count());
+    let count = || thread_count_of("self");
     let mut last = count();
     let mut stable_since = Instant::now();
     let start = Instant::now();
@@ -57,6 +57,11 @@ pub fn settled_thread_count() -> usize {
         }
     }
     last
+}
+
+/// A process's thread count (`pid` as in `/proc`: a number or `self`).
+pub fn thread_count_of(pid: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
 }
 
 /// This process's resident memory in KiB.

@@ -709,11 +709,6 @@ fn soak_connect_run_disconnect_cycles_leave_the_server_as_it_was() {
     });
 }
 
-/// A process's thread count.
-fn thread_count_of(pid: &str) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
-}
-
 #[test]
 fn tcp_is_loopback_only_and_a_token_is_checked_before_any_capability() {
     let log = Served::try_start(&["--listen", "tcp:0.0.0.0:0"])
