@@ -143,6 +143,15 @@ fn run(args: Args, pid1: bool) -> Result<(), String> {
     local.block_on(&runtime, async move {
         // Subscribed to SIGCHLD before any child exists.
         let reaper = Reaper::start(pid1).map_err(|e| format!("cannot watch SIGCHLD: {e}"))?;
+        // Watched before "listening" is announced: whoever starts the agent
+        // may stop it as soon as it reads that line, and a SIGTERM that came
+        // first would meet whatever disposition the agent inherited (which
+        // may be "ignore").
+        // PID 1 is never stopped by a signal: it powers the VM off instead.
+        let stop = match pid1 {
+            true => None,
+            false => Some(stop_signals().map_err(|e| format!("cannot watch SIGTERM: {e}"))?),
+        };
         let dir = private_dir(pid1, args.work_dir)?;
         let endpoint = args.endpoint.unwrap_or(Endpoint::Vsock(VSOCK_PORT));
         let listener =
@@ -155,21 +164,14 @@ fn run(args: Args, pid1: bool) -> Result<(), String> {
             (false, false) => Lifetime::Forever,
         };
         let runner = Rc::new(Runner::new(reaper, dir.clone()));
-        let stop = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            let mut int =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-            std::io::Result::Ok(())
-        };
         tokio::select! {
             () = serve::serve(listener, runner, lifetime) => {}
-            stopped = stop, if !pid1 => {
-                stopped.map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+            () = async {
+                match stop {
+                    Some(stop) => stop.await,
+                    None => std::future::pending().await,
+                }
+            } => {
                 eprintln!("capsa-agent: terminated");
             }
         }
@@ -177,6 +179,19 @@ fn run(args: Args, pid1: bool) -> Result<(), String> {
         // capabilities dropped above have already sent SIGKILL).
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
+    })
+}
+
+/// Resolves at the first SIGTERM or SIGINT; both are subscribed to at once.
+fn stop_signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     })
 }
 

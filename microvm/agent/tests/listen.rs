@@ -27,6 +27,11 @@ struct Agent {
 
 impl Agent {
     fn start(extra: &[&str]) -> Agent {
+        Agent::launch(extra, |_| {})
+    }
+
+    /// As `start`, with the agent's command adjusted by `adjust` first.
+    fn launch(extra: &[&str], adjust: impl FnOnce(&mut Command)) -> Agent {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "capsa-agent-test-{}-{}",
@@ -40,7 +45,8 @@ impl Agent {
         // agent, such as the static musl binary that goes into the initramfs.
         let program = std::env::var_os("CAPSA_AGENT_BIN")
             .unwrap_or_else(|| env!("CARGO_BIN_EXE_capsa-agent").into());
-        let mut child = Command::new(program)
+        let mut command = Command::new(program);
+        command
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))
             .args(extra)
@@ -49,9 +55,9 @@ impl Agent {
             .env("TMPDIR", &dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        adjust(&mut command);
+        let mut child = command.spawn().unwrap();
         // The agent's log: wait for its "listening" line, then keep draining.
         let (ready_tx, ready_rx) = mpsc::channel();
         let stderr = child.stderr.take().unwrap();
@@ -83,12 +89,34 @@ impl Agent {
     }
 }
 
-impl Drop for Agent {
-    fn drop(&mut self) {
+impl Agent {
+    /// Sends SIGTERM and waits up to ten seconds for the agent to exit; an
+    /// agent that is still there is killed, and the test fails.
+    fn terminate(&mut self) -> Result<(), String> {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
         let _ = self.child.wait();
+        Err("the agent did not stop within 10 s of SIGTERM".into())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let stopped = self.terminate();
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Err(e) = stopped {
+            if !std::thread::panicking() {
+                panic!("{e}");
+            }
+        }
     }
 }
 
@@ -236,6 +264,31 @@ fn echo_returns_the_message() {
         let ex = connect(&agent.socket).await;
         assert_eq!(echo(&ex, "hello agent").await, "hello agent");
     });
+}
+
+/// Whoever starts the agent may stop it the moment it says it is
+/// listening, even when it inherited SIGTERM ignored (as children of some
+/// supervisors and shells do): it must already be watching for the signal.
+#[test]
+fn sigterm_right_after_listening_stops_the_agent() {
+    use std::os::unix::process::CommandExt;
+    for _ in 0..20 {
+        let mut agent = Agent::launch(&[], |command| {
+            // SAFETY: between fork and exec only `sigaction` runs, which is
+            // async-signal-safe, and nothing is allocated.
+            unsafe {
+                command.pre_exec(|| {
+                    nix::sys::signal::signal(
+                        nix::sys::signal::Signal::SIGTERM,
+                        nix::sys::signal::SigHandler::SigIgn,
+                    )
+                    .map(drop)
+                    .map_err(std::io::Error::from)
+                });
+            }
+        });
+        agent.terminate().unwrap();
+    }
 }
 
 #[test]
