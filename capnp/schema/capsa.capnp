@@ -19,6 +19,90 @@ interface Executor {
 
   echo @1 (message :Text) -> (response :Text);
   # Returns the message unchanged. For transport tests and benchmarks.
+
+  directories @2 () -> (grants :List(Grant));
+  # The directories granted to whoever holds this Executor, each at the path
+  # its grantor chose: for PID0 those of `capsa run --dir` (also its WASI
+  # preopens), for a client of `capsa serve` those of `--dir NAME=PATH` (at
+  # NAME), for a child those its parent gave in `Options.directories` (its
+  # own Executor, when it inherits one). Empty when there are none: a host
+  # path is reachable only through such a grant.
+}
+
+struct Grant {
+  # A directory given at a path.
+  path @0 :Text;
+  # Where the grantee sees it: a WASM child's WASI preopen, the mount point
+  # in a microVM, the name in a `capsa serve --dir` list.
+  directory @1 :Directory;
+}
+
+interface Directory {
+  # A directory and everything under it, nothing outside it. Paths are
+  # relative, '/'-separated and UTF-8: an absolute path, a `..` component,
+  # a NUL byte or a symbolic link that leads outside fails with `badPath`;
+  # "" and "." name the directory itself. A read-only view refuses every
+  # change with `readOnly`, and so do the views and files taken from it.
+  # Failures carry the kinds notFound, exists, notADirectory, isADirectory,
+  # notEmpty, readOnly, badPath, noSpace and quota.
+
+  list @0 (path :Text) -> (entries :List(Entry));
+  # The entries of the directory at `path`, in no particular order, without
+  # "." and "..". More than 100,000 fail with `tooLarge`.
+
+  stat @1 (path :Text) -> (info :Info);
+  # What is at `path` (a symbolic link is followed, within the directory).
+
+  read @2 (path :Text) -> (source :ByteSource);
+  # The file's bytes from the start; `eof` after the last.
+
+  write @3 (path :Text, mode :WriteMode) -> (sink :ByteSink);
+  # A file to write, created if missing. The data is in the file once
+  # `close` has returned; a failure (no space, the quota) fails the `write`
+  # or `close` it happened in.
+
+  mkdir @4 (path :Text);
+  # One new directory; its parent must exist.
+
+  remove @5 (path :Text);
+  # A file, a symbolic link or an empty directory.
+
+  rename @6 (from :Text, to :Text);
+  # Within this directory; replaces a file at `to`.
+
+  sub @7 (path :Text, readOnly :Bool) -> (directory :Directory);
+  # The directory at `path` as a capability of its own, read-only if asked
+  # or if this one is.
+}
+
+enum WriteMode {
+  truncate @0;
+  # Replace what the file held.
+  append @1;
+  # Write after its end.
+  createNew @2;
+  # Fail with `exists` if it is there.
+}
+
+struct Entry {
+  name @0 :Text;
+  info @1 :Info;
+}
+
+struct Info {
+  kind @0 :EntryKind;
+  size @1 :UInt64;
+  # Bytes, for a file.
+  modifiedNanos @2 :Int64;
+  # Last modification, in nanoseconds since the Unix epoch.
+}
+
+enum EntryKind {
+  file @0;
+  directory @1;
+  symlink @2;
+  # Only in `list`: `stat` follows links.
+  other @3;
 }
 
 enum ErrorKind {
@@ -53,6 +137,22 @@ enum ErrorKind {
   wrongMode @10;
   # A stdio stream of a process in RPC mode, or the bootstrap capability of
   # one in data mode.
+  notFound @11;
+  # No file or directory at that path.
+  exists @12;
+  # Something is already at that path.
+  notADirectory @13;
+  # A path goes through, or names, something that is not a directory.
+  isADirectory @14;
+  # A file operation on a directory.
+  notEmpty @15;
+  # Removing a directory that still has entries.
+  readOnly @16;
+  # A change through a read-only view.
+  badPath @17;
+  # An absolute path, a `..`, a NUL byte, or a link that leads outside.
+  noSpace @18;
+  # The filesystem, or the grant's quota, is full.
 }
 
 struct EnvVar {
@@ -109,6 +209,11 @@ struct Options {
     kernel @10 :Data;
     initramfs @11 :Data;
   }
+
+  directories @12 :List(Grant);
+  # Directories the child may use, each at its path. A WASM child sees each
+  # as a WASI preopen (read-only views stay read-only) and lists them with
+  # its Executor's `directories`; nothing else of the host's filesystem.
 }
 
 interface Process {

@@ -5,7 +5,7 @@
 use crate::capsa_capnp::ErrorKind;
 
 /// Every kind with its name in descriptions, as the schema spells it.
-const NAMES: [(ErrorKind, &str); 11] = [
+const NAMES: [(ErrorKind, &str); 19] = [
     (ErrorKind::Failed, "failed"),
     (ErrorKind::BadRequest, "badRequest"),
     (ErrorKind::BadPayload, "badPayload"),
@@ -17,6 +17,14 @@ const NAMES: [(ErrorKind, &str); 11] = [
     (ErrorKind::Vm, "vm"),
     (ErrorKind::ShuttingDown, "shuttingDown"),
     (ErrorKind::WrongMode, "wrongMode"),
+    (ErrorKind::NotFound, "notFound"),
+    (ErrorKind::Exists, "exists"),
+    (ErrorKind::NotADirectory, "notADirectory"),
+    (ErrorKind::IsADirectory, "isADirectory"),
+    (ErrorKind::NotEmpty, "notEmpty"),
+    (ErrorKind::ReadOnly, "readOnly"),
+    (ErrorKind::BadPath, "badPath"),
+    (ErrorKind::NoSpace, "noSpace"),
 ];
 
 /// What capnp-rpc puts in front of an exception that crossed a connection.
@@ -40,6 +48,30 @@ pub fn error(kind: ErrorKind, message: impl std::fmt::Display) -> capnp::Error {
         ErrorKind::ShuttingDown => capnp::Error::disconnected(description),
         _ => capnp::Error::failed(description),
     }
+}
+
+/// The kind of a failed filesystem call. `None` for the errors that are
+/// not about the path or the space (`EIO`, `EACCES`, ...): those are
+/// `failed`.
+pub fn io_kind(e: &std::io::Error) -> Option<ErrorKind> {
+    use std::io::ErrorKind as Io;
+    Some(match e.kind() {
+        Io::NotFound => ErrorKind::NotFound,
+        Io::AlreadyExists => ErrorKind::Exists,
+        Io::NotADirectory => ErrorKind::NotADirectory,
+        Io::IsADirectory => ErrorKind::IsADirectory,
+        Io::DirectoryNotEmpty => ErrorKind::NotEmpty,
+        Io::ReadOnlyFilesystem => ErrorKind::ReadOnly,
+        Io::StorageFull | Io::QuotaExceeded | Io::FileTooLarge => ErrorKind::NoSpace,
+        Io::InvalidFilename | Io::InvalidInput => ErrorKind::BadPath,
+        _ => return None,
+    })
+}
+
+/// A failed filesystem call on `path` as an exception of its kind.
+pub fn io(e: &std::io::Error, path: &str) -> capnp::Error {
+    let kind = io_kind(e).unwrap_or(ErrorKind::Failed);
+    error(kind, format_args!("{path:?}: {e}"))
 }
 
 /// The kind of an exception.
@@ -101,6 +133,17 @@ mod tests {
             let relayed = format!("{REMOTE}{REMOTE}{}", e.extra);
             assert_eq!(kind_of(&relayed), kind);
             assert_eq!(message_of(&relayed), "why: with a colon");
+        }
+    }
+
+    #[test]
+    fn every_kind_of_the_schema_has_a_name() {
+        for n in 0..u16::MAX {
+            let Ok(kind) = ErrorKind::try_from(n) else {
+                assert_eq!(n as usize, NAMES.len(), "the kinds are numbered densely");
+                break;
+            };
+            assert!(NAMES.iter().any(|(k, _)| *k == kind), "{n} has no name");
         }
     }
 

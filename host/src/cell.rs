@@ -18,7 +18,9 @@ use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
 
+use crate::directory::Preopen;
 use crate::engine::{CellState, Compiled, CpuBudgetExceeded, MemoryLimiter, P2Wasi, Runtime};
+use crate::error::SpawnError;
 use crate::pipe::{self, GuestInput, GuestOutput, PipeReader, PipeWriter};
 use crate::scope::MemoryShare;
 use crate::status::{ExitStatus, Limits};
@@ -50,6 +52,8 @@ pub struct CellSpec {
     pub want_export: bool,
     /// The client's memory share the guest also draws on, if any.
     pub memory_share: Option<Arc<MemoryShare>>,
+    /// Directories the guest sees as WASI preopens.
+    pub preopens: Vec<Preopen>,
 }
 
 /// The host's ends of a data-mode guest's stdio.
@@ -144,7 +148,7 @@ pub fn spawn(
     spec: CellSpec,
     flow: FlowLimits,
     on_exit: impl FnOnce(&ExitStatus) + 'static,
-) -> Rc<Cell> {
+) -> Result<Rc<Cell>, SpawnError> {
     let (stdin_host, stdin_guest) = pipe::guest_input(PIPE_CAPACITY);
     let (stdout_guest, stdout_host) = pipe::guest_output(PIPE_CAPACITY);
     let (stderr_guest, stderr_host) = pipe::guest_output(PIPE_CAPACITY);
@@ -161,6 +165,15 @@ pub fn spawn(
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false);
+    for preopen in &spec.preopens {
+        let perms = match preopen.read_only {
+            true => wasmtime_wasi::FsPerms::ReadOnly,
+            false => wasmtime_wasi::FsPerms::ReadWrite,
+        };
+        builder
+            .preopened_dir(preopen.host_path(), &preopen.guest_path, perms)
+            .map_err(|e| SpawnError::Grant(format!("{:?}: {e:#}", preopen.guest_path)))?;
+    }
 
     let (kill_tx, kill_rx) = watch::channel(None);
     let (status_tx, status_rx) = watch::channel(None);
@@ -252,14 +265,14 @@ pub fn spawn(
         on_exit,
     ));
 
-    Rc::new(Cell {
+    Ok(Rc::new(Cell {
         id,
         name: spec.name,
         kill,
         status: status_rx,
         data,
         export,
-    })
+    }))
 }
 
 struct GuestEnds {
@@ -363,7 +376,10 @@ fn run_guest(
                 }
             }
             Compiled::Module(pre) => {
-                let wasi: WasiP1Ctx = builder.build_p1();
+                let mut wasi: WasiP1Ctx = builder.build_p1();
+                wasmtime_wasi::WasiView::ctx(&mut wasi)
+                    .table
+                    .set_max_capacity(crate::engine::MAX_GUEST_HANDLES);
                 let mut store = new_store(&engine, wasi, &limits, share);
                 let result = async {
                     let instance = pre.instantiate_async(&mut store).await?;

@@ -32,6 +32,12 @@ use crate::SpawnError;
 /// guest stuck in a loop, and it is the unit of the CPU budget.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
+/// Most handles (open files, streams, pollables, ...) one guest may hold
+/// at once. A guest that opens more traps ("resource table has no free
+/// keys"): each open file is a host descriptor, and the host's descriptors
+/// are shared by every guest and connection.
+pub const MAX_GUEST_HANDLES: usize = 4096;
+
 /// WASI state of a component (preview 2).
 pub struct P2Wasi {
     ctx: WasiCtx,
@@ -40,10 +46,9 @@ pub struct P2Wasi {
 
 impl P2Wasi {
     pub fn new(ctx: WasiCtx) -> Self {
-        P2Wasi {
-            ctx,
-            table: ResourceTable::new(),
-        }
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_GUEST_HANDLES);
+        P2Wasi { ctx, table }
     }
 }
 

@@ -42,6 +42,9 @@ pub enum SpawnError {
     Share(String),
     #[error("the host is shutting down")]
     ShuttingDown,
+    /// A granted directory that cannot be given to the child.
+    #[error("granted directory {0}")]
+    Grant(String),
 }
 
 impl SpawnError {
@@ -61,6 +64,7 @@ impl SpawnError {
             }
             SpawnError::HostFull(_) => ErrorKind::HostFull,
             SpawnError::ShuttingDown => ErrorKind::ShuttingDown,
+            SpawnError::Grant(_) => ErrorKind::Failed,
         }
     }
 }

@@ -14,6 +14,7 @@ use capsa_schema::error::error;
 use capsa_schema::ErrorKind;
 
 use crate::cell::{CellSpec, StdioMode};
+use crate::directory::{Grants, Preopen};
 use crate::engine::EPOCH_TICK;
 use crate::error::SpawnError;
 use crate::format::{self, Format};
@@ -33,22 +34,71 @@ pub struct ExecutorImpl {
     /// The client every process started here belongs to, if any; the
     /// Executors handed to children carry it on.
     scope: Option<Scope>,
+    /// The directories granted to whoever holds this Executor.
+    grants: Grants,
 }
 
 impl ExecutorImpl {
+    /// An Executor listing the host's own grants (a root Executor).
     pub fn new(host: Host, depth: u32, limits: Limits) -> Self {
-        Self::scoped(host, depth, limits, None)
+        let grants = host.granted();
+        Self::scoped(host, depth, limits, None, grants)
     }
 
-    /// An Executor whose processes (and their descendants) join `scope`.
-    pub fn scoped(host: Host, depth: u32, limits: Limits, scope: Option<Scope>) -> Self {
+    /// An Executor whose processes (and their descendants) join `scope`,
+    /// held by a grantee of `grants`.
+    pub fn scoped(
+        host: Host,
+        depth: u32,
+        limits: Limits,
+        scope: Option<Scope>,
+        grants: Grants,
+    ) -> Self {
         ExecutorImpl {
             host,
             depth,
             limits,
             live: Rc::new(Counter::new(0)),
             scope,
+            grants,
         }
+    }
+
+    /// `Options.directories`: this host's own Directories, each as a
+    /// preopen at its path.
+    async fn granted(
+        &self,
+        list: capnp::struct_list::Reader<'_, capsa_schema::capsa_capnp::grant::Owned>,
+    ) -> capnp::Result<(Grants, Vec<Preopen>)> {
+        if list.len() > MAX_GRANTS {
+            return Err(error(
+                ErrorKind::BadRequest,
+                format_args!("at most {MAX_GRANTS} directories may be granted to one child"),
+            ));
+        }
+        let mut grants = Vec::with_capacity(list.len() as usize);
+        let mut preopens = Vec::with_capacity(list.len() as usize);
+        for grant in list {
+            let path = grant.get_path()?.to_str().map_err(|_| {
+                error(
+                    ErrorKind::BadRequest,
+                    "a granted directory's path must be UTF-8",
+                )
+            })?;
+            let client = grant.get_directory()?;
+            let Some(local) = self.host.directories().local(&client).await? else {
+                return Err(error(
+                    ErrorKind::BadRequest,
+                    format_args!(
+                        "{path:?}: only Directories of this host can be granted so far \
+                         (one from another host or a guest cannot)"
+                    ),
+                ));
+            };
+            preopens.push(local.preopen(path)?);
+            grants.push((path.to_string(), client));
+        }
+        Ok((grants.into(), preopens))
     }
 
     /// Reserves a live-child slot, or refuses when the quotas are used up.
@@ -71,6 +121,9 @@ impl ExecutorImpl {
         })
     }
 }
+
+/// Most directories one `runBytes` may grant.
+pub const MAX_GRANTS: u32 = 64;
 
 /// One live child counted against its Executor and its client's share;
 /// released when dropped.
@@ -169,6 +222,7 @@ impl executor::Server for ExecutorImpl {
         // An unset struct reads as its defaults: every limit inherited.
         let opts: options::Reader<'_> = p.get_options()?;
 
+        let (grants, preopens) = self.granted(opts.get_directories()?).await?;
         let mut slot = self.reserve()?;
         let cpu_ticks = cpu_ticks(opts.get_cpu_budget_millis());
         let limits = self.limits.narrowed(
@@ -187,6 +241,7 @@ impl executor::Server for ExecutorImpl {
                     self.depth + 1,
                     limits.clone(),
                     self.scope.clone(),
+                    grants.clone(),
                 ))
                 .client,
             ),
@@ -213,8 +268,15 @@ impl executor::Server for ExecutorImpl {
             bootstrap,
             want_export: stdio == StdioMode::Rpc,
             memory_share: slot.memory_share(),
+            preopens,
         };
         if format::detect(&bytes).map_err(SpawnError::from)? == Format::Elf {
+            if !spec.preopens.is_empty() {
+                return Err(error(
+                    ErrorKind::BadRequest,
+                    "directories cannot be granted to a microVM yet",
+                ));
+            }
             let vm = opts.get_vm();
             let settings = self
                 .host
@@ -258,6 +320,20 @@ impl executor::Server for ExecutorImpl {
         results
             .get()
             .set_process(capnp_rpc::new_client(ProcessImpl::new(cell)));
+        Ok(())
+    }
+
+    async fn directories(
+        self: Rc<Self>,
+        _: executor::DirectoriesParams,
+        mut results: executor::DirectoriesResults,
+    ) -> Result<(), capnp::Error> {
+        let mut list = results.get().init_grants(self.grants.len() as u32);
+        for (i, (path, directory)) in self.grants.iter().enumerate() {
+            let mut grant = list.reborrow().get(i as u32);
+            grant.set_path(path);
+            grant.set_directory(directory.clone());
+        }
         Ok(())
     }
 

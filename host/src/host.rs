@@ -13,6 +13,7 @@ use capsa_schema::capsa_capnp::executor;
 use tokio::sync::watch;
 
 use crate::cell::{self, Cell, CellSpec, KillSwitch, StdioMode};
+use crate::directory::{DirGrant, Directories, Grants, Preopen};
 use crate::engine::Runtime;
 use crate::error::SpawnError;
 use crate::executor::{ExecutorImpl, Slot};
@@ -36,6 +37,9 @@ pub struct HostConfig {
     pub vm: Option<VmSettings>,
     /// What each RPC connection to a guest, client or agent may hold.
     pub flow: FlowLimits,
+    /// Host directories granted to PID0 (as WASI preopens) and to every
+    /// root Executor (its `directories`); none by default.
+    pub directories: Vec<DirGrant>,
 }
 
 impl Default for HostConfig {
@@ -47,6 +51,7 @@ impl Default for HostConfig {
             max_cells: 1024,
             vm: None,
             flow: FlowLimits::default(),
+            directories: Vec::new(),
         }
     }
 }
@@ -62,6 +67,11 @@ struct Inner {
     cells: RefCell<HashMap<u64, Live>>,
     closed: Counter<bool>,
     probed: Probed,
+    directories: Directories,
+    /// The embedder's grants, opened once.
+    granted: Grants,
+    /// The same, as PID0's preopens.
+    preopens: Vec<Preopen>,
 }
 
 /// Something running that the host must be able to end: a cell or a VM.
@@ -79,6 +89,20 @@ impl Host {
     pub fn new(config: HostConfig) -> Result<Host, HostError> {
         let runtime = Runtime::new(config.limits.memory_bytes, config.max_cells)
             .map_err(|e| HostError(format!("{e:#}")))?;
+        let directories = Directories::default();
+        let mut granted = Vec::new();
+        let mut preopens = Vec::new();
+        for grant in &config.directories {
+            let (client, server) = directories.open(grant).map_err(|e| {
+                HostError(format!("cannot grant {}: {e}", grant.host_path.display()))
+            })?;
+            preopens.push(
+                server
+                    .preopen(&grant.path)
+                    .map_err(|e| HostError(e.to_string()))?,
+            );
+            granted.push((grant.path.clone(), client));
+        }
         Ok(Host(Rc::new(Inner {
             runtime,
             config,
@@ -86,6 +110,9 @@ impl Host {
             cells: RefCell::new(HashMap::new()),
             closed: Counter::new(false),
             probed: Probed::default(),
+            directories,
+            granted: granted.into(),
+            preopens,
         })))
     }
 
@@ -101,6 +128,16 @@ impl Host {
             1,
             self.0.config.limits.clone(),
         ))
+    }
+
+    /// The Directories this host serves, to recognise them in `runBytes`.
+    pub(crate) fn directories(&self) -> &Directories {
+        &self.0.directories
+    }
+
+    /// The embedder's grants, as every root Executor lists them.
+    pub(crate) fn granted(&self) -> Grants {
+        self.0.granted.clone()
     }
 
     /// Runs `bytes` as PID0 with the root Executor as its bootstrap, waits for
@@ -132,6 +169,7 @@ impl Host {
             bootstrap: Some(bootstrap),
             want_export: false,
             memory_share: None,
+            preopens: self.0.preopens.clone(),
         };
         let pid0 = self.spawn(Arc::from(bytes), spec, None).await?;
         let status = pid0.wait().await;
@@ -165,7 +203,7 @@ impl Host {
             if let Some(inner) = weak.upgrade() {
                 inner.cells.borrow_mut().remove(&id);
             }
-        });
+        })?;
         // The cell may already have ended (an instant failure): only track
         // it while it runs.
         if cell.try_status().is_none() {

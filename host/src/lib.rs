@@ -12,6 +12,7 @@
 //!   entry points;
 //! - [`executor`], [`process`], [`stream`]: the capabilities;
 //! - [`cell`]: one running guest and the task that drives it;
+//! - [`directory`]: host directories as capabilities, granted to guests;
 //! - [`engine`]: wasmtime configuration, linkers and the compile cache;
 //! - [`pipe`]: the bounded in-memory pipes behind every guest's stdio;
 //! - [`format`]: telling components, modules and ELF files apart;
@@ -24,6 +25,7 @@
 //!   harnesses.
 
 pub mod cell;
+pub mod directory;
 pub mod embed;
 pub mod engine;
 pub mod error;
@@ -40,6 +42,7 @@ pub mod stream;
 pub mod transport;
 pub mod vm;
 
+pub use directory::DirGrant;
 pub use embed::Embedded;
 pub use error::SpawnError;
 pub use host::{Host, HostConfig, HostError};

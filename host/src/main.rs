@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use capsa::serve::{Address, ServeConfig, Server, Token};
-use capsa::{Host, HostConfig, Limits, VmBackend, VmSettings};
+use capsa::{DirGrant, Host, HostConfig, Limits, VmBackend, VmSettings};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -30,6 +30,11 @@ enum Command {
     Run {
         /// The PID0 component.
         pid0: PathBuf,
+        /// Grant PID0 a host directory, at GUEST (default: the host path)
+        /// as a WASI preopen and in its Executor's `directories`; `:ro`
+        /// makes it read-only. Repeatable.
+        #[arg(long = "dir", value_name = "HOST[::GUEST][:ro]", value_parser = DirGrant::parse_run)]
+        dirs: Vec<DirGrant>,
         #[command(flatten)]
         host: HostArgs,
         /// Arguments for PID0.
@@ -63,6 +68,10 @@ enum Command {
         /// this machine's RAM / --max-connections, at least --memory-mib].
         #[arg(long)]
         connection_memory_mib: Option<u64>,
+        /// Offer every client a host directory under NAME (its Executor's
+        /// `directories`); `:ro` makes it read-only. Repeatable.
+        #[arg(long = "dir", value_name = "NAME=HOST[:ro]", value_parser = DirGrant::parse_named)]
+        dirs: Vec<DirGrant>,
         #[command(flatten)]
         host: HostArgs,
     },
@@ -163,8 +172,16 @@ fn init_logging(verbose: u8) {
 
 fn run(command: Command) -> anyhow::Result<i32> {
     match command {
-        Command::Run { pid0, host, args } => {
-            let config = host.config()?;
+        Command::Run {
+            pid0,
+            dirs,
+            host,
+            args,
+        } => {
+            let config = HostConfig {
+                directories: dirs,
+                ..host.config()?
+            };
             let bytes =
                 std::fs::read(&pid0).with_context(|| format!("reading {}", pid0.display()))?;
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -187,9 +204,13 @@ fn run(command: Command) -> anyhow::Result<i32> {
             max_connections,
             connection_cells,
             connection_memory_mib,
+            dirs,
             host,
         } => {
-            let config = host.config()?;
+            let config = HostConfig {
+                directories: dirs,
+                ..host.config()?
+            };
 
             let token = token_file.as_deref().map(Token::from_file).transpose()?;
             let server = Server::bind(ServeConfig {
@@ -247,7 +268,9 @@ fn run(command: Command) -> anyhow::Result<i32> {
             // Our stdin may still be blocked in a read nobody needs any more.
             rt.shutdown_background();
             let status = result?;
-            if !status.success() {
+            // Like a shell: an exit code speaks for itself (a search
+            // tool's "no match" is 1); anything else is said.
+            if !matches!(status, capsa::ExitStatus::Exited(_)) {
                 eprintln!("capsa: process {status}");
             }
             Ok(status.code())
@@ -322,6 +345,7 @@ impl HostArgs {
             max_cells,
             vm,
             flow: capsa::FlowLimits::default(),
+            directories: Vec::new(),
         })
     }
 }

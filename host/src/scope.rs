@@ -175,6 +175,7 @@ impl Scope {
             1,
             host.config().limits.clone(),
             Some(self.clone()),
+            host.granted(),
         ))
     }
 

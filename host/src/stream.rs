@@ -70,10 +70,7 @@ impl byte_source::Server for ByteSourceImpl {
         params: byte_source::ReadParams,
         mut results: byte_source::ReadResults,
     ) -> Result<(), capnp::Error> {
-        let max = match params.get()?.get_max_bytes() as usize {
-            0 => 64 << 10,
-            n => n.min(MAX_READ),
-        };
+        let max = capsa_schema::stream::read_size(params.get()?.get_max_bytes(), MAX_READ);
         let _turn = self.turn.lock().await;
         let chunk = self.pipe.read_chunk(max).await;
         let mut r = results.get();

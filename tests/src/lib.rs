@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, RpcSystem};
-use capsa::schema::{executor, process, StdioMode};
+use capsa::schema::{directory, executor, process, StdioMode};
 use capsa::{ExitStatus, Host, HostConfig};
 use futures::io::{AsyncRead, AsyncWrite};
 
@@ -34,6 +34,31 @@ pub fn guest(name: &str) -> Vec<u8> {
             path.display()
         )
     })
+}
+
+/// A fresh folder under the system's temporary one, removed with
+/// everything in it when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> TempDir {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("capsa-{label}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// This process's thread count once it has stopped changing: a thread
@@ -262,6 +287,8 @@ pub struct Run<'a> {
     pub vm_vcpus: u32,
     pub vm_memory_mib: u32,
     pub vm_initramfs: Option<&'a [u8]>,
+    /// Directories granted to the child, at their paths.
+    pub dirs: &'a [(&'a str, &'a directory::Client)],
 }
 
 /// Sends `runBytes` for `bytes` with `opts` and returns the request's
@@ -300,6 +327,12 @@ pub fn run_request(
         vm.set_memory_mib(opts.vm_memory_mib);
         if let Some(initramfs) = opts.vm_initramfs {
             vm.set_initramfs(initramfs);
+        }
+        let mut dirs = o.reborrow().init_directories(opts.dirs.len() as u32);
+        for (i, (path, dir)) in opts.dirs.iter().enumerate() {
+            let mut grant = dirs.reborrow().get(i as u32);
+            grant.set_path(*path);
+            grant.set_directory((*dir).clone());
         }
         if let Some(cap) = opts.bootstrap {
             o.init_bootstrap()

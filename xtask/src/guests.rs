@@ -56,9 +56,9 @@ pub fn build_guests(root: &Path) -> Result<()> {
     run(&mut guest_build(
         root,
         "wasm32-wasip2",
-        &["child-echo", "hello", "faulty"],
+        &["child-echo", "hello", "faulty", "files"],
     ))?;
-    run(&mut guest_build(root, "wasm32-wasip1", &["hello"]))?;
+    run(&mut guest_build(root, "wasm32-wasip1", &["hello", "files"]))?;
     // PID0 embeds the other guests, so it is built last and told where they
     // are; its `microvm` mode carries Debian's static busybox.
     let busybox = crate::tools::ensure_busybox()?;
@@ -76,6 +76,8 @@ pub fn build_guests(root: &Path) -> Result<()> {
         (hello, "hello.wasm"),
         (hello_p1, "hello-p1.wasm"),
         (built(root, "wasm32-wasip2", "faulty"), "faulty.wasm"),
+        (built(root, "wasm32-wasip2", "files"), "files.wasm"),
+        (built(root, "wasm32-wasip1", "files"), "files-p1.wasm"),
     ];
     eprintln!("    guests in {}:", out.display());
     for (from, name) in outputs {

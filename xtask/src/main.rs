@@ -330,7 +330,14 @@ const NESTED_DEADLINE: std::time::Duration = std::time::Duration::from_secs(40 *
 const NATIVE_KVM_TESTS: &str = "native_kvm::";
 
 /// Guest crates only build for wasm; `cargo test --workspace` must skip them.
-const WASM_ONLY: [&str; 5] = ["pid0", "child-echo", "hello", "faulty", "guest-runtime"];
+const WASM_ONLY: [&str; 6] = [
+    "pid0",
+    "child-echo",
+    "hello",
+    "faulty",
+    "files",
+    "guest-runtime",
+];
 
 fn test(root: &Path, skip_native_kvm: bool, test_args: &[String]) -> Result<()> {
     let start = Instant::now();

@@ -15,8 +15,6 @@ use tokio::net::unix::pipe;
 
 /// Largest chunk one `ByteSource.read` returns.
 pub const MAX_READ: usize = 1 << 20;
-/// What a read of `maxBytes = 0` returns at most.
-const DEFAULT_READ: usize = 64 << 10;
 
 /// The write end of a child's stdin. Closed by `ByteSink.close` or when the
 /// process handle goes.
@@ -130,10 +128,7 @@ impl byte_source::Server for ByteSourceImpl {
         params: byte_source::ReadParams,
         mut results: byte_source::ReadResults,
     ) -> Result<(), capnp::Error> {
-        let max = match params.get()?.get_max_bytes() as usize {
-            0 => DEFAULT_READ,
-            n => n.min(MAX_READ),
-        };
+        let max = capsa_schema::stream::read_size(params.get()?.get_max_bytes(), MAX_READ);
         let chunk = self
             .pipe
             .read(max)
