@@ -3,17 +3,21 @@
 
 It connects to a serving host (`capsa serve`), runs a WebAssembly program in
 data mode, streams its stdout, waits for it, and, when given one, runs an
-x86-64 ELF executable the same way (the host runs it in a microVM).
+x86-64 ELF executable the same way (the host runs it in a microVM). With
+`--files`, a WASM child writes a file into the directory the server offers
+as `out`, and this client reads it back through the same capability.
 
-    capsa serve --listen unix:/tmp/capsa.sock &
+    capsa serve --listen unix:/tmp/capsa.sock --dir out=/tmp/out &
     python3 capsa_client.py --connect unix:/tmp/capsa.sock \
-        --wasm hello.wasm [--elf /bin/busybox] [--bench-echo 2000]
+        --wasm hello.wasm [--elf /bin/busybox] [--files files.wasm] \
+        [--bench-echo 2000]
 
 Needs pycapnp (`pip install pycapnp`).
 """
 
 import argparse
 import asyncio
+import io
 import os
 import socket
 import statistics
@@ -90,6 +94,33 @@ async def run(executor, path, args):
     return output, describe(status)
 
 
+async def files_demo(executor, path):
+    """A WASM child writes into the directory named `out`; we read it back."""
+    grants = (await executor.directories()).grants
+    out = next((g.directory for g in grants if g.path == "out"), None)
+    if out is None:
+        raise SystemExit("the server offers no directory named out (capsa serve --dir out=PATH)")
+    with open(path, "rb") as f:
+        program = f.read()
+    request = executor.runBytes_request()
+    request.bytes = program
+    request.init("args", 2)
+    request.args[0] = "put"
+    request.args[1] = "/out/from-wasm.txt"
+    request.options.stdio = "data"
+    request.options.name = "files"
+    grant = request.options.init("directories", 1)[0]
+    grant.path = "/out"
+    grant.directory = out
+    process = (await request.send()).process
+    sink = process.stdin().sink
+    await sink.write(data=b"written by a WASM child\n")
+    await sink.close()
+    status = describe((await process.wait()).status)
+    data = await read_to_end(out.read(path="from-wasm.txt").source, io.BytesIO())
+    return status, data
+
+
 async def bench_echo(executor, rounds):
     samples = []
     for _ in range(rounds):
@@ -115,6 +146,9 @@ async def main(opts):
     if opts.elf:
         _, status = await run(executor, opts.elf, ["echo", "hello from an ELF, via python"])
         print(f"elf: {status}", file=sys.stderr)
+    if opts.files:
+        status, data = await files_demo(executor, opts.files)
+        print(f"files: {status}, read back {data!r}", file=sys.stderr)
     if opts.bench_echo:
         median = await bench_echo(executor, opts.bench_echo)
         print(f"python echo round trip: median {median / 1000:.1f} µs over {opts.bench_echo}")
@@ -128,6 +162,7 @@ if __name__ == "__main__":
     parser.add_argument("--schema", default=DEFAULT_SCHEMA, help="capsa.capnp")
     parser.add_argument("--wasm", help="a WASM component or module to run in data mode")
     parser.add_argument("--elf", help="an x86-64 ELF to run too (needs a host with microVMs)")
+    parser.add_argument("--files", help="files.wasm: write a file into the directory `out`")
     parser.add_argument("--bench-echo", type=int, metavar="N", help="time N echo round trips")
     opts = parser.parse_args()
     # pycapnp ships capnp/stream.capnp (the schema's `-> stream` methods

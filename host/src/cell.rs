@@ -54,6 +54,9 @@ pub struct CellSpec {
     pub memory_share: Option<Arc<MemoryShare>>,
     /// Directories the guest sees as WASI preopens.
     pub preopens: Vec<Preopen>,
+    /// Work done once the guest has ended, before its exit status is
+    /// given (writing back directories copied in for it).
+    pub after_exit: Vec<futures::future::LocalBoxFuture<'static, ()>>,
 }
 
 /// The host's ends of a data-mode guest's stdio.
@@ -262,6 +265,7 @@ pub fn spawn(
             stderr_drained,
             tail,
         },
+        spec.after_exit,
         on_exit,
     ));
 
@@ -303,6 +307,7 @@ async fn drive(
     limits: Limits,
     status_tx: watch::Sender<Option<ExitStatus>>,
     mut ends: GuestEnds,
+    after_exit: Vec<futures::future::LocalBoxFuture<'static, ()>>,
     on_exit: impl FnOnce(&ExitStatus),
 ) {
     let deadline = async {
@@ -337,6 +342,9 @@ async fn drive(
         }
     };
     tracing::debug!(cell = %label, "{status}");
+    for work in after_exit {
+        work.await;
+    }
     on_exit(&status);
     status_tx.send_replace(Some(status));
 }

@@ -214,6 +214,20 @@ pub struct Preopen {
 }
 
 impl Preopen {
+    /// A folder of this host's own (not a grant), preopened for a child.
+    pub fn folder(
+        guest_path: &str,
+        folder: &std::path::Path,
+        read_only: bool,
+    ) -> io::Result<Preopen> {
+        let dir = Dir::open_ambient_dir(folder, cap_std::ambient_authority())?;
+        Ok(Preopen {
+            guest_path: guest_path.to_string(),
+            dir: Arc::new(dir),
+            read_only,
+        })
+    }
+
     /// A path that opens this very directory, for wasmtime-wasi's
     /// `preopened_dir` (which takes a path): the descriptor's entry in
     /// `/proc/self/fd`, so a rename or a symlink swapped in on the host

@@ -19,10 +19,12 @@ use crate::engine::EPOCH_TICK;
 use crate::error::SpawnError;
 use crate::format::{self, Format};
 use crate::host::Host;
+use crate::mirror::Mirror;
 use crate::process::ProcessImpl;
 use crate::scope::{MemoryShare, Scope, Seat};
 use crate::status::Limits;
 use crate::vm::VmRequest;
+use futures::future::LocalBoxFuture;
 
 pub struct ExecutorImpl {
     host: Host,
@@ -64,12 +66,13 @@ impl ExecutorImpl {
         }
     }
 
-    /// `Options.directories`: this host's own Directories, each as a
-    /// preopen at its path.
+    /// `Options.directories`, each as a preopen at its path: this host's
+    /// own Directories as they are, others copied in (and written back by
+    /// the returned work once the child has ended; see [`crate::mirror`]).
     async fn granted(
         &self,
         list: capnp::struct_list::Reader<'_, capsa_schema::capsa_capnp::grant::Owned>,
-    ) -> capnp::Result<(Grants, Vec<Preopen>)> {
+    ) -> capnp::Result<(Grants, Vec<Preopen>, Vec<LocalBoxFuture<'static, ()>>)> {
         if list.len() > MAX_GRANTS {
             return Err(error(
                 ErrorKind::BadRequest,
@@ -78,6 +81,7 @@ impl ExecutorImpl {
         }
         let mut grants = Vec::with_capacity(list.len() as usize);
         let mut preopens = Vec::with_capacity(list.len() as usize);
+        let mut after_exit = Vec::new();
         for grant in list {
             let path = grant.get_path()?.to_str().map_err(|_| {
                 error(
@@ -86,19 +90,23 @@ impl ExecutorImpl {
                 )
             })?;
             let client = grant.get_directory()?;
-            let Some(local) = self.host.directories().local(&client).await? else {
-                return Err(error(
-                    ErrorKind::BadRequest,
-                    format_args!(
-                        "{path:?}: only Directories of this host can be granted so far \
-                         (one from another host or a guest cannot)"
-                    ),
-                ));
-            };
-            preopens.push(local.preopen(path)?);
+            match self.host.directories().local(&client).await? {
+                Some(local) => preopens.push(local.preopen(path)?),
+                None => {
+                    let config = self.host.config();
+                    let scratch = config
+                        .scratch_dir
+                        .clone()
+                        .unwrap_or_else(std::env::temp_dir);
+                    let (preopen, write_back) =
+                        copied(path, client.clone(), &scratch, config.directory_timeout).await?;
+                    preopens.push(preopen);
+                    after_exit.push(write_back);
+                }
+            }
             grants.push((path.to_string(), client));
         }
-        Ok((grants.into(), preopens))
+        Ok((grants.into(), preopens, after_exit))
     }
 
     /// Reserves a live-child slot, or refuses when the quotas are used up.
@@ -120,6 +128,34 @@ impl ExecutorImpl {
             seat,
         })
     }
+}
+
+/// A Directory from elsewhere copied into a private folder: its preopen,
+/// and the work that writes it back and removes the folder.
+async fn copied(
+    path: &str,
+    remote: capsa_schema::capsa_capnp::directory::Client,
+    scratch: &std::path::Path,
+    timeout: std::time::Duration,
+) -> capnp::Result<(Preopen, LocalBoxFuture<'static, ()>)> {
+    let folder = crate::mirror::Folder::new(scratch).map_err(|e| {
+        error(
+            ErrorKind::Failed,
+            format_args!("a folder for {path:?}: {e}"),
+        )
+    })?;
+    let mirror = Mirror::copy_in(remote, folder.path().to_path_buf(), timeout).await?;
+    let preopen = Preopen::folder(path, mirror.local(), false)
+        .map_err(|e| error(ErrorKind::Failed, format_args!("{path:?}: {e}")))?;
+    let path = path.to_string();
+    let write_back = async move {
+        if let Err(e) = mirror.write_back().await {
+            tracing::warn!("writing back the directory granted at {path:?}: {e}");
+        }
+        // Removing a large tree is blocking work.
+        let _ = tokio::task::spawn_blocking(move || drop(folder)).await;
+    };
+    Ok((preopen, Box::pin(write_back)))
 }
 
 /// Most directories one `runBytes` may grant.
@@ -222,7 +258,7 @@ impl executor::Server for ExecutorImpl {
         // An unset struct reads as its defaults: every limit inherited.
         let opts: options::Reader<'_> = p.get_options()?;
 
-        let (grants, preopens) = self.granted(opts.get_directories()?).await?;
+        let (grants, preopens, after_exit) = self.granted(opts.get_directories()?).await?;
         let mut slot = self.reserve()?;
         let cpu_ticks = cpu_ticks(opts.get_cpu_budget_millis());
         let limits = self.limits.narrowed(
@@ -269,6 +305,7 @@ impl executor::Server for ExecutorImpl {
             want_export: stdio == StdioMode::Rpc,
             memory_share: slot.memory_share(),
             preopens,
+            after_exit,
         };
         if format::detect(&bytes).map_err(SpawnError::from)? == Format::Elf {
             if !spec.preopens.is_empty() {

@@ -40,6 +40,12 @@ pub struct HostConfig {
     /// Host directories granted to PID0 (as WASI preopens) and to every
     /// root Executor (its `directories`); none by default.
     pub directories: Vec<DirGrant>,
+    /// How long one call to a Directory from elsewhere (copied in for a
+    /// child, see [`crate::mirror`]) may take.
+    pub directory_timeout: std::time::Duration,
+    /// Where those copies are kept while their child runs; the system's
+    /// temporary folder if unset.
+    pub scratch_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for HostConfig {
@@ -52,6 +58,8 @@ impl Default for HostConfig {
             vm: None,
             flow: FlowLimits::default(),
             directories: Vec::new(),
+            directory_timeout: crate::mirror::CALL_TIMEOUT,
+            scratch_dir: None,
         }
     }
 }
@@ -170,6 +178,7 @@ impl Host {
             want_export: false,
             memory_share: None,
             preopens: self.0.preopens.clone(),
+            after_exit: Vec::new(),
         };
         let pid0 = self.spawn(Arc::from(bytes), spec, None).await?;
         let status = pid0.wait().await;

@@ -13,6 +13,7 @@
 //! - [`executor`], [`process`], [`stream`]: the capabilities;
 //! - [`cell`]: one running guest and the task that drives it;
 //! - [`directory`]: host directories as capabilities, granted to guests;
+//! - [`mirror`]: a Directory from elsewhere, copied in for a child and back;
 //! - [`engine`]: wasmtime configuration, linkers and the compile cache;
 //! - [`pipe`]: the bounded in-memory pipes behind every guest's stdio;
 //! - [`format`]: telling components, modules and ELF files apart;
@@ -33,6 +34,7 @@ pub mod exec;
 pub mod executor;
 pub mod format;
 pub mod host;
+pub mod mirror;
 pub mod pipe;
 pub mod process;
 pub mod scope;

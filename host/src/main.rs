@@ -346,6 +346,8 @@ impl HostArgs {
             vm,
             flow: capsa::FlowLimits::default(),
             directories: Vec::new(),
+            directory_timeout: capsa::mirror::CALL_TIMEOUT,
+            scratch_dir: None,
         })
     }
 }

@@ -10,8 +10,8 @@ use std::path::Path;
 use capsa::schema::{directory, executor, process, EntryKind, WriteMode};
 use capsa::{DirGrant, ExitStatus, HostConfig};
 use capsa_tests::{
-    assert_kind, guest, healthy, read_all, run, still_healthy, wait, with_host, ErrorKind, Run,
-    TempDir,
+    assert_kind, exported_executor, guest, healthy, read_all, run, still_healthy, wait, with_host,
+    ErrorKind, Run, TempDir,
 };
 
 /// The two builds of the same program.
@@ -185,6 +185,52 @@ fn wasi_programs_work_on_files_in_a_granted_directory() {
             let err = fails(&exec, build, &["rm", &sub], &dirs).await;
             assert!(err.contains("Directory not empty"), "{build}: {err}");
         }
+    });
+}
+
+/// A grant passes through a guest: the parent hands the Directory to a
+/// child (over the child's own connection), the child grants it to a
+/// grandchild, and the host still recognises it as its own.
+#[test]
+fn a_directory_passes_through_a_child_to_a_grandchild() {
+    let tmp = TempDir::new("dirs-nested");
+    with_host(granting(tmp.path()), |host| async move {
+        let exec = host.root_executor();
+        let data = the_grant(&exec).await;
+        let child = run(&exec, &guest("child-echo"), Run::default())
+            .await
+            .unwrap();
+        // child-echo's exported Executor forwards runBytes to its own.
+        let through_child = exported_executor(&child);
+        let ro = sub(&data, "", true).await.unwrap();
+        for build in BUILDS {
+            let path = format!("/data/{build}-grandchild");
+            let out = files(
+                &through_child,
+                build,
+                &["put", &path],
+                b"from a grandchild",
+                &[("/data", &data)],
+            )
+            .await;
+            assert_eq!(out.status, ExitStatus::Exited(0), "{}", out.stderr);
+            let on_host = tmp.path().join(format!("{build}-grandchild"));
+            assert_eq!(
+                std::fs::read_to_string(on_host).unwrap(),
+                "from a grandchild"
+            );
+            // Attenuation holds at every level.
+            let out = files(
+                &through_child,
+                build,
+                &["put", "/ro/x"],
+                b"",
+                &[("/ro", &ro)],
+            )
+            .await;
+            assert_eq!(out.status, ExitStatus::Exited(1), "{build}");
+        }
+        assert!(!tmp.path().join("x").exists());
     });
 }
 
@@ -523,7 +569,7 @@ fn bad_grants_are_refused() {
             .unwrap();
             assert_kind(&err, ErrorKind::BadRequest, "path");
         }
-        // A capability that is not a Directory of this host.
+        // A Directory from elsewhere that implements nothing.
         let broken: directory::Client = capnp_rpc::new_client(NotADir);
         let err = run(
             &exec,
@@ -537,7 +583,7 @@ fn bad_grants_are_refused() {
         .await
         .err()
         .unwrap();
-        assert_kind(&err, ErrorKind::BadRequest, "this host");
+        assert!(err.contains("not implemented"), "{err}");
     });
     // A grant of a path that is not a directory stops the host from starting.
     let file = tmp.path().join("file");
@@ -559,6 +605,134 @@ fn bad_grants_are_refused() {
 /// A Directory implemented outside the host.
 struct NotADir;
 impl directory::Server for NotADir {}
+
+/// A Directory that never answers a `list`.
+struct Silent;
+impl directory::Server for Silent {
+    async fn list(
+        self: std::rc::Rc<Self>,
+        _: directory::ListParams,
+        _: directory::ListResults,
+    ) -> Result<(), capnp::Error> {
+        std::future::pending().await
+    }
+}
+
+/// A Directory of another host (another `capsa serve`, another process)
+/// granted to a child: copied in before it starts, written back when it
+/// ends, before its exit status is given.
+#[test]
+fn a_directory_from_elsewhere_is_copied_in_and_written_back() {
+    let here = TempDir::new("dirs-here");
+    let there = TempDir::new("dirs-there");
+    std::fs::write(there.path().join("in.txt"), "from the other host").unwrap();
+    std::fs::write(there.path().join("old"), "remove me").unwrap();
+    std::fs::create_dir(there.path().join("keep")).unwrap();
+    std::fs::write(there.path().join("keep/k"), "kept").unwrap();
+    let other = granting(there.path());
+    let scratch_dir = TempDir::new("dirs-scratch");
+    let scratch = scratch_dir.path().to_path_buf();
+    let config = HostConfig {
+        scratch_dir: Some(scratch.clone()),
+        ..granting(here.path())
+    };
+    with_host(config, |host| async move {
+        let exec = host.root_executor();
+        let other_host = capsa::Host::new(other).unwrap();
+        let remote = the_grant(&other_host.root_executor()).await;
+        let dirs = [("/data", &remote)];
+        for build in BUILDS {
+            assert_eq!(
+                ok(&exec, build, &["cat", "/data/in.txt"], &dirs).await,
+                "from the other host"
+            );
+            assert_eq!(
+                ok(&exec, build, &["cat", "/data/keep/k"], &dirs).await,
+                "kept"
+            );
+            let out = files(
+                &exec,
+                build,
+                &["put", &format!("/data/{build}.txt")],
+                b"back",
+                &dirs,
+            )
+            .await;
+            assert_eq!(out.status, ExitStatus::Exited(0), "{}", out.stderr);
+            // Written back before the exit status was given.
+            let back = there.path().join(format!("{build}.txt"));
+            assert_eq!(std::fs::read_to_string(back).unwrap(), "back");
+            ok(
+                &exec,
+                build,
+                &["mkdir", &format!("/data/{build}-dir")],
+                &dirs,
+            )
+            .await;
+            assert!(there.path().join(format!("{build}-dir")).is_dir());
+        }
+        ok(&exec, "files", &["rm", "/data/old"], &dirs).await;
+        assert!(!there.path().join("old").exists());
+        assert_eq!(
+            std::fs::read_to_string(there.path().join("keep/k")).unwrap(),
+            "kept"
+        );
+        // Nothing of this host's changed, and no copy is left behind.
+        assert_eq!(std::fs::read_dir(here.path()).unwrap().count(), 0);
+        let left = std::fs::read_dir(&scratch).unwrap().count();
+        assert_eq!(left, 0, "copies left in the scratch folder");
+        // A read-only Directory from elsewhere refuses the write-back: the
+        // child's change stays in its copy.
+        let ro = sub(&remote, "", true).await.unwrap();
+        ok(&exec, "files", &["put", "/ro/in.txt"], &[("/ro", &ro)]).await;
+        assert_eq!(
+            std::fs::read_to_string(there.path().join("in.txt")).unwrap(),
+            "from the other host"
+        );
+        other_host.shutdown().await;
+    });
+}
+
+#[test]
+fn a_directory_from_elsewhere_is_bounded_in_size_and_time() {
+    let there = TempDir::new("dirs-big");
+    // Sparse: its size counts, not its blocks.
+    let big = std::fs::File::create(there.path().join("big")).unwrap();
+    big.set_len(capsa::mirror::MAX_BYTES + 1).unwrap();
+    let other = granting(there.path());
+    let config = HostConfig {
+        directory_timeout: std::time::Duration::from_millis(300),
+        ..HostConfig::default()
+    };
+    with_host(config, |host| async move {
+        let exec = host.root_executor();
+        let witness = healthy(&exec).await;
+        let other_host = capsa::Host::new(other).unwrap();
+        let remote = the_grant(&other_host.root_executor()).await;
+        let start = |dir: directory::Client| {
+            let exec = exec.clone();
+            async move {
+                run(
+                    &exec,
+                    &guest("files"),
+                    Run {
+                        data: true,
+                        dirs: &[("/d", &dir)],
+                        ..Run::default()
+                    },
+                )
+                .await
+                .err()
+                .unwrap()
+            }
+        };
+        assert_kind(&start(remote).await, ErrorKind::TooLarge, "MiB");
+        let silent: directory::Client = capnp_rpc::new_client(Silent);
+        assert_kind(&start(silent).await, ErrorKind::Failed, "did not answer");
+        still_healthy(&witness).await;
+        other_host.shutdown().await;
+    });
+}
 
 async fn read(dir: &directory::Client, path: &str) -> Result<Vec<u8>, String> {
     let mut req = dir.read_request();

@@ -946,7 +946,14 @@ fn python_example_against_capsa_serve(name: &str, vm_args: &[String]) {
         });
     let dir = scratch(name);
     let listen = sock_arg(&dir);
-    let mut args = vec!["--listen".to_string(), listen.clone()];
+    let granted = dir.join("out");
+    std::fs::create_dir(&granted).unwrap();
+    let mut args = vec![
+        "--listen".to_string(),
+        listen.clone(),
+        "--dir".to_string(),
+        format!("out={}", granted.display()),
+    ];
     args.extend(vm_args.iter().cloned());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let _served = Served::start(&args);
@@ -957,7 +964,9 @@ fn python_example_against_capsa_serve(name: &str, vm_args: &[String]) {
             .args(["--connect", &listen, "--wasm"])
             .arg(guests_dir().join("hello.wasm"))
             .arg("--elf")
-            .arg(&busybox),
+            .arg(&busybox)
+            .arg("--files")
+            .arg(guests_dir().join("files.wasm")),
         Duration::from_secs(300),
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -971,6 +980,16 @@ fn python_example_against_capsa_serve(name: &str, vm_args: &[String]) {
     assert!(stderr.contains("wasm: exited 0"), "{stderr}");
     assert!(stdout.contains("hello from an ELF, via python"), "{stdout}");
     assert!(stderr.contains("elf: exited 0"), "{stderr}");
+    // A WASM child wrote into the directory the server offers, and the
+    // client read it back through the same capability.
+    assert!(
+        stderr.contains(r"files: exited 0, read back b'written by a WASM child\n'"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(granted.join("from-wasm.txt")).unwrap(),
+        "written by a WASM child\n"
+    );
 }
 
 /// ELF executables through the agent as a host process, so the same client
