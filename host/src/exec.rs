@@ -2,7 +2,7 @@
 //! process's stdio streamed to and from it. A thin client over the schema,
 //! like any other: everything it does, a client in another language can do.
 
-use capsa_schema::capsa_capnp::{byte_source, executor, StdioMode};
+use capsa_schema::capsa_capnp::{byte_source, directory, executor, StdioMode};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::status::ExitStatus;
@@ -12,14 +12,17 @@ const CHUNK: u32 = 64 * 1024;
 
 /// Runs `bytes` on `executor` in data mode, copying this process's stdin to
 /// the program's and the program's stdout and stderr to this process's, and
-/// returns how it ended once both output streams are drained. Must be called
-/// inside a `LocalSet`.
+/// returns how it ended once both output streams are drained. `dirs` are
+/// granted to the program at their paths (directories of this process's
+/// machine are served from here: the host copies them in and writes them
+/// back). Must be called inside a `LocalSet`.
 pub async fn run(
     executor: &executor::Client,
     bytes: &[u8],
     name: &str,
     args: &[String],
     deadline_ms: u64,
+    dirs: &[(String, directory::Client)],
 ) -> anyhow::Result<ExitStatus> {
     let mut request = executor.run_bytes_request();
     {
@@ -33,6 +36,12 @@ pub async fn run(
         options.set_stdio(StdioMode::Data);
         options.set_name(name);
         options.set_deadline_millis(deadline_ms);
+        let mut grants = options.init_directories(dirs.len() as u32);
+        for (i, (path, dir)) in dirs.iter().enumerate() {
+            let mut grant = grants.reborrow().get(i as u32);
+            grant.set_path(path);
+            grant.set_directory(dir.clone());
+        }
     }
     let process = request.send().promise.await?.get()?.get_process()?;
     let sink = process.stdin_request().send().pipeline.get_sink();

@@ -88,6 +88,12 @@ enum Command {
         /// Wall-clock deadline for the program, in seconds.
         #[arg(long)]
         deadline: Option<f64>,
+        /// Grant the program a directory of this machine at GUEST
+        /// (default: the same path); the serving host copies it in and
+        /// writes the program's changes back when it ends. `:ro`: changes
+        /// are not written back. Repeatable.
+        #[arg(long = "dir", value_name = "HOST[::GUEST][:ro]", value_parser = DirGrant::parse_run)]
+        dirs: Vec<DirGrant>,
         /// The program: a WASM component, a WASI preview 1 module, or an
         /// x86-64 ELF executable if the host runs microVMs.
         file: PathBuf,
@@ -139,6 +145,11 @@ struct HostArgs {
     /// Most guests alive at once in the host.
     #[arg(long, default_value_t = 1024)]
     max_cells: u32,
+    /// Where directories granted from elsewhere are copied for the child
+    /// that uses them [default: the system's temporary folder]. Its
+    /// filesystem bounds what such children can write.
+    #[arg(long)]
+    scratch_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -239,6 +250,7 @@ fn run(command: Command) -> anyhow::Result<i32> {
             connect,
             token_file,
             deadline,
+            dirs,
             file,
             args,
         } => {
@@ -262,7 +274,24 @@ fn run(command: Command) -> anyhow::Result<i32> {
             let local = tokio::task::LocalSet::new();
             let result = local.block_on(&rt, async move {
                 let connection = capsa::serve::connect(&connect, token.as_ref()).await?;
-                capsa::exec::run(&connection.executor, &bytes, &name, &args, deadline_ms).await
+                // Served from this process, for as long as the program runs.
+                let served = capsa::directory::Directories::default();
+                let mut grants = Vec::new();
+                for grant in &dirs {
+                    let (dir, _) = served
+                        .open(grant)
+                        .with_context(|| format!("cannot grant {}", grant.host_path.display()))?;
+                    grants.push((grant.path.clone(), dir));
+                }
+                capsa::exec::run(
+                    &connection.executor,
+                    &bytes,
+                    &name,
+                    &args,
+                    deadline_ms,
+                    &grants,
+                )
+                .await
             });
             drop(local);
             // Our stdin may still be blocked in a read nobody needs any more.
@@ -305,6 +334,7 @@ impl HostArgs {
             vm_as_process,
             vm_ready_timeout,
             max_cells,
+            scratch_dir,
         } = self;
         let backend = match (allow_vm, vm_as_process, kernel, initramfs) {
             (false, None, _, _) => None,
@@ -347,7 +377,7 @@ impl HostArgs {
             flow: capsa::FlowLimits::default(),
             directories: Vec::new(),
             directory_timeout: capsa::mirror::CALL_TIMEOUT,
-            scratch_dir: None,
+            scratch_dir,
         })
     }
 }

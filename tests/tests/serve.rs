@@ -212,6 +212,50 @@ fn serve_makes_a_private_socket_and_exec_streams_stdio() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("capsa: process trapped"),
+        "{out:?}"
+    );
+}
+
+/// `capsa exec --dir` grants a directory of the client's machine: the
+/// serving host copies it in and writes the program's changes back; and
+/// an ordinary non-zero exit is the program's own business, said by it
+/// alone.
+#[test]
+fn exec_grants_a_local_directory_and_exits_like_a_shell() {
+    let dir = scratch("exec-dir");
+    let listen = sock_arg(&dir);
+    let _served = Served::start(&["--listen", &listen]);
+    let mine = dir.join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::write(mine.join("in.txt"), "from the client").unwrap();
+    let exec = |args: &[&str]| {
+        Command::new(capsa_bin())
+            .args(["exec", "--connect", &listen])
+            .arg("--dir")
+            .arg(format!("{}::/work", mine.display()))
+            .arg(guests_dir().join("files.wasm"))
+            .arg("--")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = exec(&["cat", "/work/in.txt"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from the client");
+    let out = exec(&["append", "/work/log", "written by the program"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        std::fs::read_to_string(mine.join("log")).unwrap(),
+        "written by the program\n"
+    );
+    // A failure of the program: its exit code, its words, nothing else.
+    let out = exec(&["cat", "/work/missing"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("error: NotFound"), "{stderr}");
+    assert!(!stderr.contains("capsa:"), "{stderr}");
 }
 
 #[test]
