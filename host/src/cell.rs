@@ -142,6 +142,7 @@ const STDERR_TAIL: usize = 4;
 const STDERR_DRAIN: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Starts `compiled` as a new cell. `on_exit` runs once the cell has ended.
+/// `files_on_host_thread`: see [`crate::HostConfig::files_on_host_thread`].
 ///
 /// Must be called inside a `tokio::task::LocalSet`.
 pub fn spawn(
@@ -150,6 +151,7 @@ pub fn spawn(
     compiled: Compiled,
     spec: CellSpec,
     flow: FlowLimits,
+    files_on_host_thread: bool,
     on_exit: impl FnOnce(&ExitStatus) + 'static,
 ) -> Result<Rc<Cell>, SpawnError> {
     let (stdin_host, stdin_guest) = pipe::guest_input(PIPE_CAPACITY);
@@ -167,7 +169,8 @@ pub fn spawn(
         .stderr(stderr_guest.clone())
         .allow_tcp(false)
         .allow_udp(false)
-        .allow_ip_name_lookup(false);
+        .allow_ip_name_lookup(false)
+        .allow_blocking_current_thread(files_on_host_thread);
     for preopen in &spec.preopens {
         let perms = match preopen.read_only {
             true => wasmtime_wasi::FsPerms::ReadOnly,

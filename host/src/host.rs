@@ -46,6 +46,13 @@ pub struct HostConfig {
     /// Where those copies are kept while their child runs; the system's
     /// temporary folder if unset.
     pub scratch_dir: Option<std::path::PathBuf>,
+    /// Whether a WASM guest's file system calls (through its preopens) run
+    /// on the host's thread, as `wasmtime run` does: a `stat` then costs a
+    /// system call, not a trip through tokio's blocking pool (about 8x
+    /// here), but a slow filesystem (network, a cold disk) holds every
+    /// guest back for the length of each call. Off moves them to blocking
+    /// threads.
+    pub files_on_host_thread: bool,
 }
 
 impl Default for HostConfig {
@@ -60,6 +67,7 @@ impl Default for HostConfig {
             directories: Vec::new(),
             directory_timeout: crate::mirror::CALL_TIMEOUT,
             scratch_dir: None,
+            files_on_host_thread: true,
         }
     }
 }
@@ -207,12 +215,21 @@ impl Host {
         self.0.next_id.set(id + 1);
         let weak = Rc::downgrade(&self.0);
         let flow = self.0.config.flow;
-        let cell = cell::spawn(&self.0.runtime, id, compiled, spec, flow, move |_| {
-            drop(slot);
-            if let Some(inner) = weak.upgrade() {
-                inner.cells.borrow_mut().remove(&id);
-            }
-        })?;
+        let on_thread = self.0.config.files_on_host_thread;
+        let cell = cell::spawn(
+            &self.0.runtime,
+            id,
+            compiled,
+            spec,
+            flow,
+            on_thread,
+            move |_| {
+                drop(slot);
+                if let Some(inner) = weak.upgrade() {
+                    inner.cells.borrow_mut().remove(&id);
+                }
+            },
+        )?;
         // The cell may already have ended (an instant failure): only track
         // it while it runs.
         if cell.try_status().is_none() {

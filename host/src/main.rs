@@ -150,6 +150,11 @@ struct HostArgs {
     /// filesystem bounds what such children can write.
     #[arg(long)]
     scratch_dir: Option<PathBuf>,
+    /// Run WASM guests' file system calls on blocking threads instead of
+    /// the host's thread: slower calls (a `stat` costs about 8x), but a
+    /// slow filesystem no longer holds every guest back.
+    #[arg(long)]
+    files_off_host_thread: bool,
 }
 
 fn main() -> ExitCode {
@@ -335,6 +340,7 @@ impl HostArgs {
             vm_ready_timeout,
             max_cells,
             scratch_dir,
+            files_off_host_thread,
         } = self;
         let backend = match (allow_vm, vm_as_process, kernel, initramfs) {
             (false, None, _, _) => None,
@@ -378,6 +384,7 @@ impl HostArgs {
             directories: Vec::new(),
             directory_timeout: capsa::mirror::CALL_TIMEOUT,
             scratch_dir,
+            files_on_host_thread: !files_off_host_thread,
         })
     }
 }

@@ -36,6 +36,55 @@ pub fn guest(name: &str) -> Vec<u8> {
     })
 }
 
+/// Ends the test process with a report if it is still alive `limit` after
+/// being armed and not yet dropped: each thread's name, the kernel
+/// function it waits in and its kernel stack (where readable), so that a
+/// hang fails at once and says where, instead of running into a job's
+/// timeout with nothing to show.
+pub struct Watchdog(Option<std::sync::mpsc::Sender<()>>);
+
+impl Watchdog {
+    pub fn arm(what: &str, limit: std::time::Duration) -> Watchdog {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let what = what.to_string();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+                use std::io::Write;
+                // Straight to fd 2: the test harness captures `eprintln!`,
+                // and its capture dies with the process.
+                let mut err = std::io::stderr().lock();
+                let _ = writeln!(
+                    err,
+                    "watchdog: {what} still running after {limit:?}; threads:"
+                );
+                let tasks = std::fs::read_dir("/proc/self/task").into_iter().flatten();
+                for task in tasks.flatten() {
+                    let dir = task.path();
+                    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+                    let _ = writeln!(
+                        err,
+                        "  {} {} waiting in {}\n{}",
+                        task.file_name().to_string_lossy(),
+                        read("comm").trim(),
+                        read("wchan"),
+                        read("stack")
+                    );
+                }
+                std::process::abort();
+            }
+        });
+        Watchdog(Some(tx))
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
 /// A fresh folder under the system's temporary one, removed with
 /// everything in it when dropped.
 pub struct TempDir(PathBuf);

@@ -526,6 +526,10 @@ mod native_kvm {
         let bb = busybox();
         let cycle = |round: usize| {
             let bb = bb.clone();
+            // A boot takes seconds; a cycle that hangs (seen once, in a
+            // full nested run; not in 190 boots since) ends the test
+            // process here and says where.
+            let _watchdog = Watchdog::arm(&format!("boot {round}"), Duration::from_secs(180));
             with_host(kvm_config(READY), |host| async move {
                 let root = host.root_executor();
                 let start = Instant::now();
