@@ -613,6 +613,47 @@ fn the_capsa_binary_runs_the_demo() {
     );
 }
 
+/// `capsa run --dir`: PID0 gets the directory as its preopen and in its
+/// Executor's `directories`, and hands it through a child to a grandchild.
+#[test]
+fn capsa_run_dir_reaches_pid0_and_a_grandchild() {
+    let exe = std::env::current_exe().unwrap();
+    let capsa = exe.parent().unwrap().parent().unwrap().join("capsa");
+    let dir = capsa_tests::TempDir::new("run-dir");
+    let out = std::process::Command::new(&capsa)
+        .arg("run")
+        .arg("--dir")
+        .arg(format!("{}::/work", dir.path().display()))
+        .arg(guests_dir().join("pid0.wasm"))
+        .args(["--", "files"])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", capsa.display()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("the first at /work"), "{stderr}");
+    assert!(
+        stderr.contains("read back through its own preopen"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("from-grandchild.txt")).unwrap(),
+        "written by a grandchild of pid0\n"
+    );
+    // Without the grant, PID0 has none to give.
+    let out = std::process::Command::new(&capsa)
+        .arg("run")
+        .arg(guests_dir().join("pid0.wasm"))
+        .args(["--", "files"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no directory granted"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Every numeric option at its extremes: 0 (inherit), 1 and u64::MAX start
 /// a child that works, or fail cleanly; none wraps into a tiny limit or
 /// panics the host.

@@ -52,6 +52,7 @@ pub fn build_guests(root: &Path) -> Result<()> {
     let child_echo = built(root, "wasm32-wasip2", "child-echo");
     let hello = built(root, "wasm32-wasip2", "hello");
     let hello_p1 = built(root, "wasm32-wasip1", "hello");
+    let files = built(root, "wasm32-wasip2", "files");
 
     run(&mut guest_build(
         root,
@@ -66,6 +67,7 @@ pub fn build_guests(root: &Path) -> Result<()> {
         .env("CAPSA_CHILD_ECHO_WASM", &child_echo)
         .env("CAPSA_HELLO_WASM", &hello)
         .env("CAPSA_HELLO_P1_WASM", &hello_p1)
+        .env("CAPSA_FILES_WASM", &files)
         .env("CAPSA_DEMO_ELF", &busybox))?;
 
     let out = out_dir(root);
@@ -76,7 +78,7 @@ pub fn build_guests(root: &Path) -> Result<()> {
         (hello, "hello.wasm"),
         (hello_p1, "hello-p1.wasm"),
         (built(root, "wasm32-wasip2", "faulty"), "faulty.wasm"),
-        (built(root, "wasm32-wasip2", "files"), "files.wasm"),
+        (files, "files.wasm"),
         (built(root, "wasm32-wasip1", "files"), "files-p1.wasm"),
     ];
     eprintln!("    guests in {}:", out.display());

@@ -18,6 +18,12 @@ pub const HELLO_P1: &[u8] = include_bytes!(env!(
     "set CAPSA_HELLO_P1_WASM to the built hello core module (wasm32-wasip1)"
 ));
 
+/// A plain WASI program that works on files (`guests/files`).
+pub const FILES: &[u8] = include_bytes!(env!(
+    "CAPSA_FILES_WASM",
+    "set CAPSA_FILES_WASM to the built files component"
+));
+
 /// An x86-64 ELF executable for the `microvm` mode (Debian's static busybox
 /// when the xtask builds PID0); empty when none was given at build time.
 pub const DEMO_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.elf"));

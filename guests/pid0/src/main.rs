@@ -7,7 +7,9 @@
 //! - `bench-nested N`: time N echoes from a grandchild;
 //! - `microvm`: run the embedded ELF (busybox) through `runBytes`;
 //! - `abandon SECS`: start a blocked child and `busybox sleep SECS` in a
-//!   machine, then exit without ending either.
+//!   machine, then exit without ending either;
+//! - `files`: a grandchild writes into PID0's first granted directory,
+//!   and PID0 reads it back through its preopen ([`files::run`]).
 //!
 //! Progress goes to stderr; stdout is the connection to the host. Any failure
 //! is logged and ends PID0 with exit code 1.
@@ -15,6 +17,7 @@
 mod bench;
 mod calls;
 mod demo;
+mod files;
 mod guests;
 mod microvm;
 
@@ -27,6 +30,7 @@ enum Mode {
     BenchNested(usize),
     Microvm,
     Abandon(String),
+    Files,
 }
 
 fn parse(args: &[String]) -> Result<Mode, String> {
@@ -36,6 +40,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
         [] => Ok(Mode::Demo),
         ["pipeline"] => Ok(Mode::Pipeline),
         ["microvm"] => Ok(Mode::Microvm),
+        ["files"] => Ok(Mode::Files),
         ["abandon", secs] => Ok(Mode::Abandon(secs.to_string())),
         ["bench-echo", n] => rounds(n).map(Mode::BenchEcho),
         ["bench-nested", n] => rounds(n).map(Mode::BenchNested),
@@ -64,6 +69,7 @@ fn main() {
         Mode::BenchNested(rounds) => connection.run_until(bench::nested(root, rounds)),
         Mode::Microvm => connection.run_until(microvm::run(root)),
         Mode::Abandon(secs) => connection.run_until(microvm::abandon(root, &secs)),
+        Mode::Files => connection.run_until(files::run(root)),
     };
     if let Err(e) = result {
         log!("pid0: failed: {e}");
