@@ -231,6 +231,21 @@ fn a_directory_passes_through_a_child_to_a_grandchild() {
             assert_eq!(out.status, ExitStatus::Exited(1), "{build}");
         }
         assert!(!tmp.path().join("x").exists());
+        // A child's own Executor lists what its parent granted it.
+        let granted_child = run(
+            &exec,
+            &guest("child-echo"),
+            Run {
+                dirs: &[("/ro", &ro), ("/data", &data)],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        let listed = granted(&exported_executor(&granted_child)).await;
+        let paths: Vec<&str> = listed.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, ["/ro", "/data"]);
+        assert!(granted(&through_child).await.is_empty());
     });
 }
 

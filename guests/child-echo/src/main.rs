@@ -4,7 +4,9 @@
 //! - `echo` makes eight concurrent echo calls to the host executor, checks
 //!   every answer and reports success;
 //! - `runBytes` forwards the call unchanged, so a parent can start a
-//!   grandchild through this child.
+//!   grandchild through this child;
+//! - `directories` lists the directories this child was granted (its
+//!   host Executor's).
 //!
 //! Arguments: `[NAME]` names the child in its answers (default
 //! `child-echo`). `bench-echo N` first times N sequential echo round trips to
@@ -78,6 +80,16 @@ impl executor::Server for ChildExecutor {
         let response = request.send().promise.await?;
         results.get().set_process(response.get()?.get_process()?);
         Ok(())
+    }
+
+    async fn directories(
+        self: ServerRc<Self>,
+        _: executor::DirectoriesParams,
+        mut results: executor::DirectoriesResults,
+    ) -> Result<(), capnp::Error> {
+        let request = self.host.client()?.directories_request();
+        let response = request.send().promise.await?;
+        results.set(response.get()?)
     }
 }
 
