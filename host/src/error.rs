@@ -37,6 +37,9 @@ pub enum SpawnError {
     Children(u32),
     #[error("the host runs its maximum of {0} guests")]
     HostFull(u32),
+    /// The host's machines together already hold what it gives them.
+    #[error("the host's microVMs hold {in_use} of {total} MiB; {asked} MiB more do not fit")]
+    VmMemoryFull { asked: u64, in_use: u64, total: u64 },
     /// The client's share of the host is in use (see `scope::Share`).
     #[error("{0}")]
     Share(String),
@@ -62,7 +65,7 @@ impl SpawnError {
             SpawnError::Depth(_) | SpawnError::Children(_) | SpawnError::Share(_) => {
                 ErrorKind::Quota
             }
-            SpawnError::HostFull(_) => ErrorKind::HostFull,
+            SpawnError::HostFull(_) | SpawnError::VmMemoryFull { .. } => ErrorKind::HostFull,
             SpawnError::ShuttingDown => ErrorKind::ShuttingDown,
             SpawnError::Grant(_) => ErrorKind::Failed,
         }

@@ -84,6 +84,8 @@ struct Inner {
     closed: Counter<bool>,
     probed: Probed,
     directories: Directories,
+    /// MiB of memory the host's running machines hold.
+    vm_memory_mib: Rc<Counter<u64>>,
     /// The embedder's grants, opened once.
     granted: Grants,
     /// The same, as PID0's preopens.
@@ -94,6 +96,45 @@ struct Inner {
 struct Live {
     kill: Rc<KillSwitch>,
     status: watch::Receiver<Option<ExitStatus>>,
+}
+
+/// One machine's memory, counted against the host's total for machines
+/// from boot to teardown (or to a failed boot).
+struct VmMemory {
+    in_use: Rc<Counter<u64>>,
+    mib: u64,
+}
+
+impl VmMemory {
+    /// `total` unset is this machine's RAM (unbounded if unknown).
+    fn take(
+        in_use: &Rc<Counter<u64>>,
+        mib: u64,
+        total: Option<u64>,
+    ) -> Result<VmMemory, SpawnError> {
+        let total = total
+            .or_else(|| crate::serve::machine_memory_bytes().map(|b| b >> 20))
+            .unwrap_or(u64::MAX);
+        let used = in_use.get();
+        if used.saturating_add(mib) > total {
+            return Err(SpawnError::VmMemoryFull {
+                asked: mib,
+                in_use: used,
+                total,
+            });
+        }
+        in_use.set(used + mib);
+        Ok(VmMemory {
+            in_use: in_use.clone(),
+            mib,
+        })
+    }
+}
+
+impl Drop for VmMemory {
+    fn drop(&mut self) {
+        self.in_use.set(self.in_use.get().saturating_sub(self.mib));
+    }
 }
 
 /// Why a host could not be created.
@@ -127,6 +168,7 @@ impl Host {
             closed: Counter::new(false),
             probed: Probed::default(),
             directories,
+            vm_memory_mib: Rc::new(Counter::new(0)),
             granted: granted.into(),
             preopens,
         })))
@@ -257,12 +299,18 @@ impl Host {
         if self.live_cells() >= self.0.config.max_cells as usize {
             return Err(SpawnError::HostFull(self.0.config.max_cells));
         }
+        let memory = VmMemory::take(
+            &self.0.vm_memory_mib,
+            u64::from(req.memory_mib),
+            settings.total_memory_mib,
+        )?;
         let id = self.0.next_id.get();
         self.0.next_id.set(id + 1);
         let weak = Rc::downgrade(&self.0);
         let flow = self.0.config.flow;
         let vm = vm::start(settings, &self.0.probed, req, flow, move || {
             drop(slot);
+            drop(memory);
             if let Some(inner) = weak.upgrade() {
                 inner.cells.borrow_mut().remove(&id);
             }

@@ -145,6 +145,10 @@ struct HostArgs {
     /// Most guests alive at once in the host.
     #[arg(long, default_value_t = 1024)]
     max_cells: u32,
+    /// Most memory all microVMs hold at once, in MiB [default: this
+    /// machine's RAM].
+    #[arg(long)]
+    vm_memory_total_mib: Option<u64>,
     /// Where directories granted from elsewhere are copied for the child
     /// that uses them [default: the system's temporary folder]. Its
     /// filesystem bounds what such children can write.
@@ -339,6 +343,7 @@ impl HostArgs {
             vm_as_process,
             vm_ready_timeout,
             max_cells,
+            vm_memory_total_mib,
             scratch_dir,
             files_off_host_thread,
         } = self;
@@ -361,6 +366,7 @@ impl HostArgs {
                         .context("--vm-ready-timeout must be a positive number of seconds")?,
                     vcpus: 1,
                     memory_mib: 256,
+                    total_memory_mib: vm_memory_total_mib,
                 })
             })
             .transpose()?;

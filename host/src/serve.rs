@@ -193,7 +193,7 @@ pub fn fair_share(host: &Host, max_connections: usize) -> Share {
 }
 
 /// This machine's RAM, from `/proc/meminfo`.
-fn machine_memory_bytes() -> Option<u64> {
+pub(crate) fn machine_memory_bytes() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kib = meminfo
         .lines()

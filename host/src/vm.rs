@@ -44,6 +44,10 @@ pub struct VmSettings {
     pub ready_timeout: Duration,
     pub vcpus: u8,
     pub memory_mib: u32,
+    /// Most memory all machines of the host hold at once, in MiB; `None`:
+    /// this machine's RAM. Every caller's share is bounded too, but the
+    /// sum of many callers' limits can be more than the machine has.
+    pub total_memory_mib: Option<u64>,
 }
 
 #[derive(Clone, Debug)]

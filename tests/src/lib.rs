@@ -61,11 +61,18 @@ impl Watchdog {
                 for task in tasks.flatten() {
                     let dir = task.path();
                     let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+                    // utime and stime (clock ticks): who is spinning.
+                    let stat = read("stat");
+                    let times: Vec<&str> = stat
+                        .rsplit_once(") ")
+                        .map(|(_, rest)| rest.split(' ').skip(11).take(2).collect())
+                        .unwrap_or_default();
                     let _ = writeln!(
                         err,
-                        "  {} {} waiting in {}\n{}",
+                        "  {} {} cpu {:?} waiting in {}\n{}",
                         task.file_name().to_string_lossy(),
                         read("comm").trim(),
+                        times,
                         read("wchan"),
                         read("stack")
                     );

@@ -33,6 +33,7 @@ fn config_with(agent: PathBuf, ready: Duration) -> HostConfig {
             ready_timeout: ready,
             vcpus: 1,
             memory_mib: 128,
+            total_memory_mib: None,
         }),
         ..HostConfig::default()
     }
@@ -314,6 +315,45 @@ fn a_machine_larger_than_the_callers_limits_is_refused() {
         assert_eq!(host.live_cells(), 0);
         let p = run(&root, &elf("/bin/true"), Run::default()).await.unwrap();
         assert_eq!(wait(&p).await, ExitStatus::Exited(0));
+    });
+}
+
+/// The host's machines together hold at most `total_memory_mib`, whoever
+/// asks: a machine that does not fit is refused (`hostFull`) while the
+/// others run, and fits again once one has gone.
+#[test]
+fn machines_together_hold_at_most_the_hosts_total() {
+    let _serial = serial();
+    let mut config = config();
+    if let Some(vm) = config.vm.as_mut() {
+        vm.memory_mib = 64;
+        vm.total_memory_mib = Some(100);
+    }
+    with_host(config, |host| async move {
+        let root = host.root_executor();
+        let sleeper = |secs: &'static str| {
+            let root = root.clone();
+            async move {
+                run(
+                    &root,
+                    &elf("/bin/sleep"),
+                    Run {
+                        args: &[secs],
+                        ..Run::default()
+                    },
+                )
+                .await
+            }
+        };
+        let first = sleeper("30").await.unwrap();
+        let err = sleeper("30").await.err().expect("a second 64 MiB machine");
+        assert_kind(&err, ErrorKind::HostFull, "hold 64 of 100 MiB");
+        first.kill_request().send().promise.await.unwrap();
+        assert_eq!(wait(&first).await, ExitStatus::Killed);
+        drop(first);
+        until_nothing_runs(&host, "the first machine").await;
+        let again = sleeper("0").await.unwrap();
+        assert_eq!(wait(&again).await, ExitStatus::Exited(0));
     });
 }
 
