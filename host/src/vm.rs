@@ -547,7 +547,21 @@ pub(crate) async fn start(
         o.set_name(req.argv0.as_str());
         o.set_memory_limit_bytes(req.limits.memory_bytes);
     }
-    let process = match run.send().promise.await {
+    // The machine can stop after its agent answered the connection and
+    // before it answers the call (a guest that resets, a vCPU that fails):
+    // its connection does not close while the machine's handle lives, so
+    // the call is raced against the machine.
+    let answer = tokio::select! {
+        answer = run.send().promise => answer,
+        why = machine.stopped() => {
+            let tail = machine.console_tail();
+            machine.tear_down().await;
+            return Err(SpawnError::Vm(format!(
+                "the VM stopped before its agent took the ELF: {why}; console: {tail}"
+            )));
+        }
+    };
+    let process = match answer {
         Ok(resp) => match resp.get().and_then(|r| r.get_process()) {
             Ok(p) => p,
             Err(e) => {
