@@ -93,7 +93,7 @@ impl Machine {
             Machine::Kvm(vm) => match vm.wait().await {
                 VmExit::Panic(lines) => format!("kernel panicked: {lines}"),
                 VmExit::Error(e) => format!("the VMM stopped the VM: {e}"),
-                VmExit::Shutdown => "the VM shut down".into(),
+                VmExit::Shutdown(how) => format!("the VM shut down ({how})"),
                 VmExit::Stopped => "the VM was stopped".into(),
             },
             Machine::Agent { child, .. } => match child.wait().await {
@@ -380,6 +380,7 @@ async fn boot(
                 if let Some(exit) = vm.exit_status() {
                     let why = match exit {
                         VmExit::Panic(lines) => format!("the kernel panicked: {lines}"),
+                        VmExit::Shutdown(how) => format!("the guest shut down ({how})"),
                         other => format!("{other:?}"),
                     };
                     let machine = booting.machine().ok_or_else(gone)?;

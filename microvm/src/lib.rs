@@ -125,8 +125,9 @@ fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> VmError {
 /// How a VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmExit {
-    /// The guest shut down or reset (i8042 reset, triple fault, power off).
-    Shutdown,
+    /// The guest shut down or reset, and how: "i8042 reset", "reset",
+    /// "triple fault", "power off" or "hlt".
+    Shutdown(&'static str),
     /// The kernel panicked; the last console lines.
     Panic(String),
     /// KVM or the VMM failed; what happened and the last console lines.
@@ -164,7 +165,7 @@ fn classify(stop: VcpuStop, log: &SerialLog) -> VmExit {
     let panicked = || log.contents().contains("Kernel panic");
     match stop {
         VcpuStop::Shutdown(_) if panicked() => VmExit::Panic(log.last_lines(PANIC_LINES)),
-        VcpuStop::Shutdown(_) => VmExit::Shutdown,
+        VcpuStop::Shutdown(how) => VmExit::Shutdown(how),
         VcpuStop::Stopped => VmExit::Stopped,
         VcpuStop::Error(e) => VmExit::Error(format!("{e}\n{}", log.last_lines(PANIC_LINES))),
     }

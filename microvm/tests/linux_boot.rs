@@ -359,7 +359,7 @@ async fn one_vm(kernel: &Path, initramfs: &[u8], probe: &Probe, busybox: &[u8]) 
         .await
         .expect("the VM stops within 10 s");
     assert!(
-        matches!(exit, VmExit::Stopped | VmExit::Shutdown),
+        matches!(exit, VmExit::Stopped | VmExit::Shutdown(_)),
         "VM ended with {exit:?}"
     );
     drop(vm);

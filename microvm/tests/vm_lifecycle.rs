@@ -87,7 +87,7 @@ fn boot_reset_and_teardown_leave_nothing_behind() {
 
     // Warm up once (lazy statics, signal handler) before counting.
     let vm = Vm::start(config(RESET_GUEST, false, 1)).unwrap();
-    assert_eq!(wait(&vm), VmExit::Shutdown);
+    assert_eq!(wait(&vm), VmExit::Shutdown("i8042 reset"));
     drop(vm);
     let threads = count("/proc/self/task");
     let fds = count("/proc/self/fd");
@@ -96,7 +96,7 @@ fn boot_reset_and_teardown_leave_nothing_behind() {
         // 64-bit boot protocol and PVH, one and two vCPUs.
         let pvh = round % 2 == 1;
         let vm = Vm::start(config(RESET_GUEST, pvh, 1 + (round / 2) as u8)).unwrap();
-        assert_eq!(wait(&vm), VmExit::Shutdown, "round {round}");
+        assert_eq!(wait(&vm), VmExit::Shutdown("i8042 reset"), "round {round}");
         assert_eq!(vm.serial_log(), "K\n");
         assert!(!vm.vsock_state().activated);
         drop(vm);
