@@ -623,14 +623,14 @@ fn capsa_run_dir_reaches_pid0_and_a_grandchild() {
     let out = std::process::Command::new(&capsa)
         .arg("run")
         .arg("--dir")
-        .arg(format!("{}::/work", dir.path().display()))
+        .arg(format!("{}::/shared", dir.path().display()))
         .arg(guests_dir().join("pid0.wasm"))
         .args(["--", "files"])
         .output()
         .unwrap_or_else(|e| panic!("{}: {e}", capsa.display()));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("the first at /work"), "{stderr}");
+    assert!(stderr.contains("the first at /shared"), "{stderr}");
     assert!(
         stderr.contains("read back through its own preopen"),
         "{stderr}"

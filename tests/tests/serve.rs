@@ -234,24 +234,24 @@ fn exec_grants_a_local_directory_and_exits_like_a_shell() {
         Command::new(capsa_bin())
             .args(["exec", "--connect", &listen])
             .arg("--dir")
-            .arg(format!("{}::/work", mine.display()))
+            .arg(format!("{}::/shared", mine.display()))
             .arg(guests_dir().join("files.wasm"))
             .arg("--")
             .args(args)
             .output()
             .unwrap()
     };
-    let out = exec(&["cat", "/work/in.txt"]);
+    let out = exec(&["cat", "/shared/in.txt"]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "from the client");
-    let out = exec(&["append", "/work/log", "written by the program"]);
+    let out = exec(&["append", "/shared/log", "written by the program"]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
         std::fs::read_to_string(mine.join("log")).unwrap(),
         "written by the program\n"
     );
     // A failure of the program: its exit code, its words, nothing else.
-    let out = exec(&["cat", "/work/missing"]);
+    let out = exec(&["cat", "/shared/missing"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.starts_with("error: NotFound"), "{stderr}");
