@@ -169,7 +169,7 @@ impl Mirror {
                                 ),
                             ));
                         }
-                        let stamp = mirror.fetch(&path, &mut bytes).await?;
+                        let stamp = mirror.fetch(&path, info.get_size(), &mut bytes).await?;
                         mirror.files.insert(path, stamp);
                     }
                     EntryKind::Symlink | EntryKind::Other => {}
@@ -179,11 +179,14 @@ impl Mirror {
         Ok(mirror)
     }
 
-    /// Copies one file in; its local size and modification time.
+    /// Copies one file in; its local size and modification time. `listed`
+    /// is its size in the listing, already counted in `total`; bytes past
+    /// it (a file that grows while copied) are counted as they come.
     async fn fetch(
         &self,
         path: &str,
-        budget: &mut u64,
+        listed: u64,
+        total: &mut u64,
     ) -> capnp::Result<(u64, Option<SystemTime>)> {
         let at = self.local.join(path);
         let mut file = tokio::fs::File::create(&at)
@@ -199,17 +202,14 @@ impl Mirror {
             let response = call(self.timeout, "read", read.send().promise).await?;
             let chunk = response.get()?;
             let data = chunk.get_data()?;
+            let before = got;
             got += data.len() as u64;
-            // The listing's size is what was counted; a file that grows
-            // meanwhile counts what it grew by.
-            if got > *budget {
-                *budget = got;
-                if *budget > MAX_BYTES {
-                    return Err(error(
-                        ErrorKind::TooLarge,
-                        format_args!("{path:?} grew past {} MiB while copied", MAX_BYTES >> 20),
-                    ));
-                }
+            *total += got.max(listed) - before.max(listed);
+            if *total > MAX_BYTES {
+                return Err(error(
+                    ErrorKind::TooLarge,
+                    format_args!("{path:?} grew past {} MiB while copied", MAX_BYTES >> 20),
+                ));
             }
             file.write_all(data)
                 .await
