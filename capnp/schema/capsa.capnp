@@ -26,7 +26,9 @@ interface Executor {
   # preopens), for a client of `capsa serve` those of `--dir NAME=PATH` (at
   # NAME), for a child those its parent gave in `Options.directories` (its
   # own Executor, when it inherits one). Empty when there are none: a host
-  # path is reachable only through such a grant.
+  # path is reachable only through such a grant. A microVM's Executor (an
+  # ELF process's `bootstrap()`) lists one: "/", the machine's own
+  # filesystem, to put files into the machine and take results out.
 }
 
 struct Grant {
@@ -214,6 +216,12 @@ struct Options {
   # Directories the child may use, each at its path. A WASM child sees each
   # as a WASI preopen (read-only views stay read-only) and lists them with
   # its Executor's `directories`; nothing else of the host's filesystem.
+  # An ELF gets each copied into its machine at its path (absolute, or
+  # relative to `/`, its working directory; the path must be missing or an
+  # empty directory, and must not overlap another running program's grant)
+  # before it starts; what it changed there is written back, and the copy
+  # removed, before `wait` answers. At most 256 MiB and 10,000 entries per
+  # grant.
 }
 
 interface Process {

@@ -19,11 +19,11 @@ use crate::engine::EPOCH_TICK;
 use crate::error::SpawnError;
 use crate::format::{self, Format};
 use crate::host::Host;
-use crate::mirror::Mirror;
 use crate::process::ProcessImpl;
 use crate::scope::{MemoryShare, Scope, Seat};
 use crate::status::Limits;
 use crate::vm::VmRequest;
+use capsa_directory::mirror::{Folder, Mirror};
 use futures::future::LocalBoxFuture;
 
 pub struct ExecutorImpl {
@@ -91,7 +91,7 @@ impl ExecutorImpl {
             })?;
             let client = grant.get_directory()?;
             match self.host.directories().local(&client).await? {
-                Some(local) => preopens.push(local.preopen(path)?),
+                Some(local) => preopens.push(Preopen::of(&local, path)?),
                 None => {
                     let config = self.host.config();
                     let scratch = config
@@ -130,6 +130,30 @@ impl ExecutorImpl {
     }
 }
 
+/// `Options.directories` for a machine, passed on to its agent as they
+/// are (the agent checks the paths against its own filesystem).
+fn forwarded(
+    list: capnp::struct_list::Reader<'_, capsa_schema::capsa_capnp::grant::Owned>,
+) -> capnp::Result<Grants> {
+    if list.len() > MAX_GRANTS {
+        return Err(error(
+            ErrorKind::BadRequest,
+            format_args!("at most {MAX_GRANTS} directories may be granted to one child"),
+        ));
+    }
+    list.iter()
+        .map(|grant| {
+            let path = grant.get_path()?.to_str().map_err(|_| {
+                error(
+                    ErrorKind::BadRequest,
+                    "a granted directory's path must be UTF-8",
+                )
+            })?;
+            Ok((path.to_string(), grant.get_directory()?))
+        })
+        .collect()
+}
+
 /// A Directory from elsewhere copied into a private folder: its preopen,
 /// and the work that writes it back and removes the folder.
 async fn copied(
@@ -138,7 +162,7 @@ async fn copied(
     scratch: &std::path::Path,
     timeout: std::time::Duration,
 ) -> capnp::Result<(Preopen, LocalBoxFuture<'static, ()>)> {
-    let folder = crate::mirror::Folder::new(scratch).map_err(|e| {
+    let folder = Folder::new(scratch).map_err(|e| {
         error(
             ErrorKind::Failed,
             format_args!("a folder for {path:?}: {e}"),
@@ -258,7 +282,13 @@ impl executor::Server for ExecutorImpl {
         // An unset struct reads as its defaults: every limit inherited.
         let opts: options::Reader<'_> = p.get_options()?;
 
-        let (grants, preopens, after_exit) = self.granted(opts.get_directories()?).await?;
+        let elf = format::detect(&bytes).map_err(SpawnError::from)? == Format::Elf;
+        // A machine's agent copies its grants in itself; a WASM child's are
+        // preopened here.
+        let (grants, preopens, after_exit) = match elf {
+            true => (forwarded(opts.get_directories()?)?, Vec::new(), Vec::new()),
+            false => self.granted(opts.get_directories()?).await?,
+        };
         let mut slot = self.reserve()?;
         let cpu_ticks = cpu_ticks(opts.get_cpu_budget_millis());
         let limits = self.limits.narrowed(
@@ -307,13 +337,7 @@ impl executor::Server for ExecutorImpl {
             preopens,
             after_exit,
         };
-        if format::detect(&bytes).map_err(SpawnError::from)? == Format::Elf {
-            if !spec.preopens.is_empty() {
-                return Err(error(
-                    ErrorKind::BadRequest,
-                    "directories cannot be granted to a microVM yet",
-                ));
-            }
+        if elf {
             let vm = opts.get_vm();
             let settings = self
                 .host
@@ -339,6 +363,7 @@ impl executor::Server for ExecutorImpl {
                 memory_mib,
                 kernel: non_empty(vm.get_kernel()?),
                 initramfs: non_empty(vm.get_initramfs()?),
+                directories: grants.to_vec(),
             };
             slot.take_memory(u64::from(memory_mib) << 20)?;
             let process = self.host.spawn_vm(req, Some(slot)).await?;

@@ -150,14 +150,10 @@ impl Host {
         let mut granted = Vec::new();
         let mut preopens = Vec::new();
         for grant in &config.directories {
-            let (client, server) = directories.open(grant).map_err(|e| {
+            let (client, server) = crate::directory::open(&directories, grant).map_err(|e| {
                 HostError(format!("cannot grant {}: {e}", grant.host_path.display()))
             })?;
-            preopens.push(
-                server
-                    .preopen(&grant.path)
-                    .map_err(|e| HostError(e.to_string()))?,
-            );
+            preopens.push(Preopen::of(&server, &grant.path).map_err(|e| HostError(e.to_string()))?);
             granted.push((grant.path.clone(), client));
         }
         Ok(Host(Rc::new(Inner {

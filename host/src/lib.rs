@@ -13,7 +13,8 @@
 //! - [`executor`], [`process`], [`stream`]: the capabilities;
 //! - [`cell`]: one running guest and the task that drives it;
 //! - [`directory`]: host directories as capabilities, granted to guests;
-//! - [`mirror`]: a Directory from elsewhere, copied in for a child and back;
+//! - [`mirror`] (from `capsa-directory`): a Directory from elsewhere,
+//!   copied in for a child and back;
 //! - [`engine`]: wasmtime configuration, linkers and the compile cache;
 //! - [`pipe`]: the bounded in-memory pipes behind every guest's stdio;
 //! - [`format`]: telling components, modules and ELF files apart;
@@ -34,7 +35,6 @@ pub mod exec;
 pub mod executor;
 pub mod format;
 pub mod host;
-pub mod mirror;
 pub mod pipe;
 pub mod process;
 pub mod scope;
@@ -44,6 +44,7 @@ pub mod stream;
 pub mod transport;
 pub mod vm;
 
+pub use capsa_directory::mirror;
 pub use directory::DirGrant;
 pub use embed::Embedded;
 pub use error::SpawnError;

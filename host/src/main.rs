@@ -287,8 +287,7 @@ fn run(command: Command) -> anyhow::Result<i32> {
                 let served = capsa::directory::Directories::default();
                 let mut grants = Vec::new();
                 for grant in &dirs {
-                    let (dir, _) = served
-                        .open(grant)
+                    let (dir, _) = capsa::directory::open(&served, grant)
                         .with_context(|| format!("cannot grant {}", grant.host_path.display()))?;
                     grants.push((grant.path.clone(), dir));
                 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::RpcSystem;
 use capsa_microvm::{CpuProfile, KernelImage, Vm, VmConfig, VmExit};
-use capsa_schema::capsa_capnp::{executor, process, StdioMode};
+use capsa_schema::capsa_capnp::{directory, executor, process, StdioMode};
 use capsa_schema::ErrorKind;
 use futures::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
@@ -75,6 +75,9 @@ pub struct VmRequest {
     pub memory_mib: u32,
     pub kernel: Option<Vec<u8>>,
     pub initramfs: Option<Vec<u8>>,
+    /// Directories granted to the ELF, at their guest paths: the agent
+    /// copies them into the machine and back (see the agent's `grants`).
+    pub directories: Vec<(String, directory::Client)>,
 }
 
 /// A running machine, from either backend.
@@ -547,6 +550,12 @@ pub(crate) async fn start(
         o.set_stdio(StdioMode::Data);
         o.set_name(req.argv0.as_str());
         o.set_memory_limit_bytes(req.limits.memory_bytes);
+        let mut dirs = o.init_directories(req.directories.len() as u32);
+        for (i, (path, dir)) in req.directories.iter().enumerate() {
+            let mut grant = dirs.reborrow().get(i as u32);
+            grant.set_path(path.as_str());
+            grant.set_directory(dir.clone());
+        }
     }
     // The machine can stop after its agent answered the connection and
     // before it answers the call (a guest that resets, a vCPU that fails):

@@ -5,12 +5,14 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
+use capsa_directory::Directories;
 use capsa_schema::argv;
-use capsa_schema::capsa_capnp::executor;
+use capsa_schema::capsa_capnp::{directory, executor};
 use capsa_schema::error::error;
 use capsa_schema::ErrorKind;
 
 use crate::format::check_elf;
+use crate::grants::{self, InUse};
 use crate::process::{self, ProcessImpl, Spec};
 use crate::reaper::Reaper;
 
@@ -19,16 +21,27 @@ pub struct Runner {
     pub reaper: Rc<Reaper>,
     /// Private folder (mode 0700) the executables are written to.
     pub dir: PathBuf,
+    /// The machine's filesystem as its clients see it: `/` in a VM; a
+    /// folder of the agent's own when it runs as a host process. The
+    /// programs' working directory, where grants land (see [`grants`]).
+    pub root: PathBuf,
+    /// `root` as a Directory, for `Executor.directories`.
+    root_dir: directory::Client,
+    in_use: InUse,
     serial: Cell<u64>,
 }
 
 impl Runner {
-    pub fn new(reaper: Rc<Reaper>, dir: PathBuf) -> Self {
-        Runner {
+    pub fn new(reaper: Rc<Reaper>, dir: PathBuf, root: PathBuf) -> std::io::Result<Self> {
+        let (root_dir, _) = Directories::default().open(&root, false)?;
+        Ok(Runner {
             reaper,
             dir,
+            root,
+            root_dir,
+            in_use: InUse::default(),
             serial: Cell::new(0),
-        }
+        })
     }
 }
 
@@ -87,7 +100,7 @@ impl executor::Server for ExecutorImpl {
         // Stdio is always plain data: an ELF executable has no Cap'n Proto
         // connection of its own, so `options.stdio` and `options.bootstrap`
         // do not apply.
-        let (name, deadline, memory_limit) = if params.has_options() {
+        let (name, deadline, memory_limit, granted) = if params.has_options() {
             let options = params.get_options()?;
             let name = if options.has_name() {
                 text(options.get_name()?, "options.name")?
@@ -102,9 +115,15 @@ impl executor::Server for ExecutorImpl {
                 0 => None,
                 b => Some(b),
             };
-            (name, deadline, memory)
+            let granted = grants::copy_in(
+                &self.runner.root,
+                options.get_directories()?,
+                &self.runner.in_use,
+            )
+            .await?;
+            (name, deadline, memory, granted)
         } else {
-            (String::new(), None, None)
+            (String::new(), None, None, Vec::new())
         };
         // The caller's name is argv[0] as well; without one, argv[0] is the
         // default every backend shares and the log label is generated.
@@ -127,6 +146,8 @@ impl executor::Server for ExecutorImpl {
                 env,
                 deadline,
                 memory_limit,
+                cwd: &self.runner.root,
+                granted,
             },
         )
         .map_err(|e| {
@@ -148,6 +169,19 @@ impl executor::Server for ExecutorImpl {
                 ))
                 .client,
             )));
+        Ok(())
+    }
+
+    /// The machine's whole filesystem, at "/": how a caller puts files in
+    /// and takes results out.
+    async fn directories(
+        self: Rc<Self>,
+        _: executor::DirectoriesParams,
+        mut results: executor::DirectoriesResults,
+    ) -> Result<(), capnp::Error> {
+        let mut grant = results.get().init_grants(1).get(0);
+        grant.set_path("/");
+        grant.set_directory(self.runner.root_dir.clone());
         Ok(())
     }
 

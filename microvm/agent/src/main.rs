@@ -12,6 +12,7 @@
 
 mod executor;
 mod format;
+mod grants;
 mod init;
 mod listen;
 mod process;
@@ -153,6 +154,20 @@ fn run(args: Args, pid1: bool) -> Result<(), String> {
             false => Some(stop_signals().map_err(|e| format!("cannot watch SIGTERM: {e}"))?),
         };
         let dir = private_dir(pid1, args.work_dir)?;
+        // A VM's root is its own; an agent on a host gets a folder instead.
+        let root = match pid1 {
+            true => PathBuf::from("/"),
+            false => {
+                let root = dir.join("root");
+                std::fs::create_dir(&root)
+                    .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+                root
+            }
+        };
+        let runner = Rc::new(
+            Runner::new(reaper, dir.clone(), root)
+                .map_err(|e| format!("cannot open the machine's root: {e}"))?,
+        );
         let endpoint = args.endpoint.unwrap_or(Endpoint::Vsock(VSOCK_PORT));
         let listener =
             Listener::bind(&endpoint).map_err(|e| format!("cannot listen on {endpoint:?}: {e}"))?;
@@ -163,7 +178,6 @@ fn run(args: Args, pid1: bool) -> Result<(), String> {
             (true, false) => Lifetime::UntilIdle,
             (false, false) => Lifetime::Forever,
         };
-        let runner = Rc::new(Runner::new(reaper, dir.clone()));
         tokio::select! {
             () = serve::serve(listener, runner, lifetime) => {}
             () = async {

@@ -6,8 +6,8 @@
 //! stderr. Its argv is `argv0` then the caller's arguments: the file's path
 //! is an internal detail, never the program's name. A task per process
 //! waits for the exit reported by the [`Reaper`](crate::reaper::Reaper),
-//! kills what is left of the process group, removes the file and publishes
-//! the status to every waiter.
+//! kills what is left of the process group, removes the file, writes back
+//! the directories granted to it and publishes the status to every waiter.
 //!
 //! Dropping the last reference to a Process kills its process group (`Drop`
 //! on [`ProcessImpl`]).
@@ -30,6 +30,7 @@ use nix::unistd::Pid;
 use tokio::net::unix::pipe;
 use tokio::sync::watch;
 
+use crate::grants::Granted;
 use crate::reaper::Reaper;
 use crate::status::{ExitStatus, KillReason};
 use crate::stream::{ByteSinkImpl, ByteSourceImpl, InputPipe, OutputPipe};
@@ -50,6 +51,10 @@ pub struct Spec<'a> {
     pub env: Vec<(String, String)>,
     pub deadline: Option<Duration>,
     pub memory_limit: Option<u64>,
+    /// The program's working directory: the machine's root.
+    pub cwd: &'a Path,
+    /// Directories copied in for it, written back when it ends.
+    pub granted: Vec<Granted>,
 }
 
 /// One running (or ended) child, shared by its `Process` capability and the
@@ -103,7 +108,7 @@ pub fn spawn(
         .args(&spec.args)
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .current_dir("/")
+        .current_dir(spec.cwd)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -183,6 +188,7 @@ pub fn spawn(
 
     let task_child = child.clone();
     let deadline = spec.deadline;
+    let granted = spec.granted;
     tokio::task::spawn_local(async move {
         let child = task_child;
         let deadline = async {
@@ -209,6 +215,11 @@ pub fn spawn(
         let _ = killpg(pid, Signal::SIGKILL);
         let _ = fs::remove_file(&path);
         eprintln!("capsa-agent: {} (pid {pid}) ended: {status:?}", child.name);
+        // Its files are back where they came from before anyone hears it
+        // ended.
+        for grant in granted {
+            grant.finish().await;
+        }
         child.status.send_replace(Some(status));
     });
     Ok(child)
