@@ -659,3 +659,18 @@ pub async fn still_healthy(witness: &capsa::schema::process::Client) {
     let reply = echo(&exported_executor(witness), "after the fault").await;
     assert!(reply.unwrap().contains("after the fault"));
 }
+
+/// An Executor's grants (`Executor.directories`), at their paths.
+pub async fn granted(exec: &executor::Client) -> Vec<(String, directory::Client)> {
+    let response = exec.directories_request().send().promise.await.unwrap();
+    let grants = response.get().unwrap().get_grants().unwrap();
+    grants
+        .iter()
+        .map(|g| {
+            (
+                g.get_path().unwrap().to_string().unwrap(),
+                g.get_directory().unwrap(),
+            )
+        })
+        .collect()
+}

@@ -260,6 +260,83 @@ mod native_kvm {
         });
     }
 
+    /// A host directory granted to an ELF is copied into the VM at its
+    /// guest path and what the program writes there is back on the host
+    /// when `wait` answers; the VM's own filesystem is its Executor's
+    /// Directory, for putting files in and taking results out.
+    #[test]
+    fn directories_go_into_the_vm_and_come_back() {
+        require_native_kvm();
+        let _one = one_at_a_time();
+        let bb = busybox();
+        let tmp = TempDir::new("vm-grant");
+        std::fs::create_dir(tmp.path().join("sub")).unwrap();
+        std::fs::write(tmp.path().join("sub/in.txt"), "from the host\n").unwrap();
+        let config = HostConfig {
+            directories: vec![capsa::DirGrant {
+                path: "/shared".into(),
+                host_path: tmp.path().to_path_buf(),
+                read_only: false,
+            }],
+            ..kvm_config(READY)
+        };
+        with_host(config, |host| async move {
+            let root = host.root_executor();
+            let (_, dir) = granted(&root).await.pop().unwrap();
+            let script = "cat /data/sub/in.txt; uname -s; echo made in the VM > /data/out.txt; \
+                          rm /data/sub/in.txt; echo left > /tmp/left.txt";
+            let p = run(
+                &root,
+                &bb,
+                Run {
+                    args: &["sh", "-c", script],
+                    dirs: &[("/data", &dir)],
+                    ..Run::default()
+                },
+            )
+            .await
+            .unwrap();
+            let (out, err) = futures::join!(stdout_of(&p), stderr_of(&p));
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                "from the host\nLinux\n",
+                "{}",
+                String::from_utf8_lossy(&err)
+            );
+            assert_eq!(wait(&p).await, ExitStatus::Exited(0));
+            let read = |name: &str| std::fs::read_to_string(tmp.path().join(name));
+            assert_eq!(read("out.txt").unwrap(), "made in the VM\n");
+            assert!(
+                read("sub/in.txt").is_err(),
+                "a file removed in the VM stayed"
+            );
+
+            // The machine's own files, through its Executor's Directory.
+            let agent = exported_executor(&p);
+            let machine = granted(&agent).await;
+            assert_eq!(machine.len(), 1);
+            let (path, fs) = &machine[0];
+            assert_eq!(path, "/");
+            let mut req = fs.read_request();
+            req.get().set_path("proc/version");
+            let version = read_all(req.send().pipeline.get_source()).await;
+            assert!(version.starts_with(b"Linux version"), "{version:?}");
+            let mut req = fs.read_request();
+            req.get().set_path("tmp/left.txt");
+            assert_eq!(read_all(req.send().pipeline.get_source()).await, b"left\n");
+            // The copy left the VM with the program.
+            let mut req = fs.stat_request();
+            req.get().set_path("data");
+            let gone = req.send().promise.await.map(drop);
+            assert_eq!(
+                gone.map_err(|e| capsa_schema::error::kind(&e)),
+                Err(capsa_schema::ErrorKind::NotFound)
+            );
+            drop((p, agent, machine));
+            until_nothing_runs(&host, "machines outlived their Process").await;
+        });
+    }
+
     /// Several MiB in through stdin and back out through stdout, with
     /// stderr alongside: flow-controlled both ways over vsock.
     #[test]

@@ -158,6 +158,57 @@ fn bootstrap_is_the_agents_executor_and_can_be_passed_to_a_wasm_child() {
     });
 }
 
+/// A host directory granted on to an ELF: the agent copies it into the
+/// machine (beneath its root: the agent runs as a process here) and back
+/// before `wait` answers; the machine's own filesystem is its Executor's
+/// Directory.
+#[test]
+fn a_granted_directory_reaches_the_elf_and_its_changes_come_back() {
+    let _serial = serial();
+    let tmp = TempDir::new("vm-dir");
+    std::fs::write(tmp.path().join("in.txt"), "host data\n").unwrap();
+    let config = HostConfig {
+        directories: vec![capsa::DirGrant {
+            path: "/shared".into(),
+            host_path: tmp.path().to_path_buf(),
+            read_only: false,
+        }],
+        ..config()
+    };
+    with_host(config, |host| async move {
+        let root = host.root_executor();
+        let (_, dir) = granted(&root).await.pop().unwrap();
+        let p = run(
+            &root,
+            &elf("/bin/sh"),
+            Run {
+                name: "sh",
+                args: &[
+                    "-c",
+                    "cat data/in.txt; echo from the machine > data/out.txt; echo kept > local.txt",
+                ],
+                dirs: &[("/data", &dir)],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(stdout_of(&p).await, b"host data\n");
+        assert_eq!(wait(&p).await, ExitStatus::Exited(0));
+        let machine = granted(&exported_executor(&p)).await;
+        assert_eq!(machine.len(), 1);
+        assert_eq!(machine[0].0, "/");
+        let mut req = machine[0].1.read_request();
+        req.get().set_path("local.txt");
+        let source = req.send().pipeline.get_source();
+        assert_eq!(read_all(source).await, b"kept\n");
+    });
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("out.txt")).unwrap(),
+        "from the machine\n"
+    );
+}
+
 #[test]
 fn kill_drop_and_deadline_tear_the_machine_down() {
     let _serial = serial();

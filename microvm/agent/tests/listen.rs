@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, RpcSystem};
 use capsa_schema::argv::DEFAULT_ARGV0;
-use capsa_schema::capsa_capnp::{byte_source, executor, exit_status, process};
+use capsa_schema::capsa_capnp::{byte_source, directory, executor, exit_status, process};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
@@ -155,6 +155,8 @@ struct Run<'a> {
     /// `None` leaves `options.name` unset.
     name: Option<&'a str>,
     deadline_ms: u64,
+    /// Directories granted, at their guest paths.
+    dirs: &'a [(&'a str, &'a directory::Client)],
 }
 
 fn bin(name: &str) -> Vec<u8> {
@@ -185,6 +187,12 @@ async fn run(
             options.set_name(name);
         }
         options.set_deadline_millis(run.deadline_ms);
+        let mut dirs = options.init_directories(run.dirs.len() as u32);
+        for (i, (path, dir)) in run.dirs.iter().enumerate() {
+            let mut grant = dirs.reborrow().get(i as u32);
+            grant.set_path(*path);
+            grant.set_directory((*dir).clone());
+        }
     }
     req.send().promise.await?.get()?.get_process()
 }
@@ -319,12 +327,12 @@ fn runs_an_elf_with_its_arguments() {
         assert_eq!(stdout_of(&p).await, b"hello world\n");
         assert_eq!(wait(&p).await, Status::Exited(0));
     });
-    // The executable is removed once the process has ended.
+    // The executable is removed once the process has ended (the machine's
+    // root folder stays).
     let deadline = Instant::now() + Duration::from_secs(5);
     while std::fs::read_dir(agent.exec_dir())
         .unwrap()
-        .next()
-        .is_some()
+        .any(|e| e.unwrap().file_name() != "root")
     {
         assert!(Instant::now() < deadline, "the executable was left behind");
         std::thread::sleep(Duration::from_millis(20));
@@ -809,3 +817,209 @@ fn once_exits_after_the_first_connection() {
         "the private folder was left behind"
     );
 }
+
+/// A folder of the test's, served as a Directory from the test's side of
+/// the connection, as a host serves its grants.
+fn served(path: &Path) -> directory::Client {
+    capsa_directory::Directories::default()
+        .open(path, false)
+        .unwrap()
+        .0
+}
+
+fn kind_of<T>(result: Result<T, capnp::Error>) -> capsa_schema::ErrorKind {
+    match result {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => capsa_schema::error::kind(&e),
+    }
+}
+
+/// A program granted a directory finds it at its guest path; what it
+/// creates, changes and removes there is back in the granting folder by the
+/// time `wait` answers, and the copy is gone from the machine.
+#[test]
+fn a_granted_directory_is_copied_in_and_written_back() {
+    let agent = Agent::start(&[]);
+    let shared = agent.dir.join("shared");
+    std::fs::create_dir_all(shared.join("old")).unwrap();
+    std::fs::write(shared.join("in.txt"), "from the host\n").unwrap();
+    std::fs::write(shared.join("old/gone.txt"), "x").unwrap();
+    local(async {
+        let ex = connect(&agent.socket).await;
+        let dir = served(&shared);
+        let script = "cat /data/in.txt data/in.txt; echo made > data/out.txt \
+             && rm -r data/old && mkdir data/sub && echo deep > data/sub/f \
+             && echo more >> data/in.txt";
+        let (out, err, status) = outcome(
+            &ex,
+            &bin("/bin/sh"),
+            Run {
+                name: Some("sh"),
+                args: &["-c", script],
+                dirs: &[("/data", &dir)],
+                ..Run::default()
+            },
+        )
+        .await;
+        // The agent as a process: "/data" lands beneath the machine's root,
+        // the program's working directory; "/data" itself is not there.
+        assert!(out.contains("from the host\n"), "{out:?} {err:?}");
+        assert!(err.contains("/data/in.txt"), "{err:?}");
+        assert_eq!(status, Status::Exited(0), "{err}");
+    });
+    let read = |p: &str| std::fs::read_to_string(shared.join(p)).unwrap();
+    assert_eq!(read("out.txt"), "made\n");
+    assert_eq!(read("in.txt"), "from the host\nmore\n");
+    assert_eq!(read("sub/f"), "deep\n");
+    assert!(!shared.join("old").exists(), "a removed folder came back");
+    assert!(
+        !agent.exec_dir().join("root/data").exists(),
+        "the copy was left in the machine"
+    );
+}
+
+/// `Executor.directories` is the machine's filesystem: files put there are
+/// what its programs see, and what they write can be read back.
+#[test]
+fn the_machines_filesystem_is_its_executors_directory() {
+    let agent = Agent::start(&[]);
+    local(async {
+        let ex = connect(&agent.socket).await;
+        let resp = ex.directories_request().send().promise.await.unwrap();
+        let grants = resp.get().unwrap().get_grants().unwrap();
+        assert_eq!(grants.len(), 1);
+        assert_eq!(grants.get(0).get_path().unwrap().to_str().unwrap(), "/");
+        let root = grants.get(0).get_directory().unwrap();
+
+        let mut put = root.write_request();
+        put.get().set_path("given.txt");
+        let sink = put.send().pipeline.get_sink();
+        let mut w = sink.write_request();
+        w.get().set_data(b"put by the caller");
+        w.send().await.unwrap();
+        sink.close_request().send().promise.await.unwrap();
+
+        let (out, _, status) = outcome(
+            &ex,
+            &bin("/bin/sh"),
+            Run {
+                name: Some("sh"),
+                args: &["-c", "cat given.txt; echo result > made.txt"],
+                ..Run::default()
+            },
+        )
+        .await;
+        assert_eq!(
+            (out.as_str(), status),
+            ("put by the caller", Status::Exited(0))
+        );
+
+        let mut get = root.read_request();
+        get.get().set_path("made.txt");
+        let source = get.send().pipeline.get_source();
+        assert_eq!(read_all(&source).await, b"result\n");
+        // It cannot be left by its own `..`.
+        let mut up = root.list_request();
+        up.get().set_path("..");
+        assert_eq!(
+            kind_of(up.send().promise.await),
+            capsa_schema::ErrorKind::BadPath
+        );
+    });
+}
+
+/// Grants at paths that cannot take them are refused with their kind, and
+/// nothing is left behind in the machine.
+#[test]
+fn grants_at_bad_or_busy_paths_are_refused() {
+    use capsa_schema::ErrorKind;
+    let agent = Agent::start(&[]);
+    let shared = agent.dir.join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let root = agent.exec_dir().join("root");
+    std::fs::create_dir_all(root.join("busy")).unwrap();
+    std::fs::write(root.join("busy/x"), "taken").unwrap();
+    local(async {
+        let ex = connect(&agent.socket).await;
+        let dir = served(&shared);
+        let echo = bin("/bin/echo");
+        assert_eq!(
+            kind_of(run_granted(&ex, &echo, "a/../b", &dir).await),
+            ErrorKind::BadPath
+        );
+        assert_eq!(
+            kind_of(run_granted(&ex, &echo, "a\0b", &dir).await),
+            ErrorKind::BadPath
+        );
+        assert_eq!(
+            kind_of(run_granted(&ex, &echo, "/", &dir).await),
+            ErrorKind::BadRequest
+        );
+        assert_eq!(
+            kind_of(run_granted(&ex, &echo, "busy", &dir).await),
+            ErrorKind::Exists
+        );
+
+        // Two programs may not hold overlapping grants at once.
+        let sleeper = run(
+            &ex,
+            &bin("/bin/sleep"),
+            Run {
+                args: &["1000"],
+                dirs: &[("outer", &dir)],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            kind_of(run_granted(&ex, &echo, "outer/inner", &dir).await),
+            ErrorKind::Exists
+        );
+        sleeper.kill_request().send().promise.await.unwrap();
+        wait(&sleeper).await;
+        // Free again once the first has ended.
+        let p = run_granted(&ex, &echo, "outer/inner", &dir).await.unwrap();
+        assert_eq!(wait(&p).await, Status::Exited(0));
+
+        // A Directory that fails while being copied fails the run, and its
+        // folder goes.
+        let broken: directory::Client = capnp_rpc::new_client(Unanswering);
+        let broken_run = Run {
+            dirs: &[("broken", &broken)],
+            ..Run::default()
+        };
+        assert_eq!(
+            kind_of(run(&ex, &echo, broken_run).await),
+            ErrorKind::Failed
+        );
+        assert!(
+            !root.join("broken").exists(),
+            "a failed copy was left behind"
+        );
+    });
+    assert_eq!(
+        std::fs::read_to_string(root.join("busy/x")).unwrap(),
+        "taken"
+    );
+    assert!(!root.join("outer").exists());
+}
+
+/// Runs `bytes` with `dir` granted at `path`.
+async fn run_granted(
+    ex: &executor::Client,
+    bytes: &[u8],
+    path: &str,
+    dir: &directory::Client,
+) -> Result<process::Client, capnp::Error> {
+    let run_opts = Run {
+        dirs: &[(path, dir)],
+        ..Run::default()
+    };
+    run(ex, bytes, run_opts).await
+}
+
+/// A Directory that implements nothing.
+struct Unanswering;
+
+impl directory::Server for Unanswering {}
