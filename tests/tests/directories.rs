@@ -10,8 +10,8 @@ use std::path::Path;
 use capsa::schema::{directory, executor, process, EntryKind, WriteMode};
 use capsa::{DirGrant, ExitStatus, HostConfig};
 use capsa_tests::{
-    assert_kind, exported_executor, guest, healthy, read_all, run, still_healthy, wait, with_host,
-    ErrorKind, Run, TempDir,
+    assert_kind, exported_executor, granted, guest, healthy, read_all, run, still_healthy, wait,
+    with_host, ErrorKind, Run, TempDir,
 };
 
 /// The two builds of the same program.
@@ -108,21 +108,6 @@ fn granting(dir: &Path) -> HostConfig {
         }],
         ..HostConfig::default()
     }
-}
-
-/// The root Executor's grants.
-async fn granted(exec: &executor::Client) -> Vec<(String, directory::Client)> {
-    let response = exec.directories_request().send().promise.await.unwrap();
-    let grants = response.get().unwrap().get_grants().unwrap();
-    grants
-        .iter()
-        .map(|g| {
-            (
-                g.get_path().unwrap().to_string().unwrap(),
-                g.get_directory().unwrap(),
-            )
-        })
-        .collect()
 }
 
 async fn the_grant(exec: &executor::Client) -> directory::Client {
@@ -549,7 +534,9 @@ fn open_files_are_bounded_per_guest_and_per_grant() {
         }
         assert!(again.is_some(), "closed files were not given back");
         drop(again);
-        for _ in 0..100 {
+        // The count is the whole test process's: other tests running
+        // meanwhile (one holds a child's pipes for seconds) settle too.
+        for _ in 0..3000 {
             if capsa_tests::open_fds().len() <= fds_before {
                 break;
             }
@@ -864,4 +851,102 @@ async fn list(
             )
         })
         .collect())
+}
+
+/// What bounds a guest's writes to a grant is the granted directory's own
+/// filesystem: a guest filling it gets "no space" as any program would,
+/// the host goes on, and the capability says `noSpace`. The test grants a
+/// 4 MiB tmpfs, mounted in a mount namespace of its own: it runs itself
+/// again under `unshare` (root in a new user namespace where the kernel
+/// allows it, or root), and that run does the work.
+#[test]
+fn a_guest_filling_its_grants_filesystem_gets_no_space_and_the_host_goes_on() {
+    const INNER: &str = "CAPSA_TEST_SMALL_FS";
+    if let Some(mount_point) = std::env::var_os(INNER) {
+        return filling_a_small_filesystem(Path::new(&mount_point));
+    }
+    let tmp = TempDir::new("dirs-small-fs");
+    let out = std::process::Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_guest_filling_its_grants_filesystem_gets_no_space_and_the_host_goes_on",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(INNER, tmp.path())
+        .output()
+        .expect("`unshare` (util-linux) runs this test in a mount namespace of its own");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    // The inner run did run the test (and not an empty filter).
+    assert!(said.contains("1 passed"), "{said}");
+}
+
+fn filling_a_small_filesystem(mount_point: &Path) {
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "capsa-test"])
+        .arg(mount_point)
+        .status()
+        .expect("mount");
+    assert!(
+        mounted.success(),
+        "cannot mount a tmpfs in the test's namespace"
+    );
+    with_host(granting(mount_point), |host| async move {
+        let exec = host.root_executor();
+        let data = the_grant(&exec).await;
+        for build in BUILDS {
+            let err = fails(
+                &exec,
+                build,
+                &["fill", "/data/big", "16"],
+                &[("/data", &data)],
+            )
+            .await;
+            // Preview 1 says ENOSPC; a preview-2 program's write goes
+            // through a `wasi:io` stream, whose failure reaches it as EIO.
+            assert!(
+                err.contains("No space left on device") || err.contains("I/O error"),
+                "{build}: {err}"
+            );
+            ok(&exec, build, &["rm", "/data/big"], &[("/data", &data)]).await;
+            ok(&exec, build, &["put", "/data/small"], &[("/data", &data)]).await;
+        }
+        // Through the capability: the sink's write or its close says so.
+        let mut req = data.write_request();
+        req.get().set_path("big");
+        let sink = req.send().pipeline.get_sink();
+        let chunk = vec![7u8; 1 << 20];
+        let mut failed = None;
+        for _ in 0..16 {
+            let mut w = sink.write_request();
+            w.get().set_data(&chunk);
+            if let Err(e) = w.send().await {
+                failed = Some(e);
+                break;
+            }
+        }
+        let failed = match failed {
+            Some(e) => e,
+            None => sink
+                .close_request()
+                .send()
+                .promise
+                .await
+                .map(drop)
+                .unwrap_err(),
+        };
+        assert_eq!(
+            capsa_schema::error::kind(&failed),
+            ErrorKind::NoSpace,
+            "{failed}"
+        );
+        healthy(&exec).await;
+    });
 }
