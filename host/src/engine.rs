@@ -1,12 +1,14 @@
-//! The wasmtime engine, its linkers, and the cache of compiled guests.
+//! The wasmtime engine, its linkers, and the caches of compiled guests.
 //!
 //! One [`Runtime`] per host. Guests are compiled once per distinct content
 //! and kept as pre-instantiated images, so a second `runBytes` of the same
-//! bytes costs an instantiation, not a compile. The cache is keyed by a fast
-//! 128-bit content hash (XXH3) and every hit is confirmed by comparing the
-//! bytes themselves, so a crafted collision cannot pass one guest off as
-//! another; a cryptographic hash of a large guest cost more than the whole
-//! instantiation.
+//! bytes costs an instantiation, not a compile. The memory cache is keyed by
+//! a fast 128-bit content hash (XXH3) and every hit is confirmed by
+//! comparing the bytes themselves, so a crafted collision cannot pass one
+//! guest off as another; it holds at most a byte budget, the least recently
+//! used going first. Behind it, the disk cache ([`crate::cache`]) keeps
+//! compiled code across host starts, keyed by SHA-256. Bytes that are not a
+//! WASI command are refused before either is consulted or anything compiled.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -23,6 +25,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use crate::cache::{self, DiskCache};
 use crate::format::{self, Format};
 use crate::scope::MemoryShare;
 use crate::SpawnError;
@@ -167,6 +170,26 @@ mod limiter_tests {
     use super::*;
 
     #[test]
+    fn the_memory_cache_drops_the_least_recently_used_past_its_budget() {
+        let mut cache = MemoryCache::<u32>::default();
+        let src = |s: &str| Arc::<[u8]>::from(s.as_bytes());
+        cache.insert(1, src("a"), 1, 40, 100);
+        cache.insert(2, src("b"), 2, 40, 100);
+        assert_eq!(cache.get(1, b"a"), Some(1)); // a is now the newer
+        cache.insert(3, src("c"), 3, 40, 100); // 120 > 100: b goes
+        assert_eq!(
+            (cache.get(2, b"b"), cache.len(), cache.bytes),
+            (None, 2, 80)
+        );
+        assert_eq!(cache.get(1, b"a"), Some(1));
+        // Same key, other bytes (a collision): never the other's entry.
+        assert_eq!(cache.get(1, b"x"), None);
+        // One entry over the whole budget stays until the next comes.
+        cache.insert(4, src("d"), 4, 500, 100);
+        assert_eq!((cache.len(), cache.get(4, b"d")), (1, Some(4)));
+    }
+
+    #[test]
     fn memories_and_tables_count_together() {
         let mut l = MemoryLimiter::new(64 << 20);
         assert!(l.memory_growing(0, 40 << 20, None).unwrap());
@@ -201,14 +224,192 @@ pub struct Runtime {
     engine: Engine,
     components: wasmtime::component::Linker<CellState<P2Wasi>>,
     modules: wasmtime::Linker<CellState<WasiP1Ctx>>,
-    cache: RefCell<HashMap<u128, Vec<(Arc<[u8]>, Compiled)>>>,
+    cache: RefCell<MemoryCache<Compiled>>,
+    disk: Option<Arc<DiskCache>>,
+    memory_budget: u64,
     _ticker: EpochTicker,
+}
+
+/// Where compiled guests are kept.
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    /// The folder of compiled guests on disk; `None` keeps them in memory
+    /// only.
+    pub dir: Option<std::path::PathBuf>,
+    /// Bytes of guests (their bytes and compiled code) kept in memory; the
+    /// least recently used go first.
+    pub memory_bytes: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            dir: None,
+            memory_bytes: 512 << 20,
+        }
+    }
+}
+
+/// Compiled guests in memory, by the XXH3 of their bytes, bounded in bytes.
+struct MemoryCache<T> {
+    entries: HashMap<u128, Vec<Entry<T>>>,
+    /// Sum of the entries' costs.
+    bytes: u64,
+    /// Bumped at every use, to find the least recently used.
+    clock: u64,
+}
+
+impl<T> Default for MemoryCache<T> {
+    fn default() -> Self {
+        MemoryCache {
+            entries: HashMap::new(),
+            bytes: 0,
+            clock: 0,
+        }
+    }
+}
+
+struct Entry<T> {
+    source: Arc<[u8]>,
+    compiled: T,
+    /// Its bytes and its compiled code.
+    cost: u64,
+    used: u64,
+}
+
+impl<T: Clone> MemoryCache<T> {
+    fn get(&mut self, key: u128, bytes: &[u8]) -> Option<T> {
+        self.clock += 1;
+        let clock = self.clock;
+        let entry = self
+            .entries
+            .get_mut(&key)?
+            .iter_mut()
+            .find(|e| *e.source == *bytes)?;
+        entry.used = clock;
+        Some(entry.compiled.clone())
+    }
+
+    /// Adds an entry, then drops the least recently used ones (never the
+    /// new one) while over `budget`.
+    fn insert(&mut self, key: u128, source: Arc<[u8]>, compiled: T, cost: u64, budget: u64) {
+        self.clock += 1;
+        self.bytes += cost;
+        self.entries.entry(key).or_default().push(Entry {
+            source,
+            compiled,
+            cost,
+            used: self.clock,
+        });
+        while self.bytes > budget {
+            let oldest = self
+                .entries
+                .iter()
+                .flat_map(|(k, bucket)| {
+                    bucket.iter().enumerate().map(move |(i, e)| (*k, i, e.used))
+                })
+                .filter(|(_, _, used)| *used != self.clock)
+                .min_by_key(|(_, _, used)| *used);
+            let Some((k, i, _)) = oldest else { break };
+            let bucket = self.entries.get_mut(&k).expect("found above");
+            self.bytes -= bucket.swap_remove(i).cost;
+            if bucket.is_empty() {
+                self.entries.remove(&k);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.entries.values().map(Vec::len).sum()
+    }
+}
+
+/// A guest compiled, or loaded from the disk cache.
+enum Artifact {
+    Component(Component),
+    Module(Module),
+}
+
+impl Artifact {
+    /// Bytes of its compiled code.
+    fn code_bytes(&self) -> u64 {
+        let range = match self {
+            Artifact::Component(c) => c.image_range(),
+            Artifact::Module(m) => m.image_range(),
+        };
+        (range.end as usize).saturating_sub(range.start as usize) as u64
+    }
+
+    fn serialize(&self) -> wasmtime::Result<Vec<u8>> {
+        match self {
+            Artifact::Component(c) => c.serialize(),
+            Artifact::Module(m) => m.serialize(),
+        }
+    }
+}
+
+/// Loads `bytes`' code from `disk` if it holds it, else compiles them (and
+/// stores the result there). Runs on a blocking thread.
+fn build(
+    engine: &Engine,
+    disk: Option<&DiskCache>,
+    kind: Format,
+    bytes: &[u8],
+) -> Result<Artifact, String> {
+    let key = disk.map(|_| cache::key_of(bytes));
+    if let (Some(disk), Some(key)) = (disk, &key) {
+        if let Some(code) = disk.load(key) {
+            // SAFETY: wasmtime runs deserialized code as it is, so it must
+            // be what `serialize` produced for a compatible engine. The
+            // entry is this user's own (a private folder, checked when
+            // opened), was written whole by `DiskCache::store` from
+            // `serialize`'s output for this engine's configuration (the
+            // folder is named by its compatibility hash), and its key and
+            // checksum were checked by `load`; wasmtime checks the header
+            // against the engine again. See `crate::cache`.
+            #[allow(unsafe_code)]
+            let loaded = unsafe {
+                match kind {
+                    Format::Module => Module::deserialize(engine, &code).map(Artifact::Module),
+                    _ => Component::deserialize(engine, &code).map(Artifact::Component),
+                }
+            };
+            match loaded {
+                Ok(artifact) => {
+                    tracing::debug!(
+                        "{kind:?} of {} bytes loaded from the compile cache",
+                        bytes.len()
+                    );
+                    return Ok(artifact);
+                }
+                Err(e) => tracing::warn!("a compile cache entry did not load ({e:#}); compiling"),
+            }
+        }
+    }
+    let started = std::time::Instant::now();
+    let artifact = match kind {
+        Format::Module => Module::new(engine, bytes).map(Artifact::Module),
+        _ => Component::new(engine, bytes).map(Artifact::Component),
+    }
+    .map_err(|e| format!("{e:#}"))?;
+    tracing::debug!(
+        "{kind:?} of {} bytes compiled in {:.1} ms",
+        bytes.len(),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    if let (Some(disk), Some(key)) = (disk, &key) {
+        match artifact.serialize() {
+            Ok(code) => disk.store(key, &code),
+            Err(e) => tracing::warn!("cannot serialize a compiled guest for the cache: {e:#}"),
+        }
+    }
+    Ok(artifact)
 }
 
 impl Runtime {
     /// `max_memory` bounds every guest memory; `max_cells` is how many
     /// guests may be alive at once in this host.
-    pub fn new(max_memory: u64, max_cells: u32) -> wasmtime::Result<Runtime> {
+    pub fn new(max_memory: u64, max_cells: u32, cache: CacheConfig) -> wasmtime::Result<Runtime> {
         // The pooling allocator keeps memories, tables and fiber stacks in
         // preallocated slots that are reset (not unmapped) between guests:
         // instantiation is then a few system calls instead of dozens, which
@@ -244,12 +445,26 @@ impl Runtime {
             &mut s.wasi
         })?;
 
+        // Without its disk cache the host still works, only slower to start.
+        let disk = cache.dir.as_deref().and_then(|dir| {
+            DiskCache::open(dir, &engine)
+                .map_err(|e| {
+                    tracing::warn!(
+                        "not using the compile cache {}: {e}; guests are compiled at every start",
+                        dir.display()
+                    )
+                })
+                .ok()
+                .map(Arc::new)
+        });
         Ok(Runtime {
             _ticker: EpochTicker::start(engine.clone()),
             engine,
             components,
             modules,
-            cache: RefCell::new(HashMap::new()),
+            cache: RefCell::new(MemoryCache::default()),
+            disk,
+            memory_budget: cache.memory_bytes,
         })
     }
 
@@ -257,28 +472,32 @@ impl Runtime {
         &self.engine
     }
 
-    /// Compiles `bytes` (or finds them in the cache) and links them.
+    /// Compiles `bytes` (or finds them in a cache) and links them.
     ///
-    /// Compilation runs on a blocking thread so the host keeps serving other
-    /// guests meanwhile.
+    /// Bytes that are not a WASI command are refused before anything is
+    /// compiled. Compilation runs on a blocking thread so the host keeps
+    /// serving other guests meanwhile.
     pub async fn compile(&self, bytes: Arc<[u8]>) -> Result<Compiled, SpawnError> {
         let kind = format::detect(&bytes)?;
         let key = xxhash_rust::xxh3::xxh3_128(&bytes);
-        if let Some(bucket) = self.cache.borrow().get(&key) {
-            if let Some((_, hit)) = bucket.iter().find(|(b, _)| **b == *bytes) {
-                return Ok(hit.clone());
-            }
+        if let Some(hit) = self.cache.borrow_mut().get(key, &bytes) {
+            return Ok(hit);
         }
+        if kind == Format::Elf {
+            return Err(SpawnError::VmDisabled);
+        }
+        format::check_command(kind, &bytes)?;
         let engine = self.engine.clone();
+        let disk = self.disk.clone();
         let source = bytes.clone();
-        let compiled = match kind {
-            Format::Elf => return Err(SpawnError::VmDisabled),
-            Format::Component => {
-                let component =
-                    tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
-                        .await
-                        .map_err(|e| SpawnError::Compile(e.to_string()))?
-                        .map_err(|e| SpawnError::Compile(format!("{e:#}")))?;
+        let artifact =
+            tokio::task::spawn_blocking(move || build(&engine, disk.as_deref(), kind, &bytes))
+                .await
+                .map_err(|e| SpawnError::Compile(e.to_string()))?
+                .map_err(SpawnError::Compile)?;
+        let cost = artifact.code_bytes() + source.len() as u64;
+        let compiled = match artifact {
+            Artifact::Component(component) => {
                 let pre = self
                     .components
                     .instantiate_pre(&component)
@@ -287,11 +506,7 @@ impl Runtime {
                     CommandPre::new(pre).map_err(|e| SpawnError::Link(format!("{e:#}")))?,
                 )
             }
-            Format::Module => {
-                let module = tokio::task::spawn_blocking(move || Module::new(&engine, &bytes))
-                    .await
-                    .map_err(|e| SpawnError::Compile(e.to_string()))?
-                    .map_err(|e| SpawnError::Compile(format!("{e:#}")))?;
+            Artifact::Module(module) => {
                 if module.get_export("_start").is_none() {
                     return Err(SpawnError::NotACommand(
                         "the module exports no `_start`: not a WASI command".into(),
@@ -306,15 +521,18 @@ impl Runtime {
         };
         self.cache
             .borrow_mut()
-            .entry(key)
-            .or_default()
-            .push((source, compiled.clone()));
+            .insert(key, source, compiled.clone(), cost, self.memory_budget);
         Ok(compiled)
     }
 
     /// Number of distinct guests compiled so far.
     pub fn cached(&self) -> usize {
-        self.cache.borrow().values().map(Vec::len).sum()
+        self.cache.borrow().len()
+    }
+
+    /// The compile cache's folder on disk, if there is one.
+    pub fn cache_dir(&self) -> Option<&std::path::Path> {
+        self.disk.as_deref().map(DiskCache::dir)
     }
 }
 

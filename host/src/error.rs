@@ -28,7 +28,7 @@ pub enum SpawnError {
     Compile(String),
     #[error("cannot link the guest against this host: {0}")]
     Link(String),
-    /// A module without the entry point of a WASI command.
+    /// WebAssembly that is not a WASI command (a reactor, a library).
     #[error("{0}")]
     NotACommand(String),
     #[error("nesting depth limit of {0} reached")]

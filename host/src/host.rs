@@ -53,6 +53,10 @@ pub struct HostConfig {
     /// guest back for the length of each call. Off moves them to blocking
     /// threads.
     pub files_on_host_thread: bool,
+    /// Where compiled guests are kept: in memory (bounded), and on disk if
+    /// a folder is given (`capsa` gives one unless `--no-cache`;
+    /// embedders choose). See [`crate::cache`].
+    pub compile_cache: crate::engine::CacheConfig,
 }
 
 impl Default for HostConfig {
@@ -68,6 +72,7 @@ impl Default for HostConfig {
             directory_timeout: crate::mirror::CALL_TIMEOUT,
             scratch_dir: None,
             files_on_host_thread: true,
+            compile_cache: crate::engine::CacheConfig::default(),
         }
     }
 }
@@ -144,8 +149,12 @@ pub struct HostError(pub(crate) String);
 
 impl Host {
     pub fn new(config: HostConfig) -> Result<Host, HostError> {
-        let runtime = Runtime::new(config.limits.memory_bytes, config.max_cells)
-            .map_err(|e| HostError(format!("{e:#}")))?;
+        let runtime = Runtime::new(
+            config.limits.memory_bytes,
+            config.max_cells,
+            config.compile_cache.clone(),
+        )
+        .map_err(|e| HostError(format!("{e:#}")))?;
         let directories = Directories::default();
         let mut granted = Vec::new();
         let mut preopens = Vec::new();

@@ -15,7 +15,8 @@
 //! - [`directory`]: host directories as capabilities, granted to guests;
 //! - [`mirror`] (from `capsa-directory`): a Directory from elsewhere,
 //!   copied in for a child and back;
-//! - [`engine`]: wasmtime configuration, linkers and the compile cache;
+//! - [`engine`]: wasmtime configuration, linkers and the compile cache in
+//!   memory; [`cache`]: compiled guests on disk;
 //! - [`pipe`]: the bounded in-memory pipes behind every guest's stdio;
 //! - [`format`]: telling components, modules and ELF files apart;
 //! - [`vm`]: ELF payloads in microVMs, through the in-guest agent;
@@ -26,6 +27,7 @@
 //! - [`embed`]: a host on its own thread inside another program, for test
 //!   harnesses.
 
+pub mod cache;
 pub mod cell;
 pub mod directory;
 pub mod embed;

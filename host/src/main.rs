@@ -159,6 +159,18 @@ struct HostArgs {
     /// slow filesystem no longer holds every guest back.
     #[arg(long)]
     files_off_host_thread: bool,
+    /// Keep compiled guests in DIR (created 0700; it must be this user's
+    /// alone), so the next start loads them instead of compiling again
+    /// [default: $XDG_CACHE_HOME/capsa, else ~/.cache/capsa].
+    #[arg(long, value_name = "DIR", conflicts_with = "no_cache")]
+    cache_dir: Option<PathBuf>,
+    /// Keep compiled guests in memory only: every start compiles again.
+    #[arg(long)]
+    no_cache: bool,
+    /// Most MiB of guests (bytes and compiled code) kept in memory; the
+    /// least recently used go first.
+    #[arg(long, default_value_t = 512)]
+    memory_cache_mib: u64,
 }
 
 fn main() -> ExitCode {
@@ -345,6 +357,9 @@ impl HostArgs {
             vm_memory_total_mib,
             scratch_dir,
             files_off_host_thread,
+            cache_dir,
+            no_cache,
+            memory_cache_mib,
         } = self;
         let backend = match (allow_vm, vm_as_process, kernel, initramfs) {
             (false, None, _, _) => None,
@@ -390,6 +405,13 @@ impl HostArgs {
             directory_timeout: capsa::mirror::CALL_TIMEOUT,
             scratch_dir,
             files_on_host_thread: !files_off_host_thread,
+            compile_cache: capsa::engine::CacheConfig {
+                dir: match no_cache {
+                    true => None,
+                    false => cache_dir.or_else(capsa::cache::default_dir),
+                },
+                memory_bytes: memory_cache_mib.saturating_mul(1 << 20),
+            },
         })
     }
 }

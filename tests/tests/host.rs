@@ -465,7 +465,10 @@ fn bad_bytes_get_clear_errors() {
         assert_kind(&err, ErrorKind::VmDisabled, "microVMs are not enabled");
 
         let missing = wat::parse_str(
-            r#"(component (import "capsa:missing/thing" (instance (export "f" (func)))))"#,
+            r#"(component
+                (import "capsa:missing/thing" (instance (export "f" (func))))
+                (instance $run)
+                (export "wasi:cli/run@0.2.0" (instance $run)))"#,
         )
         .unwrap();
         let err = run(&root, &missing, Run::default())
@@ -480,6 +483,24 @@ fn bad_bytes_get_clear_errors() {
             .err()
             .expect("runBytes should fail");
         assert_kind(&err, ErrorKind::BadPayload, "_start");
+
+        // Refused for what they are, before any compiling.
+        let reactor = wat::parse_str(r#"(module (func (export "_initialize")))"#).unwrap();
+        let err = run(&root, &reactor, Run::default())
+            .await
+            .err()
+            .expect("runBytes should fail");
+        assert_kind(
+            &err,
+            ErrorKind::BadPayload,
+            "a WASI reactor: exports `_initialize` but no `_start`",
+        );
+        let library = wat::parse_str("(component)").unwrap();
+        let err = run(&root, &library, Run::default())
+            .await
+            .err()
+            .expect("runBytes should fail");
+        assert_kind(&err, ErrorKind::BadPayload, "no `wasi:cli/run`");
 
         still_healthy(&witness).await;
     });
@@ -589,6 +610,56 @@ fn garbage_on_the_rpc_channel_ends_that_guest_only() {
         assert!(echo(&exported_executor(&p), "hello?").await.is_err());
         still_healthy(&witness).await;
     });
+}
+
+/// `capsa run` keeps what it compiles in its cache folder: a second run
+/// of the same PID0 compiles nothing, and a damaged entry is compiled
+/// again, never loaded.
+#[test]
+fn capsa_run_compiles_once_and_recompiles_damaged_entries() {
+    let exe = std::env::current_exe().unwrap();
+    let capsa = exe.parent().unwrap().parent().unwrap().join("capsa");
+    let scratch = capsa_tests::TempDir::new("compile-cache");
+    // A folder capsa makes itself (an existing one must be private already).
+    let cache = scratch.path().join("cache");
+    let run = || {
+        let out = std::process::Command::new(&capsa)
+            .arg("run")
+            .arg("--cache-dir")
+            .arg(&cache)
+            .arg(guests_dir().join("pid0.wasm"))
+            .env("CAPSA_LOG", "warn,capsa::engine=debug")
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e}", capsa.display()));
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{log}");
+        let compiled = log.matches("compiled in").count();
+        let loaded = log.matches("loaded from the compile cache").count();
+        (compiled, loaded, log)
+    };
+    let (compiled, loaded, log) = run();
+    assert!(compiled >= 2 && loaded == 0, "first run: {log}");
+    let (again, loaded, log) = run();
+    assert_eq!((again, loaded), (0, compiled), "second run: {log}");
+
+    // Every entry damaged (cut short): all compiled again, and said so.
+    let mut entries = 0;
+    for folder in std::fs::read_dir(&cache).unwrap() {
+        for entry in std::fs::read_dir(folder.unwrap().path()).unwrap() {
+            let path = entry.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+            entries += 1;
+        }
+    }
+    assert_eq!(entries, compiled);
+    let (recompiled, loaded, log) = run();
+    assert_eq!((recompiled, loaded), (compiled, 0), "damaged: {log}");
+    assert!(log.contains("damaged compile cache entry"), "{log}");
+    // The folder is private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&cache).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
 }
 
 #[test]
