@@ -25,7 +25,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::format::{self, Format};
 use crate::scope::MemoryShare;
-use crate::SpawnError;
+use crate::{world, SpawnError};
 
 /// How often the engine's epoch advances. A running guest yields to the host
 /// at every tick, so this bounds how long a kill or a deadline waits for a
@@ -237,18 +237,11 @@ impl Runtime {
             .max_wasm_stack(512 << 10);
         let engine = Engine::new(&config)?;
 
-        let mut components = wasmtime::component::Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut components)?;
-        let mut modules = wasmtime::Linker::new(&engine);
-        wasmtime_wasi::p1::add_to_linker_async(&mut modules, |s: &mut CellState<WasiP1Ctx>| {
-            &mut s.wasi
-        })?;
-
         Ok(Runtime {
             _ticker: EpochTicker::start(engine.clone()),
+            components: component_linker(&engine)?,
+            modules: module_linker(&engine)?,
             engine,
-            components,
-            modules,
             cache: RefCell::new(HashMap::new()),
         })
     }
@@ -279,6 +272,7 @@ impl Runtime {
                         .await
                         .map_err(|e| SpawnError::Compile(e.to_string()))?
                         .map_err(|e| SpawnError::Compile(format!("{e:#}")))?;
+                world::check_component(&component, &self.engine)?;
                 let pre = self
                     .components
                     .instantiate_pre(&component)
@@ -297,6 +291,7 @@ impl Runtime {
                         "the module exports no `_start`: not a WASI command".into(),
                     ));
                 }
+                world::check_module(&module)?;
                 Compiled::Module(
                     self.modules
                         .instantiate_pre(&module)
@@ -316,6 +311,29 @@ impl Runtime {
     pub fn cached(&self) -> usize {
         self.cache.borrow().values().map(Vec::len).sum()
     }
+}
+
+/// The linker of every component: wasmtime-wasi's WASI 0.2, which is the
+/// world `guest` of wit/world.wit (the tests in [`world`] hold the two
+/// together).
+pub(crate) fn component_linker(
+    engine: &Engine,
+) -> wasmtime::Result<wasmtime::component::Linker<CellState<P2Wasi>>> {
+    let mut linker = wasmtime::component::Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    Ok(linker)
+}
+
+/// The linker of every WASI preview 1 module: `wasi_snapshot_preview1` and
+/// nothing else.
+pub(crate) fn module_linker(
+    engine: &Engine,
+) -> wasmtime::Result<wasmtime::Linker<CellState<WasiP1Ctx>>> {
+    let mut linker = wasmtime::Linker::new(engine);
+    wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut CellState<WasiP1Ctx>| {
+        &mut s.wasi
+    })?;
+    Ok(linker)
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.

@@ -15,6 +15,8 @@
 //! - [`directory`]: host directories as capabilities, granted to guests;
 //! - [`mirror`]: a Directory from elsewhere, copied in for a child and back;
 //! - [`engine`]: wasmtime configuration, linkers and the compile cache;
+//! - [`world`]: the WIT world guests are linked against (`wit/world.wit`),
+//!   and the check that refuses imports outside it;
 //! - [`pipe`]: the bounded in-memory pipes behind every guest's stdio;
 //! - [`format`]: telling components, modules and ELF files apart;
 //! - [`vm`]: ELF payloads in microVMs, through the in-guest agent;
@@ -43,6 +45,7 @@ pub mod status;
 pub mod stream;
 pub mod transport;
 pub mod vm;
+pub mod world;
 
 pub use directory::DirGrant;
 pub use embed::Embedded;
