@@ -28,7 +28,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use crate::cache::{self, DiskCache};
 use crate::format::{self, Format};
 use crate::scope::MemoryShare;
-use crate::SpawnError;
+use crate::{world, SpawnError};
 
 /// How often the engine's epoch advances. A running guest yields to the host
 /// at every tick, so this bounds how long a kill or a deadline waits for a
@@ -438,13 +438,6 @@ impl Runtime {
             .max_wasm_stack(512 << 10);
         let engine = Engine::new(&config)?;
 
-        let mut components = wasmtime::component::Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut components)?;
-        let mut modules = wasmtime::Linker::new(&engine);
-        wasmtime_wasi::p1::add_to_linker_async(&mut modules, |s: &mut CellState<WasiP1Ctx>| {
-            &mut s.wasi
-        })?;
-
         // Without its disk cache the host still works, only slower to start.
         let disk = cache.dir.as_deref().and_then(|dir| {
             DiskCache::open(dir, &engine)
@@ -459,9 +452,9 @@ impl Runtime {
         });
         Ok(Runtime {
             _ticker: EpochTicker::start(engine.clone()),
+            components: component_linker(&engine)?,
+            modules: module_linker(&engine)?,
             engine,
-            components,
-            modules,
             cache: RefCell::new(MemoryCache::default()),
             disk,
             memory_budget: cache.memory_bytes,
@@ -498,6 +491,7 @@ impl Runtime {
         let cost = artifact.code_bytes() + source.len() as u64;
         let compiled = match artifact {
             Artifact::Component(component) => {
+                world::check_component(&component, &self.engine)?;
                 let pre = self
                     .components
                     .instantiate_pre(&component)
@@ -512,6 +506,7 @@ impl Runtime {
                         "the module exports no `_start`: not a WASI command".into(),
                     ));
                 }
+                world::check_module(&module)?;
                 Compiled::Module(
                     self.modules
                         .instantiate_pre(&module)
@@ -534,6 +529,29 @@ impl Runtime {
     pub fn cache_dir(&self) -> Option<&std::path::Path> {
         self.disk.as_deref().map(DiskCache::dir)
     }
+}
+
+/// The linker of every component: wasmtime-wasi's WASI 0.2, which is the
+/// world `guest` of wit/world.wit (the tests in [`world`] hold the two
+/// together).
+pub(crate) fn component_linker(
+    engine: &Engine,
+) -> wasmtime::Result<wasmtime::component::Linker<CellState<P2Wasi>>> {
+    let mut linker = wasmtime::component::Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    Ok(linker)
+}
+
+/// The linker of every WASI preview 1 module: `wasi_snapshot_preview1` and
+/// nothing else.
+pub(crate) fn module_linker(
+    engine: &Engine,
+) -> wasmtime::Result<wasmtime::Linker<CellState<WasiP1Ctx>>> {
+    let mut linker = wasmtime::Linker::new(engine);
+    wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut CellState<WasiP1Ctx>| {
+        &mut s.wasi
+    })?;
+    Ok(linker)
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.

@@ -17,6 +17,8 @@
 //!   copied in for a child and back;
 //! - [`engine`]: wasmtime configuration, linkers and the compile cache in
 //!   memory; [`cache`]: compiled guests on disk;
+//! - [`world`]: the WIT world guests are linked against (`wit/world.wit`),
+//!   and the check that refuses imports outside it;
 //! - [`pipe`]: the bounded in-memory pipes behind every guest's stdio;
 //! - [`format`]: telling components, modules and ELF files apart;
 //! - [`vm`]: ELF payloads in microVMs, through the in-guest agent;
@@ -45,6 +47,7 @@ pub mod status;
 pub mod stream;
 pub mod transport;
 pub mod vm;
+pub mod world;
 
 pub use capsa_directory::mirror;
 pub use directory::DirGrant;

@@ -477,6 +477,41 @@ fn bad_bytes_get_clear_errors() {
             .expect("runBytes should fail");
         assert_kind(&err, ErrorKind::Link, "capsa:missing/thing");
 
+        // Outside the world in wit/world.wit: named, with what the host gives.
+        let http = wat::parse_str(
+            r#"(component
+                (import "wasi:cli/stdout@0.2.0" (instance))
+                (import "wasi:http/outgoing-handler@0.2.0" (instance))
+                (instance $run)
+                (export "wasi:cli/run@0.2.0" (instance $run)))"#,
+        )
+        .unwrap();
+        let err = run(&root, &http, Run::default())
+            .await
+            .err()
+            .expect("runBytes should fail");
+        assert_kind(
+            &err,
+            ErrorKind::Link,
+            r#"the component imports "wasi:http/outgoing-handler@0.2.0", which capsa does not provide"#,
+        );
+        assert_kind(
+            &err,
+            ErrorKind::Link,
+            "wasi:filesystem/{preopens, types}@0.2.12",
+        );
+        let p1 = wat::parse_str(r#"(module (import "env" "now" (func)) (func (export "_start")))"#)
+            .unwrap();
+        let err = run(&root, &p1, Run::default())
+            .await
+            .err()
+            .expect("runBytes should fail");
+        assert_kind(
+            &err,
+            ErrorKind::Link,
+            r#"the module imports "env" "now", which capsa does not provide"#,
+        );
+
         let no_start = wat::parse_str("(module)").unwrap();
         let err = run(&root, &no_start, Run::default())
             .await

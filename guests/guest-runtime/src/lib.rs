@@ -9,11 +9,32 @@
 //!
 //! Stdout carries RPC messages, so nothing else may be written to it: guests
 //! log with [`log!`], which writes to stderr.
+//!
+//! The WASI it uses is the world `runtime` of the repository's
+//! `wit/world.wit`, part of the world every capsa guest is linked against;
+//! its bindings are generated from that file at build time.
 
 mod connection;
 pub mod executor;
 mod reactor;
 pub mod stdio;
+
+/// The imports of the world `runtime` (wasi:io streams and polling, the
+/// guest's stdin and stdout).
+#[allow(
+    unsafe_code,
+    clippy::undocumented_unsafe_blocks,
+    reason = "generated bindings: the canonical ABI's calls are unsafe"
+)]
+mod bindings {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "runtime",
+        // The world's interfaces all come from WASI packages; bindings for
+        // each are generated here rather than taken from another crate.
+        generate_all,
+    });
+}
 
 use std::fmt;
 

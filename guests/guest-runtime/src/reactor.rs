@@ -14,7 +14,7 @@
 use std::cell::RefCell;
 use std::task::Waker;
 
-use wasip2::io::poll::{poll, Pollable};
+use crate::bindings::wasi::io::poll::{poll, Pollable};
 
 #[derive(Default)]
 struct Slot {

@@ -9,18 +9,19 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures::io::{AsyncRead, AsyncWrite};
-use wasip2::io::streams::{InputStream, OutputStream, StreamError};
 
+use crate::bindings::wasi::cli::{stdin::get_stdin, stdout::get_stdout};
+use crate::bindings::wasi::io::streams::{InputStream, OutputStream, StreamError};
 use crate::reactor::Registration;
 
 /// The guest's stdin as an [`AsyncRead`].
 pub fn stdin() -> AsyncInputStream {
-    AsyncInputStream::new(wasip2::cli::stdin::get_stdin())
+    AsyncInputStream::new(get_stdin())
 }
 
 /// The guest's stdout as an [`AsyncWrite`].
 pub fn stdout() -> AsyncOutputStream {
-    AsyncOutputStream::new(wasip2::cli::stdout::get_stdout())
+    AsyncOutputStream::new(get_stdout())
 }
 
 fn io_error(e: StreamError) -> io::Error {
