@@ -247,13 +247,13 @@ pub fn spawn(
     }
 
     let limits = spec.limits.clone();
-    let run = run_guest(
+    let run = runtime.ticker().ticking(run_guest(
         runtime,
         compiled,
         builder,
         limits.clone(),
         spec.memory_share.clone(),
-    );
+    ));
     tokio::task::spawn_local(drive(
         label.clone(),
         run,
