@@ -510,6 +510,17 @@ fn always_ticking_wakeups() -> f64 {
     per_second
 }
 
+/// Bytes of page tables this process holds (`VmPTE`): what the host pays
+/// for mapping guests' memory reservations, beyond their resident pages.
+fn page_table_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmPTE:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: u64 = statm
@@ -520,7 +531,8 @@ fn rss_bytes() -> u64 {
     pages * 4096
 }
 
-/// Host memory per idle live child, with `n` children each answering echo.
+/// Host memory per idle live child (resident pages and page tables), with
+/// `n` children each answering echo.
 fn memory_per_child(n: usize) -> (f64, usize) {
     let config = HostConfig {
         max_children: n as u32 + 1,
@@ -535,7 +547,7 @@ fn memory_per_child(n: usize) -> (f64, usize) {
         let warm = spawn_to_first_call(&root, &bytes).await;
         std::hint::black_box(warm);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let before = rss_bytes();
+        let before = rss_bytes() + page_table_bytes();
         let mut procs = Vec::with_capacity(n);
         let t = Instant::now();
         for i in 0..n {
@@ -559,7 +571,7 @@ fn memory_per_child(n: usize) -> (f64, usize) {
             procs.push(p);
         }
         let live = host.live_cells();
-        let after = rss_bytes();
+        let after = rss_bytes() + page_table_bytes();
         drop(procs);
         host.shutdown().await;
         ((after.saturating_sub(before)) as f64 / n as f64, live)
@@ -1007,7 +1019,7 @@ fn main() {
             .unwrap_or(10_000);
         let (per, live) = memory_per_child(n);
         r.row(
-            &format!("host memory per idle live child ({live} live)"),
+            &format!("host memory per idle live child, RSS + page tables ({live} live)"),
             format!("{:.0} KiB", per / 1024.0),
             String::new(),
         );
