@@ -73,24 +73,12 @@ impl ExecutorImpl {
         &self,
         list: capnp::struct_list::Reader<'_, capsa_schema::capsa_capnp::grant::Owned>,
     ) -> capnp::Result<(Grants, Vec<Preopen>, Vec<LocalBoxFuture<'static, ()>>)> {
-        if list.len() > MAX_GRANTS {
-            return Err(error(
-                ErrorKind::BadRequest,
-                format_args!("at most {MAX_GRANTS} directories may be granted to one child"),
-            ));
-        }
-        let mut grants = Vec::with_capacity(list.len() as usize);
-        let mut preopens = Vec::with_capacity(list.len() as usize);
+        let grants = forwarded(list)?;
+        let mut preopens = Vec::with_capacity(grants.len());
         let mut after_exit = Vec::new();
-        for grant in list {
-            let path = grant.get_path()?.to_str().map_err(|_| {
-                error(
-                    ErrorKind::BadRequest,
-                    "a granted directory's path must be UTF-8",
-                )
-            })?;
-            let client = grant.get_directory()?;
-            match self.host.directories().local(&client).await? {
+        for (path, client) in grants.iter() {
+            let path = path.as_str();
+            match self.host.directories().local(client).await? {
                 Some(local) => preopens.push(Preopen::of(&local, path)?),
                 None => {
                     let config = self.host.config();
@@ -104,9 +92,8 @@ impl ExecutorImpl {
                     after_exit.push(write_back);
                 }
             }
-            grants.push((path.to_string(), client));
         }
-        Ok((grants.into(), preopens, after_exit))
+        Ok((grants, preopens, after_exit))
     }
 
     /// Reserves a live-child slot, or refuses when the quotas are used up.
@@ -130,8 +117,9 @@ impl ExecutorImpl {
     }
 }
 
-/// `Options.directories` for a machine, passed on to its agent as they
-/// are (the agent checks the paths against its own filesystem).
+/// `Options.directories` as read: bounded in number, paths UTF-8. A
+/// machine's are passed on to its agent as they are (the agent checks the
+/// paths against its own filesystem); a WASM child's become preopens.
 fn forwarded(
     list: capnp::struct_list::Reader<'_, capsa_schema::capsa_capnp::grant::Owned>,
 ) -> capnp::Result<Grants> {
