@@ -83,10 +83,7 @@ pub struct VmRequest {
 /// A running machine, from either backend.
 enum Machine {
     Kvm(Rc<Vm>),
-    Agent {
-        child: tokio::process::Child,
-        _dir: TempDir,
-    },
+    Agent { child: AgentProcess, _dir: TempDir },
 }
 
 impl Machine {
@@ -99,7 +96,7 @@ impl Machine {
                 VmExit::Shutdown(how) => format!("the VM shut down ({how})"),
                 VmExit::Stopped => "the VM was stopped".into(),
             },
-            Machine::Agent { child, .. } => match child.wait().await {
+            Machine::Agent { child, .. } => match child.0.wait().await {
                 Ok(s) => format!("the agent exited: {s}"),
                 Err(e) => format!("the agent is gone: {e}"),
             },
@@ -122,8 +119,12 @@ impl Machine {
                 }
             }
             Machine::Agent { mut child, _dir } => {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
+                // The agent is not reaped until its session is empty, so
+                // the session id stays reserved while it is swept.
+                if let Some(pid) = child.0.id() {
+                    end_session(pid);
+                }
+                let _ = child.0.wait().await;
             }
         }
     }
@@ -139,6 +140,73 @@ impl Machine {
             Machine::Agent { .. } => String::new(),
         }
     }
+}
+
+/// The agent run as a host process, leader of a session of its own: every
+/// process it starts, and every process those fork, is in that session
+/// unless it makes one itself. Its end ends them all, even when the agent
+/// was killed before it could end them (an ELF's `sleep 100 &` outlives
+/// its process group's leader and the agent's SIGKILL of that group).
+struct AgentProcess(tokio::process::Child);
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        // Not reaped yet (`id` is `None` once it is): its pid cannot have
+        // been given to another process.
+        if let Some(pid) = self.0.id() {
+            end_session(pid);
+        }
+    }
+}
+
+/// SIGKILLs every live process of session `sid` until none is left. The
+/// leader must be unreaped (alive or a zombie), which keeps `sid` from
+/// being reused. Bounded: a session that keeps forking faster than this
+/// kills gives up after `ROUNDS`.
+fn end_session(sid: u32) {
+    const ROUNDS: usize = 64;
+    for _ in 0..ROUNDS {
+        let mut killed = 0;
+        for pid in session_members(sid) {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                if rustix::process::kill_process(pid, rustix::process::Signal::KILL).is_ok() {
+                    killed += 1;
+                }
+            }
+        }
+        if killed == 0 {
+            return;
+        }
+        std::thread::yield_now();
+    }
+    tracing::warn!("processes of agent session {sid} kept appearing; some may remain");
+}
+
+/// The live (not zombie) processes whose session id is `sid`, from /proc.
+fn session_members(sid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|entry| {
+        let entry = entry.ok()?;
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+        (stat_session(&stat)? == (sid, true)).then_some(pid)
+    })
+    .collect()
+}
+
+/// The session id in a `/proc/PID/stat` line, and whether the process is
+/// live (neither a zombie nor dead). The command name in parentheses may
+/// hold anything, spaces and parentheses too, so fields are counted from
+/// the last `)`.
+fn stat_session(stat: &str) -> Option<(u32, bool)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next()?;
+    // ppid, pgrp, then session.
+    let session = fields.nth(2)?.parse().ok()?;
+    Some((session, !matches!(state, "Z" | "X" | "x")))
 }
 
 /// A temporary directory removed on drop.
@@ -409,7 +477,8 @@ async fn boot(
             let dir =
                 TempDir::new().map_err(|e| SpawnError::Vm(format!("temporary directory: {e}")))?;
             let socket = dir.0.join("agent.sock");
-            let child = tokio::process::Command::new(agent)
+            let mut command = tokio::process::Command::new(agent);
+            command
                 .arg("--listen")
                 .arg(format!("unix:{}", socket.display()))
                 .arg("--once")
@@ -420,11 +489,25 @@ async fn boot(
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(|e| {
-                    SpawnError::Vm(format!("starting the agent {}: {e}", agent.display()))
-                })?;
+                .kill_on_drop(true);
+            // SAFETY: the closure runs in the forked child before exec and
+            // makes only two system calls; it allocates nothing and takes
+            // no lock.
+            #[allow(unsafe_code)]
+            unsafe {
+                command.pre_exec(|| {
+                    // A session of its own, for `end_session`.
+                    rustix::process::setsid()?;
+                    // The agent ends with the host, however the host ends.
+                    rustix::process::set_parent_process_death_signal(Some(
+                        rustix::process::Signal::KILL,
+                    ))?;
+                    Ok(())
+                });
+            }
+            let child = command.spawn().map_err(|e| {
+                SpawnError::Vm(format!("starting the agent {}: {e}", agent.display()))
+            })?;
             let mut child = child;
             // The agent's console, as a VM's serial log would be: to the
             // host log, never into a data stream; its last lines explain an
@@ -445,7 +528,10 @@ async fn boot(
                     }
                 })
             });
-            let mut machine = Machine::Agent { child, _dir: dir };
+            let mut machine = Machine::Agent {
+                child: AgentProcess(child),
+                _dir: dir,
+            };
             loop {
                 match tokio::net::UnixStream::connect(&socket).await {
                     Ok(s) => {
@@ -461,7 +547,7 @@ async fn boot(
                     }
                     Err(_) => {
                         if let Machine::Agent { child, .. } = &mut machine {
-                            if let Ok(Some(s)) = child.try_wait() {
+                            if let Ok(Some(s)) = child.0.try_wait() {
                                 if let Some(console) = console {
                                     let _ = tokio::time::timeout(AGENT_LAST_WORDS, console).await;
                                 }
@@ -673,6 +759,57 @@ mod tests {
             .build()
             .unwrap();
         runtime.block_on(f)
+    }
+
+    #[test]
+    fn a_session_id_is_read_after_the_last_parenthesis() {
+        assert_eq!(
+            stat_session("42 (sh) S 1 42 40 0 -1 4194560 0"),
+            Some((40, true))
+        );
+        // A command name may hold spaces and parentheses.
+        assert_eq!(
+            stat_session("7 (a) Z 9 (b)) R 1 7 99 0 -1"),
+            Some((99, true))
+        );
+        assert_eq!(stat_session("8 (x) Z 1 8 8 0"), Some((8, false)));
+        assert_eq!(stat_session("8 (x) S 1"), None);
+        assert_eq!(stat_session("garbage"), None);
+    }
+
+    /// A process that left its process group's leader behind (as `sleep &`
+    /// in a shell does when the shell is killed) still ends with its
+    /// session.
+    #[test]
+    fn ending_a_session_ends_the_processes_its_leader_left() {
+        let mut command = std::process::Command::new("/bin/sh");
+        command
+            .args(["-c", "sleep 1000 & sleep 1000 & echo started; wait"])
+            .stdout(std::process::Stdio::piped());
+        // SAFETY: one system call between fork and exec.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                rustix::process::setsid()?;
+                Ok(())
+            });
+        }
+        let mut leader = command.spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(leader.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let sid = leader.id();
+        assert_eq!(session_members(sid).len(), 3, "the shell and two sleeps");
+        end_session(sid);
+        leader.wait().unwrap();
+        let start = Instant::now();
+        while !session_members(sid).is_empty() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(session_members(sid), Vec::<u32>::new());
     }
 
     static PROBED_ON: Mutex<Option<ThreadId>> = Mutex::new(None);

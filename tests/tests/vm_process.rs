@@ -241,6 +241,55 @@ fn kill_drop_and_deadline_tear_the_machine_down() {
     });
 }
 
+/// Hole 6 of the robustness issue: a process an ELF leaves running in the
+/// background (`sleep &` in a shell) ends with its machine, whether the
+/// Process is killed or dropped, although the agent is killed before it
+/// can end anything itself.
+#[test]
+fn background_processes_of_an_elf_end_with_its_machine() {
+    let _serial = serial();
+    for ending in ["kill", "drop"] {
+        // A sleep length no other process on this machine uses.
+        let secs = format!("{}", 600_000 + std::process::id());
+        let needle = format!("sleep {secs}");
+        let script = format!("sleep {secs} & echo started; wait");
+        let inside = needle.clone();
+        with_host(config(), |host| async move {
+            let needle = inside;
+            let root = host.root_executor();
+            let p = run(
+                &root,
+                &elf("/bin/sh"),
+                Run {
+                    args: &["-c", &script],
+                    ..Run::default()
+                },
+            )
+            .await
+            .unwrap();
+            // Once the shell said so, the sleep is running.
+            let out = p.stdout_request().send().pipeline.get_source();
+            let mut req = out.read_request();
+            req.get().set_max_bytes(64);
+            let said = req.send().promise.await.unwrap();
+            assert_eq!(said.get().unwrap().get_data().unwrap(), b"started\n");
+            assert!(!processes_with(&needle).is_empty(), "{ending}: no sleep");
+            match ending {
+                "kill" => {
+                    p.kill_request().send().promise.await.unwrap();
+                    assert_eq!(wait(&p).await, ExitStatus::Killed);
+                }
+                _ => drop(p),
+            }
+            until_nothing_runs(&host, "the machine survived its Process").await;
+        });
+        assert_none_left(
+            &needle,
+            &format!("{ending}: the background sleep outlived its machine"),
+        );
+    }
+}
+
 #[test]
 fn an_agent_that_never_answers_is_bounded_by_the_ready_timeout() {
     let _serial = serial();
@@ -410,6 +459,17 @@ fn machines_together_hold_at_most_the_hosts_total() {
 
 /// Processes whose `PID: ARGS...` line (arguments joined by spaces)
 /// contains `needle`.
+/// Waits up to ten seconds for every process whose command line holds
+/// `needle` to be gone; fails with `what` and those left if some stay.
+#[track_caller]
+fn assert_none_left(needle: &str, what: &str) {
+    let start = std::time::Instant::now();
+    while !processes_with(needle).is_empty() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(processes_with(needle), Vec::<String>::new(), "{what}");
+}
+
 fn processes_with(needle: &str) -> Vec<String> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -456,15 +516,7 @@ fn pid0_exit_leaves_nothing_running() {
                 assert_eq!(host.live_cells(), 0);
             }
         });
-        let start = std::time::Instant::now();
-        while !processes_with(&needle).is_empty() && start.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert_eq!(
-            processes_with(&needle),
-            Vec::<String>::new(),
-            "the ELF survived PID0"
-        );
+        assert_none_left(&needle, "the ELF survived PID0");
         assert_eq!(
             processes_with(&format!("capsa-vm-{}-", std::process::id())),
             Vec::<String>::new(),
