@@ -29,6 +29,35 @@ interface Executor {
   # path is reachable only through such a grant. A microVM's Executor (an
   # ELF process's `bootstrap()`) lists one: "/", the machine's own
   # filesystem, to put files into the machine and take results out.
+
+  load @3 (bytes :Data) -> (program :Program);
+  # The bytes checked (and compiled, for WebAssembly) once, as a Program to
+  # run any number of times without sending them again. Fails as `runBytes`
+  # would for bytes that cannot run here. The Program runs its processes
+  # through this Executor, with its limits and quotas, whoever calls `run`:
+  # handing it on gives the power to run this program, nothing more.
+
+  program @4 (hash :Data) -> (program :Program);
+  # The program whose SHA-256 is `hash` (32 bytes), if this host holds its
+  # bytes (loaded by anyone since it started and not yet evicted from its
+  # bounded program table), as a Program of this Executor; `notFound`
+  # otherwise, and the caller then `load`s the bytes. Knowing a program's
+  # hash is enough to run it: a host shared by clients who must not run
+  # each other's programs should not be shared.
+}
+
+interface Program {
+  # Bytes an Executor has loaded. Dropping it frees nothing a running
+  # process needs.
+
+  run @0 (args :List(Text), env :List(EnvVar), options :Options)
+      -> (process :Process);
+  # As the loading Executor's `runBytes` with these bytes. Pipelined,
+  # `load(...).program.run(...).process.wait()` is one round trip.
+
+  info @1 () -> (hash :Data, size :UInt64, format :Text);
+  # The SHA-256 of the bytes, their length, and what they are ("component",
+  # "module" or "elf").
 }
 
 struct Grant {

@@ -7,6 +7,7 @@ pub mod argv;
 pub mod error;
 pub mod format;
 pub mod hostile;
+pub mod program;
 pub mod stream;
 
 #[allow(clippy::all, missing_docs, unsafe_code)]

@@ -1,4 +1,5 @@
-//! The `Executor` capability: `runBytes` and `echo`.
+//! The `Executor` capability: `runBytes`, `load`, `program`, `directories`
+//! and `echo`.
 //!
 //! Every Executor carries the nesting depth of the children it starts and the
 //! limits they inherit. The default bootstrap of a child is a new Executor one
@@ -9,7 +10,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use capsa_schema::argv;
-use capsa_schema::capsa_capnp::{executor, options, StdioMode as WireStdio};
+use capsa_schema::capsa_capnp::{
+    env_var, executor, options, process, program, StdioMode as WireStdio,
+};
 use capsa_schema::error::error;
 use capsa_schema::ErrorKind;
 
@@ -20,6 +23,7 @@ use crate::error::SpawnError;
 use crate::format::{self, Format};
 use crate::host::Host;
 use crate::process::ProcessImpl;
+use crate::program::{Loaded, ProgramImpl};
 use crate::scope::{MemoryShare, Scope, Seat};
 use crate::status::Limits;
 use crate::vm::VmRequest;
@@ -244,17 +248,18 @@ fn vm_vcpus(asked: u32, default: u8) -> Result<u32, SpawnError> {
     }
 }
 
-impl executor::Server for ExecutorImpl {
-    async fn run_bytes(
-        self: Rc<Self>,
-        params: executor::RunBytesParams,
-        mut results: executor::RunBytesResults,
-    ) -> Result<(), capnp::Error> {
-        let p = params.get()?;
-        let bytes: Arc<[u8]> = Arc::from(p.get_bytes()?);
-        let args = text_list(p.get_args()?, "arguments")?;
+impl ExecutorImpl {
+    /// `runBytes`, and `Program.run` with a loaded program's bytes.
+    pub(crate) async fn run(
+        self: &Rc<Self>,
+        bytes: Arc<[u8]>,
+        args: capnp::text_list::Reader<'_>,
+        env_list: capnp::struct_list::Reader<'_, env_var::Owned>,
+        opts: options::Reader<'_>,
+    ) -> Result<process::Client, capnp::Error> {
+        let args = text_list(args, "arguments")?;
         let mut env = Vec::new();
-        for var in p.get_env()? {
+        for var in env_list {
             let name = var.get_name()?.to_string();
             let value = var.get_value()?.to_string();
             match (name, value) {
@@ -267,9 +272,6 @@ impl executor::Server for ExecutorImpl {
                 }
             }
         }
-        // An unset struct reads as its defaults: every limit inherited.
-        let opts: options::Reader<'_> = p.get_options()?;
-
         let elf = format::detect(&bytes).map_err(SpawnError::from)? == Format::Elf;
         // A machine's agent copies its grants in itself; a WASM child's are
         // preopened here.
@@ -358,18 +360,62 @@ impl executor::Server for ExecutorImpl {
             if let Some(scope) = &self.scope {
                 scope.track(process.kill_switch(), process.torn_down());
             }
-            results
-                .get()
-                .set_process(capnp_rpc::new_client(ProcessImpl::vm(process)));
-            return Ok(());
+            return Ok(capnp_rpc::new_client(ProcessImpl::vm(process)));
         }
         let cell = self.host.spawn(bytes, spec, Some(slot)).await?;
         if let Some(scope) = &self.scope {
             scope.track(cell.kill_switch(), cell.status_receiver());
         }
-        results
-            .get()
-            .set_process(capnp_rpc::new_client(ProcessImpl::new(cell)));
+        Ok(capnp_rpc::new_client(ProcessImpl::new(cell)))
+    }
+
+    /// `loaded` as a Program that runs through this Executor.
+    fn bound(self: &Rc<Self>, loaded: Rc<Loaded>) -> program::Client {
+        capnp_rpc::new_client(ProgramImpl {
+            executor: self.clone(),
+            loaded,
+        })
+    }
+}
+
+impl executor::Server for ExecutorImpl {
+    async fn run_bytes(
+        self: Rc<Self>,
+        params: executor::RunBytesParams,
+        mut results: executor::RunBytesResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let bytes: Arc<[u8]> = Arc::from(p.get_bytes()?);
+        // An unset struct reads as its defaults: every limit inherited.
+        let process = self
+            .run(bytes, p.get_args()?, p.get_env()?, p.get_options()?)
+            .await?;
+        results.get().set_process(process);
+        Ok(())
+    }
+
+    async fn load(
+        self: Rc<Self>,
+        params: executor::LoadParams,
+        mut results: executor::LoadResults,
+    ) -> Result<(), capnp::Error> {
+        let bytes: Arc<[u8]> = Arc::from(params.get()?.get_bytes()?);
+        let loaded = self.host.load(bytes).await?;
+        results.get().set_program(self.bound(loaded));
+        Ok(())
+    }
+
+    async fn program(
+        self: Rc<Self>,
+        params: executor::ProgramParams,
+        mut results: executor::ProgramResults,
+    ) -> Result<(), capnp::Error> {
+        let hash = capsa_schema::program::hash_arg(params.get()?.get_hash()?)?;
+        let loaded = self
+            .host
+            .program(&hash)
+            .ok_or_else(|| capsa_schema::program::not_held("this host"))?;
+        results.get().set_program(self.bound(loaded));
         Ok(())
     }
 

@@ -17,6 +17,8 @@ use crate::directory::{DirGrant, Directories, Grants, Preopen};
 use crate::engine::Runtime;
 use crate::error::SpawnError;
 use crate::executor::{ExecutorImpl, Slot};
+use crate::format::Format;
+use crate::program::{Hash, Loaded, ProgramTable};
 use crate::status::{ExitStatus, Limits};
 use crate::transport::FlowLimits;
 use crate::vm::{self, Probed, VmProcess, VmRequest, VmSettings};
@@ -95,6 +97,8 @@ struct Inner {
     granted: Grants,
     /// The same, as PID0's preopens.
     preopens: Vec<Preopen>,
+    /// Programs loaded by any Executor, by hash.
+    programs: RefCell<ProgramTable>,
 }
 
 /// Something running that the host must be able to end: a cell or a VM.
@@ -155,6 +159,7 @@ impl Host {
             config.compile_cache.clone(),
         )
         .map_err(|e| HostError(format!("{e:#}")))?;
+        let config_budget = config.compile_cache.memory_bytes;
         let directories = Directories::default();
         let mut granted = Vec::new();
         let mut preopens = Vec::new();
@@ -176,6 +181,7 @@ impl Host {
             vm_memory_mib: Rc::new(Counter::new(0)),
             granted: granted.into(),
             preopens,
+            programs: RefCell::new(ProgramTable::new(config_budget)),
         })))
     }
 
@@ -239,6 +245,38 @@ impl Host {
         let status = pid0.wait().await;
         self.shutdown().await;
         Ok(status)
+    }
+
+    /// Checks that `bytes` can run here (compiling WebAssembly, so a later
+    /// run finds it compiled), and keeps them in the program table.
+    pub(crate) async fn load(&self, bytes: Arc<[u8]>) -> Result<Rc<Loaded>, SpawnError> {
+        if self.0.closed.get() {
+            return Err(SpawnError::ShuttingDown);
+        }
+        let format = crate::format::detect(&bytes)?;
+        match format {
+            Format::Elf if self.0.config.vm.is_none() => return Err(SpawnError::VmDisabled),
+            Format::Elf => {}
+            _ => {
+                self.0.runtime.compile(bytes.clone()).await?;
+            }
+        }
+        // Hashing megabytes takes milliseconds: not on the host's thread.
+        let hashed = bytes.clone();
+        let hash = tokio::task::spawn_blocking(move || crate::cache::key_of(&hashed))
+            .await
+            .map_err(|e| SpawnError::Compile(format!("hashing the program: {e}")))?;
+        let loaded = Rc::new(Loaded {
+            bytes,
+            hash,
+            format,
+        });
+        Ok(self.0.programs.borrow_mut().insert(loaded))
+    }
+
+    /// The program of this hash, if the table holds it.
+    pub(crate) fn program(&self, hash: &Hash) -> Option<Rc<Loaded>> {
+        self.0.programs.borrow_mut().get(hash)
     }
 
     /// Compiles (or finds in the cache) and starts a guest.

@@ -10,7 +10,7 @@
 //! Module map:
 //! - [`host`]: the [`Host`], its registry of live cells and the embedder's
 //!   entry points;
-//! - [`executor`], [`process`], [`stream`]: the capabilities;
+//! - [`executor`], [`program`], [`process`], [`stream`]: the capabilities;
 //! - [`cell`]: one running guest and the task that drives it;
 //! - [`directory`]: host directories as capabilities, granted to guests;
 //! - [`mirror`] (from `capsa-directory`): a Directory from elsewhere,
@@ -41,6 +41,7 @@ pub mod format;
 pub mod host;
 pub mod pipe;
 pub mod process;
+pub mod program;
 pub mod scope;
 pub mod serve;
 pub mod status;

@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, RpcSystem};
-use capsa::schema::{directory, executor, process, StdioMode};
+use capsa::schema::{directory, executor, process, program, StdioMode};
 use capsa::{ExitStatus, Host, HostConfig};
 use futures::io::{AsyncRead, AsyncWrite};
 
@@ -358,17 +358,48 @@ pub fn run_request(
     {
         let mut p = req.get();
         p.set_bytes(bytes);
-        let mut args = p.reborrow().init_args(opts.args.len() as u32);
-        for (i, a) in opts.args.iter().enumerate() {
-            args.set(i as u32, *a);
-        }
-        let mut env = p.reborrow().init_env(opts.env.len() as u32);
-        for (i, (name, value)) in opts.env.iter().enumerate() {
-            let mut var = env.reborrow().get(i as u32);
-            var.set_name(*name);
-            var.set_value(*value);
-        }
-        let mut o = p.init_options();
+        fill_args(p.reborrow().init_args(opts.args.len() as u32), &opts);
+        fill_env(p.reborrow().init_env(opts.env.len() as u32), &opts);
+        fill_options(p.init_options(), &opts);
+    }
+    req.send()
+}
+
+/// `Program.run` with `opts`, as [`run_request`] for `runBytes`.
+pub fn program_run_request(
+    program: &program::Client,
+    opts: Run<'_>,
+) -> capnp::capability::RemotePromise<program::run_results::Owned> {
+    let mut req = program.run_request();
+    {
+        let mut p = req.get();
+        fill_args(p.reborrow().init_args(opts.args.len() as u32), &opts);
+        fill_env(p.reborrow().init_env(opts.env.len() as u32), &opts);
+        fill_options(p.init_options(), &opts);
+    }
+    req.send()
+}
+
+fn fill_args(mut args: capnp::text_list::Builder<'_>, opts: &Run<'_>) {
+    for (i, a) in opts.args.iter().enumerate() {
+        args.set(i as u32, *a);
+    }
+}
+
+fn fill_env(
+    mut env: capnp::struct_list::Builder<'_, capsa::schema::env_var::Owned>,
+    opts: &Run<'_>,
+) {
+    for (i, (name, value)) in opts.env.iter().enumerate() {
+        let mut var = env.reborrow().get(i as u32);
+        var.set_name(*name);
+        var.set_value(*value);
+    }
+}
+
+/// The options of a run, as `opts` says.
+fn fill_options(mut o: capsa::schema::options::Builder<'_>, opts: &Run<'_>) {
+    {
         o.set_stdio(if opts.data {
             StdioMode::Data
         } else {
@@ -396,7 +427,6 @@ pub fn run_request(
                 .set_as_capability(cap.hook.clone());
         }
     }
-    req.send()
 }
 
 /// Starts `bytes` and returns its Process, or the exception's text.
@@ -406,6 +436,51 @@ pub async fn run(
     opts: Run<'_>,
 ) -> Result<process::Client, String> {
     let resp = run_request(exec, bytes, opts)
+        .promise
+        .await
+        .map_err(|e| e.to_string())?;
+    resp.get()
+        .and_then(|r| r.get_process())
+        .map_err(|e| e.to_string())
+}
+
+/// Sends `Executor.load` for `bytes`.
+pub fn load_request(
+    exec: &executor::Client,
+    bytes: &[u8],
+) -> capnp::capability::RemotePromise<executor::load_results::Owned> {
+    let mut req = exec.load_request();
+    req.get().set_bytes(bytes);
+    req.send()
+}
+
+/// Loads `bytes` as a Program, or the exception's text.
+pub async fn load(exec: &executor::Client, bytes: &[u8]) -> Result<program::Client, String> {
+    let resp = load_request(exec, bytes)
+        .promise
+        .await
+        .map_err(|e| e.to_string())?;
+    resp.get()
+        .and_then(|r| r.get_program())
+        .map_err(|e| e.to_string())
+}
+
+/// The Program of this hash (`Executor.program`), or the exception's text.
+pub async fn by_hash(exec: &executor::Client, hash: &[u8]) -> Result<program::Client, String> {
+    let mut req = exec.program_request();
+    req.get().set_hash(hash);
+    let resp = req.send().promise.await.map_err(|e| e.to_string())?;
+    resp.get()
+        .and_then(|r| r.get_program())
+        .map_err(|e| e.to_string())
+}
+
+/// Runs a Program, as [`run`] does bytes.
+pub async fn run_program(
+    program: &program::Client,
+    opts: Run<'_>,
+) -> Result<process::Client, String> {
+    let resp = program_run_request(program, opts)
         .promise
         .await
         .map_err(|e| e.to_string())?;

@@ -1,19 +1,23 @@
 //! The agent's `Executor`: runs x86-64 ELF executables as child processes.
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use capsa_directory::Directories;
 use capsa_schema::argv;
-use capsa_schema::capsa_capnp::{directory, executor};
+use capsa_schema::capsa_capnp::{directory, env_var, executor, options, process, program};
 use capsa_schema::error::error;
 use capsa_schema::ErrorKind;
 
+use capsa_schema::program::Hash;
+use sha2::{Digest, Sha256};
+
 use crate::format::check_elf;
 use crate::grants::{self, InUse};
-use crate::process::{self, ProcessImpl, Spec};
+use crate::process::{spawn, ProcessImpl, Spec};
 use crate::reaper::Reaper;
 
 /// What every connection's Executor shares.
@@ -29,6 +33,7 @@ pub struct Runner {
     root_dir: directory::Client,
     in_use: InUse,
     serial: Cell<u64>,
+    programs: Programs,
 }
 
 impl Runner {
@@ -41,6 +46,7 @@ impl Runner {
             root_dir,
             in_use: InUse::default(),
             serial: Cell::new(0),
+            programs: Programs::default(),
         })
     }
 }
@@ -69,22 +75,27 @@ fn text(reader: capnp::text::Reader<'_>, what: &str) -> Result<String, capnp::Er
     Ok(s.to_string())
 }
 
-impl executor::Server for ExecutorImpl {
-    async fn run_bytes(
-        self: Rc<Self>,
-        params: executor::RunBytesParams,
-        mut results: executor::RunBytesResults,
-    ) -> Result<(), capnp::Error> {
-        let params = params.get()?;
-        let bytes = params.get_bytes()?;
+/// The arguments of `runBytes` and `Program.run`.
+struct RunParams<'a> {
+    args: capnp::text_list::Reader<'a>,
+    env: capnp::struct_list::Reader<'a, env_var::Owned>,
+    options: Option<options::Reader<'a>>,
+}
+
+impl ExecutorImpl {
+    async fn run(
+        self: &Rc<Self>,
+        bytes: &[u8],
+        params: RunParams<'_>,
+    ) -> Result<process::Client, capnp::Error> {
         check_elf(bytes).map_err(|e| error(ErrorKind::BadPayload, e))?;
 
         let mut args = Vec::new();
-        for (i, arg) in params.get_args()?.iter().enumerate() {
+        for (i, arg) in params.args.iter().enumerate() {
             args.push(text(arg?, &format!("argument {i}"))?);
         }
         let mut env = Vec::new();
-        for (i, var) in params.get_env()?.iter().enumerate() {
+        for (i, var) in params.env.iter().enumerate() {
             let name = text(var.get_name()?, &format!("environment variable {i}'s name"))?;
             if name.is_empty() || name.contains('=') {
                 return Err(invalid(format!(
@@ -100,8 +111,7 @@ impl executor::Server for ExecutorImpl {
         // Stdio is always plain data: an ELF executable has no Cap'n Proto
         // connection of its own, so `options.stdio` and `options.bootstrap`
         // do not apply.
-        let (name, deadline, memory_limit, granted) = if params.has_options() {
-            let options = params.get_options()?;
+        let (name, deadline, memory_limit, granted) = if let Some(options) = params.options {
             let name = if options.has_name() {
                 text(options.get_name()?, "options.name")?
             } else {
@@ -134,7 +144,7 @@ impl executor::Server for ExecutorImpl {
             name
         };
 
-        let child = process::spawn(
+        let child = spawn(
             &self.runner.reaper,
             &self.runner.dir,
             serial,
@@ -160,15 +170,67 @@ impl executor::Server for ExecutorImpl {
             error(kind, format!("could not start {name}: {e}"))
         })?;
         eprintln!("capsa-agent: started {name}");
+        Ok(capnp_rpc::new_client(ProcessImpl::new(
+            child,
+            capnp_rpc::new_client::<executor::Client, _>(ExecutorImpl::new(self.runner.clone()))
+                .client,
+        )))
+    }
+}
+
+impl executor::Server for ExecutorImpl {
+    async fn run_bytes(
+        self: Rc<Self>,
+        params: executor::RunBytesParams,
+        mut results: executor::RunBytesResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let run = RunParams {
+            args: p.get_args()?,
+            env: p.get_env()?,
+            options: p.has_options().then(|| p.get_options()).transpose()?,
+        };
+        let process = self.run(p.get_bytes()?, run).await?;
+        results.get().set_process(process);
+        Ok(())
+    }
+
+    /// Checks the bytes once; the Program runs them here as `runBytes`.
+    async fn load(
+        self: Rc<Self>,
+        params: executor::LoadParams,
+        mut results: executor::LoadResults,
+    ) -> Result<(), capnp::Error> {
+        let bytes = params.get()?.get_bytes()?;
+        check_elf(bytes).map_err(|e| error(ErrorKind::BadPayload, e))?;
+        let loaded = self.runner.programs.load(bytes);
         results
             .get()
-            .set_process(capnp_rpc::new_client(ProcessImpl::new(
-                child,
-                capnp_rpc::new_client::<executor::Client, _>(ExecutorImpl::new(
-                    self.runner.clone(),
-                ))
-                .client,
-            )));
+            .set_program(capnp_rpc::new_client(ProgramImpl {
+                executor: self,
+                loaded,
+            }));
+        Ok(())
+    }
+
+    /// A program loaded in this machine whose Program someone still holds.
+    async fn program(
+        self: Rc<Self>,
+        params: executor::ProgramParams,
+        mut results: executor::ProgramResults,
+    ) -> Result<(), capnp::Error> {
+        let hash = capsa_schema::program::hash_arg(params.get()?.get_hash()?)?;
+        let loaded = self
+            .runner
+            .programs
+            .find(&hash)
+            .ok_or_else(|| capsa_schema::program::not_held("this machine"))?;
+        results
+            .get()
+            .set_program(capnp_rpc::new_client(ProgramImpl {
+                executor: self,
+                loaded,
+            }));
         Ok(())
     }
 
@@ -192,6 +254,75 @@ impl executor::Server for ExecutorImpl {
     ) -> Result<(), capnp::Error> {
         let message = params.get()?.get_message()?;
         results.get().set_response(message);
+        Ok(())
+    }
+}
+
+/// Bytes loaded in this machine.
+struct Loaded {
+    bytes: Vec<u8>,
+    hash: Hash,
+}
+
+/// The programs of this machine that someone still holds, by hash: a
+/// machine keeps no bytes nobody can run.
+#[derive(Default)]
+struct Programs(std::cell::RefCell<HashMap<Hash, Weak<Loaded>>>);
+
+impl Programs {
+    fn load(&self, bytes: &[u8]) -> Rc<Loaded> {
+        let hash: Hash = Sha256::digest(bytes).into();
+        if let Some(known) = self.find(&hash) {
+            return known;
+        }
+        let loaded = Rc::new(Loaded {
+            bytes: bytes.to_vec(),
+            hash,
+        });
+        let mut map = self.0.borrow_mut();
+        map.retain(|_, weak| weak.strong_count() > 0);
+        map.insert(hash, Rc::downgrade(&loaded));
+        loaded
+    }
+
+    fn find(&self, hash: &Hash) -> Option<Rc<Loaded>> {
+        self.0.borrow().get(hash)?.upgrade()
+    }
+}
+
+struct ProgramImpl {
+    executor: Rc<ExecutorImpl>,
+    loaded: Rc<Loaded>,
+}
+
+impl program::Server for ProgramImpl {
+    async fn run(
+        self: Rc<Self>,
+        params: program::RunParams,
+        mut results: program::RunResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let run = RunParams {
+            args: p.get_args()?,
+            env: p.get_env()?,
+            options: p.has_options().then(|| p.get_options()).transpose()?,
+        };
+        let process = self.executor.run(&self.loaded.bytes, run).await?;
+        results.get().set_process(process);
+        Ok(())
+    }
+
+    async fn info(
+        self: Rc<Self>,
+        _: program::InfoParams,
+        mut results: program::InfoResults,
+    ) -> Result<(), capnp::Error> {
+        capsa_schema::program::set_info(
+            results.get(),
+            &self.loaded.hash,
+            self.loaded.bytes.len(),
+            "elf",
+        );
         Ok(())
     }
 }

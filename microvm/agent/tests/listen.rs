@@ -339,6 +339,70 @@ fn runs_an_elf_with_its_arguments() {
     }
 }
 
+/// A program loaded once runs many times without its bytes, is found by
+/// its hash while someone holds it, and says what it is.
+#[test]
+fn a_loaded_program_runs_again_without_its_bytes() {
+    let agent = Agent::start(&[]);
+    local(async {
+        let ex = connect(&agent.socket).await;
+        let bytes = bin("/bin/echo");
+        let mut req = ex.load_request();
+        req.get().set_bytes(&bytes);
+        let program = req.send().pipeline.get_program();
+        for word in ["one", "two"] {
+            let mut req = program.run_request();
+            req.get().init_args(1).set(0, word);
+            let p = req.send().pipeline.get_process();
+            assert_eq!(stdout_of(&p).await, format!("{word}\n").as_bytes());
+            assert_eq!(wait(&p).await, Status::Exited(0));
+        }
+        let info = program.info_request().send().promise.await.unwrap();
+        let info = info.get().unwrap();
+        let hash = info.get_hash().unwrap().to_vec();
+        assert_eq!(hash.len(), 32);
+        assert_eq!(info.get_size(), bytes.len() as u64);
+        assert_eq!(info.get_format().unwrap().to_str().unwrap(), "elf");
+
+        let find = |hash: Vec<u8>| {
+            let mut req = ex.program_request();
+            req.get().set_hash(&hash);
+            req.send().promise
+        };
+        {
+            let response = find(hash.clone()).await.unwrap();
+            let found = response.get().unwrap().get_program().unwrap();
+            let mut req = found.run_request();
+            req.get().init_args(1).set(0, "found");
+            let p = req.send().pipeline.get_process();
+            assert_eq!(stdout_of(&p).await, b"found\n");
+            assert_eq!(wait(&p).await, Status::Exited(0));
+        }
+
+        // Nobody holds it any more (releases cross the connection after
+        // the drops): the machine keeps no bytes.
+        drop(program);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let err = loop {
+            match find(hash.clone()).await {
+                Err(e) => break e.to_string(),
+                Ok(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Ok(_) => panic!("the program outlived every holder"),
+            }
+        };
+        assert!(err.contains("notFound"), "{err}");
+        let err = error_of(find(vec![1; 31]).await);
+        assert!(err.contains("badRequest"), "{err}");
+
+        let mut req = ex.load_request();
+        req.get().set_bytes(b"#!/bin/sh\n");
+        let err = error_of(req.send().promise.await);
+        assert!(err.contains("badPayload"), "{err}");
+    });
+}
+
 #[test]
 fn exit_codes_and_signals_are_reported() {
     let agent = Agent::start(&[]);
