@@ -9,7 +9,9 @@
 //!   host Executor's).
 //!
 //! Arguments: `[NAME]` names the child in its answers (default
-//! `child-echo`). `bench-echo N` first times N sequential echo round trips to
+//! `child-echo`). `relay` makes its `echo` one call to the host executor
+//! whose answer it returns, so that a grandchild bootstrapping this
+//! child's Executor measures two hops (the nested echo benchmark). `bench-echo N` first times N sequential echo round trips to
 //! the host executor and reports them as
 //! `echo("bench:nested-echo:<ns>,<ns>,...")`; its own `echo` answers only
 //! after that report.
@@ -32,6 +34,8 @@ struct ChildExecutor {
     host: HostExecutor,
     /// In bench mode, `echo` waits for the benchmark to be reported.
     bench: Option<Bench>,
+    /// `echo` is passed on to the host as it is.
+    relay: bool,
 }
 
 impl executor::Server for ChildExecutor {
@@ -42,6 +46,13 @@ impl executor::Server for ChildExecutor {
     ) -> Result<(), capnp::Error> {
         if let Some(bench) = &self.bench {
             bench.clone().await?;
+        }
+        if self.relay {
+            let mut request = self.host.client()?.echo_request();
+            request.get().set_message(params.get()?.get_message()?);
+            let response = request.send().promise.await?;
+            results.get().set_response(response.get()?.get_response()?);
+            return Ok(());
         }
         let message = params.get()?.get_message()?.to_str()?.to_owned();
         let host = self.host.client()?;
@@ -145,6 +156,7 @@ fn main() {
             name: name.clone(),
             host,
             bench,
+            relay: name == "relay",
         });
         Some(export.client)
     });

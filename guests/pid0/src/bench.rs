@@ -20,13 +20,18 @@ pub async fn echo_rounds(root: executor::Client, rounds: usize) -> capnp::Result
     report(&root, "pid0-echo", &samples).await
 }
 
-/// Starts a child and, through it, a grandchild in `bench-echo` mode, both
-/// bootstrapping the root executor. The grandchild times its own echoes and
-/// reports them; its `echo` answers only once it has.
+/// Starts a relaying child (its `echo` is one call to the root executor)
+/// and, through it, a grandchild in `bench-echo` mode that bootstraps the
+/// child's Executor: each of the grandchild's echoes goes through the
+/// child to the host and back, two hops. (Bootstrapping the root executor
+/// instead would be one hop: capnp-rpc resolves a capability passed back to
+/// its host to the host's own object.) The grandchild times its echoes
+/// and reports them through the same path; its `echo` answers only once
+/// it has.
 pub async fn nested(root: executor::Client, rounds: usize) -> capnp::Result<()> {
     let child = Spawn {
         bytes: CHILD_ECHO,
-        args: &["bench-child"],
+        args: &["relay"],
         stdio: StdioMode::Rpc,
         name: "bench-child",
         bootstrap: Some(&root),
@@ -40,7 +45,7 @@ pub async fn nested(root: executor::Client, rounds: usize) -> capnp::Result<()> 
         args: &["bench-echo", &rounds],
         stdio: StdioMode::Rpc,
         name: "bench-grandchild",
-        bootstrap: Some(&root),
+        bootstrap: Some(&child_executor),
     }
     .start(&child_executor)
     .await?;
