@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, RpcSystem};
-use capsa::schema::{byte_sink, executor, StdioMode};
+use capsa::schema::{byte_sink, executor, process, StdioMode};
 use capsa::{Host, HostConfig};
 
 fn guests() -> PathBuf {
@@ -133,16 +133,6 @@ impl executor::Server for EchoOnly {
     }
 }
 
-/// A ByteSink that drops what it is given, for the throughput peer.
-struct Discard;
-
-impl byte_sink::Server for Discard {
-    async fn write(self: Rc<Self>, params: byte_sink::WriteParams) -> Result<(), capnp::Error> {
-        std::hint::black_box(params.get()?.get_data()?);
-        Ok(())
-    }
-}
-
 /// capnp-rpc between two threads of this process over a Unix socket: the
 /// peer for the round-trip and throughput figures.
 fn unix_socket_peer<C, F, Fut, T>(server: capnp::capability::Client, client: F) -> T
@@ -197,18 +187,123 @@ fn echo_peer() -> Vec<f64> {
     })
 }
 
+/// The same shape as capsa's stream path without a guest: a Process in
+/// another thread, over a Unix socket, whose stdin comes back on its
+/// stdout through a bounded queue of the size of capsa's pipes. The
+/// client writes through `stdin()`'s ByteSink and reads `stdout()`'s
+/// ByteSource at once, as in `throughput_capsa`.
 fn throughput_peer(chunk: usize, total: usize) -> f64 {
-    let server: byte_sink::Client = capnp_rpc::new_client(Discard);
-    unix_socket_peer(server.client, move |sink: byte_sink::Client| async move {
+    let (tx, rx) = tokio::sync::mpsc::channel((256 << 10) / chunk.min(256 << 10));
+    let server: process::Client = capnp_rpc::new_client(Loopback {
+        stdin: RefCell::new(Some(tx)),
+        stdout: Rc::new(tokio::sync::Mutex::new(rx)),
+    });
+    unix_socket_peer(server.client, move |p: process::Client| async move {
+        stream_through(&p, chunk, total).await
+    })
+}
+
+/// Writes `total` bytes into `p`'s stdin, `chunk` at a time, while reading
+/// its stdout to the end: bytes per second.
+async fn stream_through(p: &process::Client, chunk: usize, total: usize) -> f64 {
+    let sink = p.stdin_request().send().pipeline.get_sink();
+    let source = p.stdout_request().send().pipeline.get_source();
+    let t = Instant::now();
+    let writer = tokio::task::spawn_local(async move {
         let data = vec![7u8; chunk];
-        let t = Instant::now();
         for _ in 0..total / chunk {
             let mut req = sink.write_request();
             req.get().set_data(&data);
             req.send().await.unwrap();
         }
-        total as f64 / t.elapsed().as_secs_f64()
-    })
+        sink.close_request().send().promise.await.unwrap();
+    });
+    let mut got = 0;
+    loop {
+        let mut req = source.read_request();
+        req.get().set_max_bytes(chunk as u32);
+        let resp = req.send().promise.await.unwrap();
+        let r = resp.get().unwrap();
+        got += r.get_data().unwrap().len();
+        if r.get_eof() {
+            break;
+        }
+    }
+    writer.await.unwrap();
+    assert_eq!(got, total);
+    total as f64 / t.elapsed().as_secs_f64()
+}
+
+type Chunks = tokio::sync::mpsc::Receiver<Vec<u8>>;
+
+/// See `throughput_peer`.
+struct Loopback {
+    stdin: RefCell<Option<tokio::sync::mpsc::Sender<Vec<u8>>>>,
+    stdout: Rc<tokio::sync::Mutex<Chunks>>,
+}
+
+impl process::Server for Loopback {
+    async fn stdin(
+        self: Rc<Self>,
+        _: process::StdinParams,
+        mut results: process::StdinResults,
+    ) -> Result<(), capnp::Error> {
+        let tx = self.stdin.borrow_mut().take();
+        let tx = tx.ok_or_else(|| capnp::Error::failed("stdin taken".into()))?;
+        results
+            .get()
+            .set_sink(capnp_rpc::new_client(QueueSink(RefCell::new(Some(tx)))));
+        Ok(())
+    }
+
+    async fn stdout(
+        self: Rc<Self>,
+        _: process::StdoutParams,
+        mut results: process::StdoutResults,
+    ) -> Result<(), capnp::Error> {
+        results
+            .get()
+            .set_source(capnp_rpc::new_client(QueueSource(self.stdout.clone())));
+        Ok(())
+    }
+}
+
+struct QueueSink(RefCell<Option<tokio::sync::mpsc::Sender<Vec<u8>>>>);
+
+impl byte_sink::Server for QueueSink {
+    async fn write(self: Rc<Self>, params: byte_sink::WriteParams) -> Result<(), capnp::Error> {
+        let tx = self.0.borrow().clone();
+        let tx = tx.ok_or_else(|| capnp::Error::failed("closed".into()))?;
+        tx.send(params.get()?.get_data()?.to_vec())
+            .await
+            .map_err(|_| capnp::Error::failed("reader gone".into()))
+    }
+
+    async fn close(
+        self: Rc<Self>,
+        _: byte_sink::CloseParams,
+        _: byte_sink::CloseResults,
+    ) -> Result<(), capnp::Error> {
+        self.0.borrow_mut().take();
+        Ok(())
+    }
+}
+
+struct QueueSource(Rc<tokio::sync::Mutex<Chunks>>);
+
+impl capsa::schema::byte_source::Server for QueueSource {
+    async fn read(
+        self: Rc<Self>,
+        _: capsa::schema::byte_source::ReadParams,
+        mut results: capsa::schema::byte_source::ReadResults,
+    ) -> Result<(), capnp::Error> {
+        let mut rx = self.0.lock().await;
+        match rx.recv().await {
+            Some(data) => results.get().set_data(&data),
+            None => results.get().set_eof(true),
+        }
+        Ok(())
+    }
 }
 
 /// Host → guest → host through `hello cat` in data mode, `chunk` bytes a write.
@@ -229,32 +324,7 @@ fn throughput_capsa(chunk: usize, total: usize) -> f64 {
             .unwrap()
             .get_process()
             .unwrap();
-        let sink = p.stdin_request().send().pipeline.get_sink();
-        let source = p.stdout_request().send().pipeline.get_source();
-        let t = Instant::now();
-        let writer = tokio::task::spawn_local(async move {
-            let data = vec![7u8; chunk];
-            for _ in 0..total / chunk {
-                let mut req = sink.write_request();
-                req.get().set_data(&data);
-                req.send().await.unwrap();
-            }
-            sink.close_request().send().promise.await.unwrap();
-        });
-        let mut got = 0;
-        loop {
-            let mut req = source.read_request();
-            req.get().set_max_bytes(chunk as u32);
-            let resp = req.send().promise.await.unwrap();
-            let r = resp.get().unwrap();
-            got += r.get_data().unwrap().len();
-            if r.get_eof() {
-                break;
-            }
-        }
-        writer.await.unwrap();
-        assert_eq!(got, total);
-        let rate = total as f64 / t.elapsed().as_secs_f64();
+        let rate = stream_through(&p, chunk, total).await;
         host.shutdown().await;
         rate
     })
@@ -647,6 +717,62 @@ fn echo_through_serve_python(address: &capsa::serve::Address) -> Result<f64, Str
         .ok_or_else(|| format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
 }
 
+/// Seconds to compile `bytes` (a component) with `config`, median of `runs`.
+fn compile_seconds(config: &wasmtime::Config, bytes: &[u8], runs: usize) -> f64 {
+    let engine = wasmtime::Engine::new(config).unwrap();
+    let samples = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            wasmtime::component::Component::new(&engine, bytes).unwrap();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    median(samples)
+}
+
+/// The compile-time cost of each setting capsa's engine differs in from
+/// wasmtime's defaults, on the largest guest.
+fn compile_rows(r: &mut Report) {
+    let bytes = guest("pid0");
+    let runs = 5;
+    let limits = capsa::Limits::default();
+    let capsa_config = capsa::engine::engine_config(limits.memory_bytes, 1024);
+    let mut defaults = wasmtime::Config::new();
+    defaults.wasm_component_model(true);
+    let peer = compile_seconds(&defaults, &bytes, runs);
+    let ours = compile_seconds(&capsa_config, &bytes, runs);
+    r.row(
+        &format!(
+            "compile pid0.wasm ({} KiB), capsa's engine",
+            bytes.len() >> 10
+        ),
+        format!("{:.0} ms", ours * 1e3),
+        format!(
+            "wasmtime defaults (as `wasmtime compile`): {:.0} ms (ratio {:.2}; target <= 1.2)",
+            peer * 1e3,
+            ours / peer
+        ),
+    );
+    let mut no_epoch = capsa_config.clone();
+    no_epoch.epoch_interruption(false);
+    let mut wide = capsa_config.clone();
+    wide.memory_reservation(4 << 30).memory_guard_size(2 << 30);
+    let mut with_epoch = defaults.clone();
+    with_epoch.epoch_interruption(true);
+    for (what, config) in [
+        ("capsa's engine without epoch checks", &no_epoch),
+        ("capsa's engine, 4 GiB reservation + 2 GiB guard", &wide),
+        ("wasmtime defaults + epoch checks", &with_epoch),
+    ] {
+        let t = compile_seconds(config, &bytes, runs);
+        r.row(
+            &format!("compile pid0.wasm, {what}"),
+            format!("{:.0} ms", t * 1e3),
+            format!("(vs wasmtime defaults: {:.2})", t / peer),
+        );
+    }
+}
+
 /// `hello` with a custom section making it `mib` MiB: a large program
 /// (custom sections are valid anywhere in a component) that still starts
 /// as fast as `hello`, so what a repeat run costs is the bytes.
@@ -968,6 +1094,9 @@ fn main() {
         thread.join().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }
+    if want("compile") {
+        compile_rows(&mut r);
+    }
     if want("program") {
         let dir = std::env::temp_dir().join(format!("capsa-bench-prog-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -1027,7 +1156,7 @@ fn main() {
                 ),
                 format!("{:.2} GB/s", ours / 1e9),
                 format!(
-                    "capnp-rpc ByteSink over a Unix socket: {:.2} GB/s (ratio {:.2})",
+                    "loopback Process over a Unix socket, no guest: {:.2} GB/s (ratio {:.2})",
                     peer / 1e9,
                     ours / peer
                 ),

@@ -426,37 +426,42 @@ fn build(
     Ok(artifact)
 }
 
+/// The engine configuration of a host whose guests have at most
+/// `max_memory` bytes of memory each, `max_cells` of them at once.
+pub fn engine_config(max_memory: u64, max_cells: u32) -> Config {
+    // The pooling allocator keeps memories, tables and fiber stacks in
+    // preallocated slots that are reset (not unmapped) between guests:
+    // instantiation is then a few system calls instead of dozens, which
+    // is most of the cost of a cached `runBytes`.
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(max_cells)
+        .total_core_instances(max_cells.saturating_mul(4))
+        .total_memories(max_cells)
+        .total_tables(max_cells.saturating_mul(2))
+        .total_stacks(max_cells)
+        .max_memory_size(usize::try_from(max_memory).unwrap_or(usize::MAX))
+        .linear_memory_keep_resident(64 << 10)
+        .table_keep_resident(16 << 10);
+    let mut config = Config::new();
+    config
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+        .epoch_interruption(true)
+        .wasm_component_model(true)
+        // Each pool slot reserves (virtually) the largest memory a guest
+        // may have; below 4 GiB that means bounds-checked accesses.
+        .memory_reservation(max_memory.max(1 << 20))
+        .memory_guard_size(64 << 10)
+        .memory_reservation_for_growth(0)
+        .async_stack_size(1 << 20)
+        .max_wasm_stack(512 << 10);
+    config
+}
+
 impl Runtime {
     /// `max_memory` bounds every guest memory; `max_cells` is how many
     /// guests may be alive at once in this host.
     pub fn new(max_memory: u64, max_cells: u32, cache: CacheConfig) -> wasmtime::Result<Runtime> {
-        // The pooling allocator keeps memories, tables and fiber stacks in
-        // preallocated slots that are reset (not unmapped) between guests:
-        // instantiation is then a few system calls instead of dozens, which
-        // is most of the cost of a cached `runBytes`.
-        let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(max_cells)
-            .total_core_instances(max_cells.saturating_mul(4))
-            .total_memories(max_cells)
-            .total_tables(max_cells.saturating_mul(2))
-            .total_stacks(max_cells)
-            .max_memory_size(usize::try_from(max_memory).unwrap_or(usize::MAX))
-            .linear_memory_keep_resident(64 << 10)
-            .table_keep_resident(16 << 10);
-        let mut config = Config::new();
-        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let mut config = config;
-        config
-            .epoch_interruption(true)
-            .wasm_component_model(true)
-            // Each pool slot reserves (virtually) the largest memory a guest
-            // may have; below 4 GiB that means bounds-checked accesses.
-            .memory_reservation(max_memory.max(1 << 20))
-            .memory_guard_size(64 << 10)
-            .memory_reservation_for_growth(0)
-            .async_stack_size(1 << 20)
-            .max_wasm_stack(512 << 10);
-        let engine = Engine::new(&config)?;
+        let engine = Engine::new(&engine_config(max_memory, max_cells))?;
 
         // Without its disk cache the host still works, only slower to start.
         let disk = cache.dir.as_deref().and_then(|dir| {
