@@ -254,10 +254,27 @@ impl Vm {
             stop: stop.clone(),
             commands: cmd_rx,
         };
+        // The device thread handles what the guest puts in the vsock
+        // queues: it runs under a filter of its own.
+        let device_filter =
+            seccomp::device_filter().map_err(|e| VmError::Seccomp(e.to_string()))?;
+        let device_exit = exit_tx.clone();
         this.device_thread = Some(
             std::thread::Builder::new()
                 .name("vmm-devices".into())
-                .spawn(move || dt.run())
+                .spawn(move || match seccomp::apply(&device_filter) {
+                    Ok(()) => dt.run(),
+                    Err(e) => {
+                        device_exit.send_if_modified(|exit| {
+                            let first = exit.is_none();
+                            if first {
+                                *exit = Some(VmExit::Error(format!("device thread: {e}")));
+                            }
+                            first
+                        });
+                        dt.stop.store(true, Ordering::Release);
+                    }
+                })
                 .map_err(io_err("spawning device thread"))?,
         );
         // Every vCPU thread runs the guest's exits under this filter.

@@ -12,6 +12,13 @@
 //! over the VMM's tests and a real boot): the allocator's (`mmap`,
 //! `munmap`, `madvise`, `brk`), locks (`futex`), the KVM ioctls, eventfd
 //! and log writes, signal returns for the vCPU kick, and thread exit.
+//!
+//! The device thread reads and writes guest memory and the vsock
+//! connections' host ends: besides the common calls it polls, makes Unix
+//! socket pairs for guest-initiated connections, connects to and accepts
+//! on Unix sockets (the hybrid-vsock listener and its forwards), makes
+//! them non-blocking (`FIONBIO`) and shuts them down. It cannot open
+//! files, make any other kind of socket, or run programs.
 
 use std::collections::BTreeMap;
 
@@ -58,24 +65,42 @@ const VCPU_SYSCALLS: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
-/// The filter of a vCPU thread: the calls above, and `ioctl` only with a
-/// KVM request (on the vCPU, VM and irq fds).
-pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = VCPU_SYSCALLS
-        .iter()
-        .map(|&call| (call, Vec::new()))
-        .collect();
-    let kvm_request = SeccompCondition::new(
-        1,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::MaskedEq(0xff00),
-        KVMIO << 8,
-    )
-    .map_err(fail)?;
-    rules.insert(
-        libc::SYS_ioctl,
-        vec![SeccompRule::new(vec![kvm_request]).map_err(fail)?],
-    );
+/// System calls the device thread makes with any arguments, beside
+/// `VCPU_SYSCALLS`.
+const DEVICE_SYSCALLS: &[i64] = &[
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_readv,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_connect,
+    libc::SYS_accept4,
+    libc::SYS_shutdown,
+    libc::SYS_fcntl,
+    libc::SYS_getsockopt,
+];
+
+/// Every call of `list` allowed with any arguments.
+fn unconditional(list: &[i64]) -> BTreeMap<i64, Vec<SeccompRule>> {
+    list.iter().map(|&call| (call, Vec::new())).collect()
+}
+
+/// One rule: argument `arg` (a 32-bit value) compared with `op`.
+fn rule(arg: u8, op: SeccompCmpOp, value: u64) -> Result<Vec<SeccompRule>, SeccompError> {
+    let condition = SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value).map_err(fail)?;
+    Ok(vec![SeccompRule::new(vec![condition]).map_err(fail)?])
+}
+
+/// `mprotect` that does not make memory executable: the allocator grows a
+/// thread's heap arena with it; code cannot be made from data.
+fn no_exec() -> Result<Vec<SeccompRule>, SeccompError> {
+    rule(2, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0)
+}
+
+/// `rules`, everything else refused with `EPERM`.
+fn compile(rules: BTreeMap<i64, Vec<SeccompRule>>) -> Result<BpfProgram, SeccompError> {
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Errno(libc::EPERM as u32),
@@ -84,6 +109,35 @@ pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
     )
     .map_err(fail)?;
     filter.try_into().map_err(fail)
+}
+
+/// The filter of a vCPU thread: the calls above, and `ioctl` only with a
+/// KVM request (on the vCPU, VM and irq fds).
+pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
+    let mut rules = unconditional(VCPU_SYSCALLS);
+    rules.insert(libc::SYS_mprotect, no_exec()?);
+    rules.insert(
+        libc::SYS_ioctl,
+        rule(1, SeccompCmpOp::MaskedEq(0xff00), KVMIO << 8)?,
+    );
+    compile(rules)
+}
+
+/// The filter of the device thread: the vCPU's common calls and
+/// `DEVICE_SYSCALLS`, sockets and socket pairs of the Unix family only,
+/// and `ioctl` only to make a descriptor non-blocking.
+pub fn device_filter() -> Result<BpfProgram, SeccompError> {
+    let mut rules = unconditional(VCPU_SYSCALLS);
+    rules.insert(libc::SYS_mprotect, no_exec()?);
+    rules.extend(unconditional(DEVICE_SYSCALLS));
+    let unix = libc::AF_UNIX as u64;
+    rules.insert(libc::SYS_socket, rule(0, SeccompCmpOp::Eq, unix)?);
+    rules.insert(libc::SYS_socketpair, rule(0, SeccompCmpOp::Eq, unix)?);
+    rules.insert(
+        libc::SYS_ioctl,
+        rule(1, SeccompCmpOp::Eq, libc::FIONBIO as u64)?,
+    );
+    compile(rules)
 }
 
 /// Installs `filter` on the calling thread only (and sets its
@@ -98,12 +152,104 @@ mod tests {
 
     /// Run on a thread of its own: filters cannot be removed.
     fn filtered<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        under(vcpu_filter().unwrap(), f)
+    }
+
+    fn under<T: Send + 'static>(filter: BpfProgram, f: impl FnOnce() -> T + Send + 'static) -> T {
         std::thread::spawn(move || {
-            apply(&vcpu_filter().unwrap()).unwrap();
+            apply(&filter).unwrap();
             f()
         })
         .join()
         .unwrap()
+    }
+
+    fn errno() -> Option<i32> {
+        std::io::Error::last_os_error().raw_os_error()
+    }
+
+    #[test]
+    fn the_device_thread_may_not_open_files_or_other_sockets_or_run_programs() {
+        let refused = under(device_filter().unwrap(), || {
+            // SAFETY: plain system calls on constant arguments; every
+            // result is only inspected.
+            unsafe {
+                [
+                    (libc::open(c"/etc/passwd".as_ptr(), libc::O_RDONLY), errno()),
+                    (libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0), errno()),
+                    (libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0), errno()),
+                    (
+                        libc::syscall(
+                            libc::SYS_execve,
+                            std::ptr::null::<u8>(),
+                            std::ptr::null::<u8>(),
+                            std::ptr::null::<u8>(),
+                        ) as i32,
+                        errno(),
+                    ),
+                    (
+                        libc::ioctl(0, libc::TIOCGWINSZ, [0u16; 4].as_mut_ptr()),
+                        errno(),
+                    ),
+                    (
+                        libc::mprotect(
+                            libc::PTHREAD_STACK_MIN as *mut libc::c_void,
+                            4096,
+                            libc::PROT_READ | libc::PROT_EXEC,
+                        ),
+                        errno(),
+                    ),
+                ]
+            }
+        });
+        for (i, outcome) in refused.iter().enumerate() {
+            assert_eq!(*outcome, (-1, Some(libc::EPERM)), "call {i}");
+        }
+    }
+
+    /// What the device thread does with the vsock device's host ends:
+    /// socket pairs, a hybrid-vsock listener's accept and handshake, a
+    /// forward's connect, non-blocking mode, poll, shutdown.
+    #[test]
+    fn the_device_thread_can_still_do_its_work() {
+        use std::io::{Read, Write};
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let dir = std::env::temp_dir().join(format!("capsa-seccomp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("listener");
+        let _ = std::fs::remove_file(&path);
+        // Bound before: binding creates a file, which the thread may not.
+        let listener = UnixListener::bind(&path).unwrap();
+        let outcome = under(
+            device_filter().unwrap(),
+            move || -> std::io::Result<Vec<u8>> {
+                let (mut a, mut b) = UnixStream::pair()?;
+                a.set_nonblocking(true)?;
+                a.write_all(b"pair")?;
+                let mut got = [0u8; 4];
+                b.read_exact(&mut got)?;
+                let mut client = UnixStream::connect(&path)?;
+                listener.set_nonblocking(false)?;
+                let (mut served, _) = listener.accept()?;
+                client.write_all(b"CONNECT 1024\n")?;
+                let mut fds = [libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&served),
+                    events: libc::POLLIN,
+                    revents: 0,
+                }];
+                crate::event_loop::poll(&mut fds, 1000)?;
+                let mut line = [0u8; 13];
+                served.read_exact(&mut line)?;
+                served.shutdown(std::net::Shutdown::Write)?;
+                let v: Vec<u8> = vec![7; 4 << 20];
+                let mut out = got.to_vec();
+                out.extend_from_slice(&line);
+                out.push(v[v.len() - 1]);
+                Ok(out)
+            },
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(outcome.unwrap(), b"pairCONNECT 1024\n\x07");
     }
 
     #[test]
