@@ -1,7 +1,7 @@
 //! The calls PID0 makes, each one small `async fn` over the schema.
 
 use capnp::capability::Request;
-use capsa_schema::capsa_capnp::{byte_source, executor, exit_status, process, StdioMode};
+use capsa_schema::capsa_capnp::{byte_source, executor, process, StdioMode};
 
 /// How many bytes one `ByteSource.read` asks for.
 const READ_BYTES: u32 = 64 * 1024;
@@ -76,46 +76,8 @@ pub async fn read_to_end(source: byte_source::Client) -> capnp::Result<Vec<u8>> 
 /// How a child ended, once it has.
 pub async fn wait(process: &process::Client) -> capnp::Result<Ended> {
     let response = process.wait_request().send().promise.await?;
-    Ended::read(response.get()?.get_status()?)
+    Ended::read_from(response.get()?.get_status()?)
 }
 
-/// An `ExitStatus`, owned.
-#[derive(Debug, PartialEq)]
-pub enum Ended {
-    Exited(i32),
-    Trapped(String),
-    Killed,
-    DeadlineExceeded,
-    CpuBudgetExceeded,
-    OutOfMemory(u64),
-    Failed(String),
-}
-
-impl Ended {
-    fn read(status: exit_status::Reader<'_>) -> capnp::Result<Self> {
-        use exit_status::Which;
-        Ok(match status.which()? {
-            Which::Exited(code) => Self::Exited(code),
-            Which::Trapped(text) => Self::Trapped(text?.to_str()?.to_owned()),
-            Which::Killed(()) => Self::Killed,
-            Which::DeadlineExceeded(()) => Self::DeadlineExceeded,
-            Which::CpuBudgetExceeded(()) => Self::CpuBudgetExceeded,
-            Which::OutOfMemory(limit) => Self::OutOfMemory(limit),
-            Which::Failed(text) => Self::Failed(text?.to_str()?.to_owned()),
-        })
-    }
-}
-
-impl std::fmt::Display for Ended {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Exited(code) => write!(f, "exited with code {code}"),
-            Self::Trapped(why) => write!(f, "trapped: {why}"),
-            Self::Killed => f.write_str("killed"),
-            Self::DeadlineExceeded => f.write_str("deadline exceeded"),
-            Self::CpuBudgetExceeded => f.write_str("CPU budget exceeded"),
-            Self::OutOfMemory(limit) => write!(f, "out of memory (limit {limit} bytes)"),
-            Self::Failed(why) => write!(f, "failed: {why}"),
-        }
-    }
-}
+/// How a child ended: the schema crate's owned `ExitStatus`.
+pub use capsa_schema::status::ExitStatus as Ended;

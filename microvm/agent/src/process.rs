@@ -32,7 +32,7 @@ use tokio::sync::watch;
 
 use crate::grants::Granted;
 use crate::reaper::Reaper;
-use crate::status::{ExitStatus, KillReason};
+use crate::status::{from_wait, ExitStatus, KillReason};
 use crate::stream::{ByteSinkImpl, ByteSourceImpl, InputPipe, OutputPipe};
 
 /// Size the agent asks for each stdio pipe: the bound on what a child can
@@ -206,7 +206,7 @@ pub fn spawn(
             }
         };
         let status = match wait_status {
-            Ok(ws) => ExitStatus::from_wait(ws, child.kill_reason.get())
+            Ok(ws) => from_wait(ws, child.kill_reason.get())
                 .unwrap_or_else(|| ExitStatus::Failed(format!("unexpected wait status {ws:?}"))),
             Err(_) => ExitStatus::Failed("the agent lost track of the process".into()),
         };

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, RpcSystem};
 use capsa_schema::argv::DEFAULT_ARGV0;
-use capsa_schema::capsa_capnp::{byte_source, directory, executor, exit_status, process};
+use capsa_schema::capsa_capnp::{byte_source, directory, executor, process};
+use capsa_schema::status::ExitStatus as Status;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
@@ -197,25 +198,9 @@ async fn run(
     req.send().promise.await?.get()?.get_process()
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum Status {
-    Exited(i32),
-    Killed,
-    DeadlineExceeded,
-    Failed(String),
-    Other,
-}
-
 async fn wait(p: &process::Client) -> Status {
     let resp = p.wait_request().send().promise.await.unwrap();
-    let status = resp.get().unwrap().get_status().unwrap();
-    match status.which().unwrap() {
-        exit_status::Exited(c) => Status::Exited(c),
-        exit_status::Killed(()) => Status::Killed,
-        exit_status::DeadlineExceeded(()) => Status::DeadlineExceeded,
-        exit_status::Failed(m) => Status::Failed(m.unwrap().to_string().unwrap()),
-        _ => Status::Other,
-    }
+    Status::read_from(resp.get().unwrap().get_status().unwrap()).unwrap()
 }
 
 async fn read_all(source: &byte_source::Client) -> Vec<u8> {
