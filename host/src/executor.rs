@@ -174,8 +174,7 @@ async fn copied(
     Ok((preopen, Box::pin(write_back)))
 }
 
-/// Most directories one `runBytes` may grant.
-pub const MAX_GRANTS: u32 = 64;
+pub use capsa_directory::MAX_GRANTS;
 
 /// One live child counted against its Executor and its client's share;
 /// released when dropped.

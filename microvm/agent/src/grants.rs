@@ -32,8 +32,7 @@ use capsa_schema::capsa_capnp::grant;
 use capsa_schema::error::error;
 use capsa_schema::ErrorKind;
 
-/// Most directories one `runBytes` may grant (as the host).
-pub const MAX_GRANTS: u32 = 64;
+pub use capsa_directory::MAX_GRANTS;
 
 /// The guest paths granted to programs now running, shared by every
 /// connection.
