@@ -37,29 +37,18 @@ pub struct ExecutorImpl {
     limits: Limits,
     /// Children of this Executor that are still running.
     live: Rc<Counter<u32>>,
-    /// The client every process started here belongs to, if any; the
-    /// Executors handed to children carry it on.
-    scope: Option<Scope>,
+    /// The client every process started here belongs to (for PID0 and an
+    /// embedder's root Executors, a scope of their own); the Executors
+    /// handed to children carry it on.
+    scope: Scope,
     /// The directories granted to whoever holds this Executor.
     grants: Grants,
 }
 
 impl ExecutorImpl {
-    /// An Executor listing the host's own grants (a root Executor).
-    pub fn new(host: Host, depth: u32, limits: Limits) -> Self {
-        let grants = host.granted();
-        Self::scoped(host, depth, limits, None, grants)
-    }
-
     /// An Executor whose processes (and their descendants) join `scope`,
     /// held by a grantee of `grants`.
-    pub fn scoped(
-        host: Host,
-        depth: u32,
-        limits: Limits,
-        scope: Option<Scope>,
-        grants: Grants,
-    ) -> Self {
+    pub fn scoped(host: Host, depth: u32, limits: Limits, scope: Scope, grants: Grants) -> Self {
         ExecutorImpl {
             host,
             depth,
@@ -103,7 +92,7 @@ impl ExecutorImpl {
     /// Reserves a live-child slot, or refuses when the quotas are used up.
     fn reserve(&self) -> Result<Slot, SpawnError> {
         let config = self.host.config();
-        if self.scope.as_ref().is_some_and(Scope::is_closed) {
+        if self.scope.is_closed() {
             return Err(SpawnError::ShuttingDown);
         }
         if self.depth > config.max_depth {
@@ -112,7 +101,7 @@ impl ExecutorImpl {
         if self.live.get() >= config.max_children {
             return Err(SpawnError::Children(config.max_children));
         }
-        let seat = self.scope.as_ref().map(Scope::seat).transpose()?;
+        let seat = Some(self.scope.seat()?);
         self.live.set(self.live.get() + 1);
         Ok(Slot {
             live: self.live.clone(),
@@ -356,15 +345,11 @@ impl ExecutorImpl {
             };
             slot.take_memory(u64::from(memory_mib) << 20)?;
             let process = self.host.spawn_vm(req, Some(slot)).await?;
-            if let Some(scope) = &self.scope {
-                scope.track(process.kill_switch(), process.torn_down());
-            }
+            self.scope.track(process.kill_switch(), process.torn_down());
             return Ok(capnp_rpc::new_client(ProcessImpl::vm(process)));
         }
         let cell = self.host.spawn(bytes, spec, Some(slot)).await?;
-        if let Some(scope) = &self.scope {
-            scope.track(cell.kill_switch(), cell.status_receiver());
-        }
+        self.scope.track(cell.kill_switch(), cell.status_receiver());
         Ok(capnp_rpc::new_client(ProcessImpl::new(cell)))
     }
 

@@ -16,9 +16,10 @@ use crate::cell::{self, Cell, CellSpec, KillSwitch, StdioMode};
 use crate::directory::{DirGrant, Directories, Grants, Preopen};
 use crate::engine::Runtime;
 use crate::error::SpawnError;
-use crate::executor::{ExecutorImpl, Slot};
+use crate::executor::Slot;
 use crate::format::Format;
 use crate::program::{Hash, Loaded, ProgramTable};
+use crate::scope::Scope;
 use crate::status::{ExitStatus, Limits};
 use crate::transport::FlowLimits;
 use crate::vm::{self, Probed, VmProcess, VmRequest, VmSettings};
@@ -192,11 +193,7 @@ impl Host {
     /// A new root Executor: what PID0 bootstraps. Its children are at
     /// nesting level 1 and run under the host's limits.
     pub fn root_executor(&self) -> executor::Client {
-        capnp_rpc::new_client(ExecutorImpl::new(
-            self.clone(),
-            1,
-            self.0.config.limits.clone(),
-        ))
+        Scope::new().root_executor(self)
     }
 
     /// The Directories this host serves, to recognise them in `runBytes`.
