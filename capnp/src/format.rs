@@ -15,6 +15,17 @@ pub enum Format {
     Elf,
 }
 
+impl Format {
+    /// Its name in `Program.info`: "component", "module" or "elf".
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Component => "component",
+            Format::Module => "module",
+            Format::Elf => "elf",
+        }
+    }
+}
+
 /// Why bytes were not recognised.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FormatError {

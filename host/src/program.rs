@@ -82,22 +82,6 @@ impl ProgramTable {
         }
         loaded
     }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-}
-
-pub fn format_name(format: Format) -> &'static str {
-    match format {
-        Format::Component => "component",
-        Format::Module => "module",
-        Format::Elf => "elf",
-    }
 }
 
 /// A loaded program, bound to the Executor that runs it.
@@ -135,7 +119,7 @@ impl program::Server for ProgramImpl {
             results.get(),
             &self.loaded.hash,
             self.loaded.bytes.len(),
-            format_name(self.loaded.format),
+            self.loaded.format.name(),
         );
         Ok(())
     }
@@ -169,9 +153,9 @@ mod tests {
         let big = table.insert(loaded(4, 101));
         assert_eq!(big.bytes.len(), 101);
         assert!(table.get(&[4; 32]).is_none());
-        assert_eq!(table.len(), 2);
+        assert_eq!(table.entries.len(), 2);
         // The same hash again is one entry.
         table.insert(loaded(1, 40));
-        assert_eq!((table.len(), table.bytes), (2, 80));
+        assert_eq!((table.entries.len(), table.bytes), (2, 80));
     }
 }

@@ -150,6 +150,15 @@ fn assert_vsock_driver_up(vm: &Vm) {
 mod native_kvm {
     use super::*;
 
+    /// The project's kernel and initramfs, as `cargo xtask test` passes them.
+    fn kernel_and_initramfs() -> (PathBuf, Vec<u8>) {
+        let kernel = env_path("CAPSA_KERNEL");
+        let initramfs_path = env_path("CAPSA_INITRAMFS");
+        let initramfs = std::fs::read(&initramfs_path)
+            .unwrap_or_else(|e| panic!("{}: {e}", initramfs_path.display()));
+        (kernel, initramfs)
+    }
+
     /// The probe, which must find KVM running guests natively.
     fn native_probe() -> Probe {
         let probe = probe().expect("the KVM probe failed");
@@ -169,10 +178,7 @@ mod native_kvm {
     fn the_compatibility_profile_boots_to_init_with_vsock_up() {
         let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let probe = native_probe();
-        let kernel = env_path("CAPSA_KERNEL");
-        let initramfs_path = env_path("CAPSA_INITRAMFS");
-        let initramfs = std::fs::read(&initramfs_path)
-            .unwrap_or_else(|e| panic!("{}: {e}", initramfs_path.display()));
+        let (kernel, initramfs) = kernel_and_initramfs();
 
         let start = Instant::now();
         let vm =
@@ -195,10 +201,7 @@ mod native_kvm {
     fn the_agent_answers_over_vsock_and_boots_leave_nothing_behind() {
         let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let probe = native_probe();
-        let kernel = env_path("CAPSA_KERNEL");
-        let initramfs_path = env_path("CAPSA_INITRAMFS");
-        let initramfs = std::fs::read(&initramfs_path)
-            .unwrap_or_else(|e| panic!("{}: {e}", initramfs_path.display()));
+        let (kernel, initramfs) = kernel_and_initramfs();
         full_path(&kernel, &initramfs, &probe);
     }
 }

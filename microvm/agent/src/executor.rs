@@ -321,7 +321,7 @@ impl program::Server for ProgramImpl {
             results.get(),
             &self.loaded.hash,
             self.loaded.bytes.len(),
-            "elf",
+            capsa_schema::format::Format::Elf.name(),
         );
         Ok(())
     }
