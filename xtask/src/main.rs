@@ -421,7 +421,21 @@ fn test(root: &Path, skip_native_kvm: bool, test_args: &[String]) -> Result<()> 
     env.push(("CAPSA_PYTHON".to_string(), python.display().to_string()));
     let code = step(
         "running the tests that need native KVM in the nested machine",
-        || machine.run(&env, &jobs, NESTED_DEADLINE),
+        || match machine.run(&env, &jobs, NESTED_DEADLINE) {
+            // The job running when the machine froze neither passed nor
+            // failed (its own deadlines cannot fire in a frozen machine):
+            // say what froze and run the jobs once more in a fresh machine.
+            // A second freeze fails the run.
+            Err(e) if e.downcast_ref::<nested::Frozen>().is_some() => {
+                eprintln!("==> {e:#}");
+                eprintln!(
+                    "==> the nested machine froze (not a test failure): \
+                     running its jobs once more in a fresh machine"
+                );
+                machine.run(&env, &jobs, NESTED_DEADLINE)
+            }
+            other => other,
+        },
     )?;
     if code != 0 {
         bail!("tests failed in the nested test machine (exit code {code})");

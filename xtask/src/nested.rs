@@ -23,7 +23,11 @@
 //! comes back in a file of the scratch folder. The machine always powers
 //! off: the script's end powers it off, a deadline kills it, and QEMU runs
 //! under `setpriv --pdeathsig KILL`, so it dies with this process (Ctrl-C
-//! included).
+//! included). A heartbeat and the kernel's log go to a second serial port;
+//! when it stays silent for [`FROZEN_AFTER`] the machine is frozen (seen
+//! under QEMU's emulation: every deadline inside it stops with it), and it
+//! is killed with a [`Frozen`] report of the job, the log's tail and the
+//! CPUs' registers asked of QEMU over QMP.
 //!
 //! What it is not: hardware. Guest code runs under QEMU's emulation, one to
 //! two orders of magnitude slower than on a real CPU; absolute times mean
@@ -32,9 +36,10 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{BufRead, BufReader, Write as _};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -85,6 +90,29 @@ const JOB_TIMEOUT_SECS: u32 = 20 * 60;
 /// Marks the line the `/init` script prints once KVM is there, before it
 /// runs the script; what comes before it is boot noise.
 const READY_MARKER: &str = "capsa-nested: ready";
+
+/// How long the machine's second serial port (its heartbeat, every 5 s, and
+/// its kernel log) may stay silent before the machine counts as frozen: a
+/// job that is merely slow keeps the heartbeat going, a machine whose
+/// kernel or emulated CPUs stopped does not.
+const FROZEN_AFTER: Duration = Duration::from_secs(120);
+
+/// The nested machine itself stopped making progress (its heartbeat went
+/// silent) while a job ran: the job's own deadlines cannot fire inside a
+/// frozen machine. Says which job and test were running, the kernel log's
+/// tail and the emulated CPUs' state.
+#[derive(Debug)]
+pub struct Frozen {
+    pub report: String,
+}
+
+impl std::fmt::Display for Frozen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.report)
+    }
+}
+
+impl std::error::Error for Frozen {}
 
 /// The L1 machine's kernel, initramfs and QEMU, ready to boot.
 pub struct NestedMachine {
@@ -156,6 +184,10 @@ impl NestedMachine {
             bail!("the nested machine cannot use a folder whose path has spaces: {scratch_str}");
         }
         fs::write(scratch.join("run.sh"), job_script(env, jobs))?;
+        // The machine's heartbeat and kernel log (its second serial port),
+        // and QEMU's monitor, asked for the CPUs' state if it freezes.
+        let l1_log = scratch.join("l1.log");
+        let monitor = scratch.join("qmp.sock");
 
         let mut qemu = Command::new("setpriv");
         qemu.args(["--pdeathsig", "KILL", "--"])
@@ -167,7 +199,11 @@ impl NestedMachine {
                 "-m",
                 &L1_MEMORY_MIB.to_string(),
             ])
-            .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
+            .args(["-display", "none", "-serial", "stdio"])
+            .arg("-serial")
+            .arg(format!("file:{}", l1_log.display()))
+            .args(["-monitor", "none", "-qmp"])
+            .arg(format!("unix:{},server=on,wait=off", monitor.display()))
             .args(["-no-reboot", "-nodefaults"])
             .arg("-kernel")
             .arg(&self.kernel)
@@ -205,6 +241,8 @@ impl NestedMachine {
         // jobs' output is shown as it comes.
         let stdout = child.stdout.take().expect("piped");
         let (lines_tx, lines_rx) = mpsc::channel::<String>();
+        let running = Arc::new(Mutex::new(Running::default()));
+        let seen = Arc::clone(&running);
         let reader = std::thread::spawn(move || {
             let mut stdout_lock = std::io::stdout();
             let mut ready = false;
@@ -215,6 +253,7 @@ impl NestedMachine {
                 let text = text.trim_end_matches('\r');
                 if ready {
                     let _ = writeln!(stdout_lock, "{text}");
+                    seen.lock().unwrap_or_else(|e| e.into_inner()).saw(text);
                 } else if text.contains(READY_MARKER) {
                     ready = true;
                     let _ = lines_tx.send(text.to_string());
@@ -226,9 +265,21 @@ impl NestedMachine {
         });
 
         let mut announced = false;
+        let mut heard = (0, Instant::now());
+        let mut frozen = None;
         let status = loop {
             if let Some(status) = child.try_wait()? {
                 break Some(status);
+            }
+            let size = fs::metadata(&l1_log).map_or(0, |m| m.len());
+            if size != heard.0 {
+                heard = (size, Instant::now());
+            } else if announced && heard.1.elapsed() > FROZEN_AFTER {
+                let cpus = ask_qemu_about_cpus(&monitor);
+                let _ = child.kill();
+                let _ = child.wait();
+                frozen = Some(cpus);
+                break None;
             }
             if !announced {
                 if let Ok(line) = lines_rx.try_recv() {
@@ -253,6 +304,27 @@ impl NestedMachine {
             let from = boot_log.len().saturating_sub(30);
             boot_log[from..].join("\n")
         };
+        if let Some(cpus) = frozen {
+            let running = running.lock().unwrap_or_else(|e| e.into_inner());
+            let l1_tail = fs::read_to_string(&l1_log).unwrap_or_default();
+            let lines: Vec<&str> = l1_tail.lines().collect();
+            let from = lines.len().saturating_sub(40);
+            return Err(Frozen {
+                report: format!(
+                    "the nested test machine froze: no heartbeat for {} while running {} \
+                     (its console's last whole line: {}); it was killed after {}\n\
+                     its kernel log and heartbeat, last lines:\n{}\n\
+                     its CPUs (QEMU):\n{}",
+                    human(FROZEN_AFTER),
+                    running.job.as_deref().unwrap_or("no job yet"),
+                    running.line.as_deref().unwrap_or("none"),
+                    human(start.elapsed()),
+                    lines[from..].join("\n"),
+                    cpus
+                ),
+            }
+            .into());
+        }
         let Some(status) = status else {
             bail!(
                 "the nested test machine did not finish within {}; it was killed{}",
@@ -279,6 +351,87 @@ impl NestedMachine {
             ),
         }
     }
+}
+
+/// What the console last said: the job running and its last whole line (a
+/// test's name is printed before it ends, on the line it ends on, which
+/// shows above the report once the machine is killed).
+#[derive(Default)]
+struct Running {
+    job: Option<String>,
+    line: Option<String>,
+}
+
+impl Running {
+    fn saw(&mut self, line: &str) {
+        if let Some(job) = line.strip_prefix("==> [nested] ") {
+            self.job = Some(job.to_string());
+        }
+        if !line.trim().is_empty() {
+            self.line = Some(line.to_string());
+        }
+    }
+}
+
+/// Asks QEMU (over QMP at `socket`) where the machine's CPUs are, twice a
+/// few seconds apart (a CPU spinning in a loop moves or stays put, a halted
+/// one says so), and for their general registers; or says why it could not.
+/// A frozen machine's QEMU still answers: QMP runs on QEMU's main loop, not
+/// on a vCPU.
+fn ask_qemu_about_cpus(socket: &Path) -> String {
+    let ask = || -> Result<String> {
+        let stream = UnixStream::connect(socket)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let mut writer = stream;
+        let mut line = String::new();
+        reader.read_line(&mut line)?; // the greeting
+        let mut call = |command: &str| -> Result<String> {
+            let request = if command == "qmp_capabilities" {
+                serde_json::json!({ "execute": command })
+            } else {
+                serde_json::json!({
+                    "execute": "human-monitor-command",
+                    "arguments": { "command-line": command },
+                })
+            };
+            writeln!(writer, "{request}")?;
+            loop {
+                line.clear();
+                if reader.read_line(&mut line)? == 0 {
+                    bail!("QEMU closed its monitor");
+                }
+                let answer: serde_json::Value = serde_json::from_str(&line)?;
+                if let Some(r) = answer.get("return") {
+                    return Ok(r.as_str().unwrap_or_default().to_string());
+                }
+                if let Some(e) = answer.get("error") {
+                    bail!("{e}");
+                }
+                // An event: read on.
+            }
+        };
+        call("qmp_capabilities")?;
+        let first = call("info cpus")?;
+        std::thread::sleep(Duration::from_secs(3));
+        let second = call("info cpus")?;
+        let registers = call("info registers -a")?;
+        // The general registers tell where and in what mode; the FPU and
+        // vector registers are noise here.
+        let general: Vec<&str> = registers
+            .lines()
+            .filter(|l| {
+                !["FPR", "YMM", "XMM", "FCW", "DR", "ZMM", "Opmask"]
+                    .iter()
+                    .any(|p| l.starts_with(p))
+            })
+            .collect();
+        Ok(format!(
+            "info cpus:\n{first}3 s later:\n{second}registers:\n{}",
+            general.join("\n")
+        ))
+    };
+    ask().unwrap_or_else(|e| format!("could not ask QEMU: {e:#}"))
 }
 
 /// The script the L1 machine runs in its chroot: the environment, then each
@@ -344,6 +497,10 @@ mkdir -p /host/dev/shm /host/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /host/dev/shm
 mount -t devpts devpts /host/dev/pts
 stty -F /dev/console -onlcr 2>/dev/null
+# A heartbeat and the whole kernel log on the second serial port, never on
+# the console: the host tells a frozen machine from a slow job by it.
+( while :; do echo "capsa-nested: alive $(cut -d' ' -f1 /proc/uptime)"; sleep 5; done ) > /dev/ttyS1 2>&1 &
+cat /proc/kmsg > /dev/ttyS1 2>&1 &
 echo "capsa-nested: ready: $(uname -r), $(nproc) CPUs, $(grep -c . /proc/modules) modules, /dev/kvm"
 HOME=/tmp chroot /host /bin/sh "$capsa_scratch/run.sh"
 echo $? > "/host$capsa_scratch/status"
