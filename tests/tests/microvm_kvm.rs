@@ -241,6 +241,22 @@ mod native_kvm {
             let (_, _, status) = busybox_output(&agent, &bb, &["false"], &[]).await;
             assert_eq!(status, ExitStatus::Exited(1));
 
+            // PID 1 serves under its seccomp filter; its programs do not.
+            let (out, _, status) = busybox_output(
+                &agent,
+                &bb,
+                &["grep", "Seccomp:", "/proc/1/status", "/proc/self/status"],
+                &[],
+            )
+            .await;
+            assert_eq!(
+                (out.as_str(), status),
+                (
+                    "/proc/1/status:Seccomp:\t2\n/proc/self/status:Seccomp:\t0\n",
+                    ExitStatus::Exited(0)
+                )
+            );
+
             // At once: eight processes that each wait for the others' files.
             let runs = (0..8).map(|i| {
                 let script = format!(

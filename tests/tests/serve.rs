@@ -552,7 +552,16 @@ fn bad_clients_are_dropped_and_the_server_keeps_serving() {
         garbage
             .write_all(&[0, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f])
             .unwrap();
-        garbage.write_all(&[0xa5; 4096]).unwrap();
+        // The server may have dropped it already after the table.
+        if let Err(e) = garbage.write_all(&[0xa5; 4096]) {
+            assert!(
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ),
+                "{e}"
+            );
+        }
         let mut rest = Vec::new();
         // Closed (or reset, as the server left bytes unread).
         match garbage.read_to_end(&mut rest) {

@@ -10,6 +10,7 @@
 //! loopback TCP or vsock socket, which is how it is tested on machines whose
 //! KVM cannot run a guest's user space.
 
+mod confine;
 mod executor;
 mod format;
 mod grants;
@@ -117,7 +118,17 @@ fn main() -> ExitCode {
         // Before the runtime exists: nothing else runs yet.
         init::mount_filesystems();
     }
-    let code = match run(args, pid1) {
+    // Before the runtime and any client: programs start from a thread left
+    // outside the filter, everything else runs inside it. Without the
+    // filter the agent does not serve.
+    let spawner = match confine::Spawner::start().and_then(|s| confine::confine().map(|()| s)) {
+        Ok(spawner) => spawner,
+        Err(e) => {
+            eprintln!("capsa-agent: cannot confine itself with seccomp: {e}");
+            return finish(pid1, ExitCode::FAILURE);
+        }
+    };
+    let code = match run(args, pid1, spawner) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("capsa-agent: {e}");
@@ -135,7 +146,7 @@ fn finish(pid1: bool, code: ExitCode) -> ExitCode {
     code
 }
 
-fn run(args: Args, pid1: bool) -> Result<(), String> {
+fn run(args: Args, pid1: bool, spawner: confine::Spawner) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -143,7 +154,8 @@ fn run(args: Args, pid1: bool) -> Result<(), String> {
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
         // Subscribed to SIGCHLD before any child exists.
-        let reaper = Reaper::start(pid1).map_err(|e| format!("cannot watch SIGCHLD: {e}"))?;
+        let reaper =
+            Reaper::start(pid1, spawner).map_err(|e| format!("cannot watch SIGCHLD: {e}"))?;
         // Watched before "listening" is announced: whoever starts the agent
         // may stop it as soon as it reads that line, and a SIGTERM that came
         // first would meet whatever disposition the agent inherited (which

@@ -131,16 +131,14 @@ pub fn spawn(
             Ok(())
         });
     }
-    let mut child = match cmd.spawn() {
-        Ok(child) => child,
+    let (mut child, exited) = match reaper.spawn(cmd) {
+        Ok(started) => started,
         Err(e) => {
             let _ = fs::remove_file(&path);
             return Err(e);
         }
     };
     let pid = Pid::from_raw(child.id() as i32);
-    // Registered before anything yields, so the reaper cannot miss the exit.
-    let exited = reaper.watch(pid);
 
     let pipes = (|| {
         let stdin = child

@@ -1,9 +1,11 @@
 //! Collecting the exit status of every child, in one place.
 //!
 //! Design: the agent never uses `tokio::process` or `Child::wait`. It spawns
-//! with `std::process::Command`, registers the pid here in the same
-//! synchronous step (the runtime is single-threaded, so no reaping can run in
-//! between), and this module is the only caller of `waitpid`:
+//! with `std::process::Command` through [`Reaper::spawn`], which starts the
+//! program on the unconfined spawning thread (see `confine`) and registers
+//! the pid in the same synchronous step (the runtime is single-threaded, so
+//! no reaping can run in between), and this module is the only caller of
+//! `waitpid`:
 //!
 //! - as PID 1 it also inherits every orphan in the VM, so on each SIGCHLD it
 //!   calls `waitpid(-1, WNOHANG)` until nothing is left, hands the status of
@@ -17,6 +19,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
+use std::process::{Child, Command};
 use std::rc::Rc;
 
 use nix::errno::Errno;
@@ -25,19 +28,23 @@ use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::oneshot;
 
+use crate::confine::Spawner;
+
 pub struct Reaper {
     watchers: RefCell<HashMap<Pid, oneshot::Sender<WaitStatus>>>,
     /// PID 1: reap every child, including orphans re-parented to us.
     adopt_orphans: bool,
+    spawner: Spawner,
 }
 
 impl Reaper {
     /// Subscribes to SIGCHLD and starts the reaping task on the current `LocalSet`.
-    pub fn start(adopt_orphans: bool) -> io::Result<Rc<Reaper>> {
+    pub fn start(adopt_orphans: bool, spawner: Spawner) -> io::Result<Rc<Reaper>> {
         let mut sigchld = signal(SignalKind::child())?;
         let reaper = Rc::new(Reaper {
             watchers: RefCell::new(HashMap::new()),
             adopt_orphans,
+            spawner,
         });
         let weak = Rc::downgrade(&reaper);
         tokio::task::spawn_local(async move {
@@ -54,12 +61,14 @@ impl Reaper {
         Ok(reaper)
     }
 
-    /// Registers a child just spawned; the receiver gets its final status.
-    /// Must be called before the caller next yields to the runtime.
-    pub fn watch(&self, pid: Pid) -> oneshot::Receiver<WaitStatus> {
+    /// Starts `command` and registers the child before returning; the
+    /// receiver gets its final status.
+    pub fn spawn(&self, command: Command) -> io::Result<(Child, oneshot::Receiver<WaitStatus>)> {
+        let child = self.spawner.spawn(command)?;
         let (tx, rx) = oneshot::channel();
+        let pid = Pid::from_raw(child.id() as i32);
         self.watchers.borrow_mut().insert(pid, tx);
-        rx
+        Ok((child, rx))
     }
 
     fn deliver(&self, status: WaitStatus) {

@@ -512,6 +512,43 @@ fn argv0_is_the_name_or_the_shared_default() {
     });
 }
 
+/// Every thread of the agent runs under its seccomp filter but the one
+/// that starts programs, and the programs it runs are not filtered (they
+/// can run others in turn).
+#[test]
+fn the_agent_is_confined_and_its_programs_are_not() {
+    let agent = Agent::start(&[]);
+    local(async {
+        let ex = connect(&agent.socket).await;
+        let script = "for t in /proc/$PPID/task/*; do \
+                echo \"$(cat $t/comm) $(grep Seccomp: $t/status | cut -f2)\"; \
+            done; \
+            echo \"program $(grep Seccomp: /proc/self/status | cut -f2)\"";
+        let opts = Run {
+            args: &["-c", script],
+            env: &[("PATH", "/usr/bin:/bin")],
+            ..Run::default()
+        };
+        let (out, err, status) = outcome(&ex, &bin("/bin/sh"), opts).await;
+        assert_eq!(status, Status::Exited(0), "{err}");
+        let modes: Vec<(&str, &str)> = out
+            .lines()
+            .map(|l| l.rsplit_once(' ').unwrap_or((l, "")))
+            .collect();
+        assert!(modes.contains(&("program", "0")), "{out}");
+        assert!(modes.contains(&("spawner", "0")), "{out}");
+        let confined = modes
+            .iter()
+            .filter(|(name, _)| !["program", "spawner"].contains(name));
+        let mut threads = 0;
+        for (name, mode) in confined {
+            assert_eq!(*mode, "2", "thread {name} is not filtered: {out}");
+            threads += 1;
+        }
+        assert!(threads >= 1, "{out}");
+    });
+}
+
 #[test]
 fn busybox_without_a_name_runs_the_applet_its_arguments_name() {
     let agent = Agent::start(&[]);
