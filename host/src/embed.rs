@@ -9,6 +9,7 @@
 //! started killed when its last capability is dropped.
 //!
 //! ```
+//! use capsa::client::{self, Spawn};
 //! use capsa::embed;
 //! use capsa::schema::StdioMode;
 //!
@@ -29,20 +30,14 @@
 //! let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
 //! tokio::task::LocalSet::new().block_on(&rt, async {
 //!     let executor = host.executor();
-//!     let mut request = executor.run_bytes_request();
-//!     request.get().set_bytes(&program);
-//!     request.get().init_options().set_stdio(StdioMode::Data);
-//!     let process = request.send().promise.await.unwrap().get().unwrap().get_process().unwrap();
-//!
-//!     let stdout = process.stdout_request().send().pipeline.get_source();
-//!     let mut read = stdout.read_request();
-//!     read.get().set_max_bytes(1024);
-//!     let chunk = read.send().promise.await.unwrap();
-//!     assert_eq!(chunk.get().unwrap().get_data().unwrap(), b"hi\n");
-//!
-//!     let done = process.wait_request().send().promise.await.unwrap();
-//!     let status = capsa::ExitStatus::read_from(done.get().unwrap().get_status().unwrap());
-//!     assert_eq!(status.unwrap(), capsa::ExitStatus::Exited(0));
+//!     // The typed client layer builds the request (`capsa::client`).
+//!     let process = Spawn { stdio: StdioMode::Data, ..Spawn::default() }
+//!         .start(&executor, &program)
+//!         .await
+//!         .unwrap();
+//!     let output = client::output(&process).await.unwrap();
+//!     assert_eq!(output.stdout, b"hi\n");
+//!     assert_eq!(output.status, capsa::ExitStatus::Exited(0));
 //! });
 //! host.shutdown();
 //! ```

@@ -2,6 +2,7 @@
 //! process's stdio streamed to and from it. A thin client over the schema,
 //! like any other: everything it does, a client in another language can do.
 
+use capsa_client::Spawn;
 use capsa_schema::capsa_capnp::{byte_source, directory, executor, StdioMode};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -9,6 +10,18 @@ use crate::status::ExitStatus;
 
 /// Bytes moved per call in each direction.
 const CHUNK: u32 = 64 * 1024;
+
+/// Why `capsa exec` could not run its program to the end.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The host refused or failed a call (its error kind is in the text:
+    /// `capsa_schema::error::kind_of`).
+    #[error(transparent)]
+    Rpc(#[from] capnp::Error),
+    /// Writing the program's output to this process's stdout or stderr.
+    #[error("cannot write the program's output: {0}")]
+    Output(#[from] std::io::Error),
+}
 
 /// Runs `bytes` on `executor` in data mode, copying this process's stdin to
 /// the program's and the program's stdout and stderr to this process's, and
@@ -23,27 +36,22 @@ pub async fn run(
     args: &[String],
     deadline_ms: u64,
     dirs: &[(String, directory::Client)],
-) -> anyhow::Result<ExitStatus> {
-    let mut request = executor.run_bytes_request();
-    {
-        let mut params = request.get();
-        params.set_bytes(bytes);
-        let mut list = params.reborrow().init_args(args.len() as u32);
-        for (i, a) in args.iter().enumerate() {
-            list.set(i as u32, a.as_str());
-        }
-        let mut options = params.init_options();
-        options.set_stdio(StdioMode::Data);
-        options.set_name(name);
-        options.set_deadline_millis(deadline_ms);
-        let mut grants = options.init_directories(dirs.len() as u32);
-        for (i, (path, dir)) in dirs.iter().enumerate() {
-            let mut grant = grants.reborrow().get(i as u32);
-            grant.set_path(path);
-            grant.set_directory(dir.clone());
-        }
+) -> Result<ExitStatus, ExecError> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let dirs: Vec<(&str, &directory::Client)> = dirs
+        .iter()
+        .map(|(path, dir)| (path.as_str(), dir))
+        .collect();
+    let process = Spawn {
+        args: &args,
+        stdio: StdioMode::Data,
+        name,
+        deadline_ms,
+        dirs: &dirs,
+        ..Spawn::default()
     }
-    let process = request.send().promise.await?.get()?.get_process()?;
+    .start(executor, bytes)
+    .await?;
     let sink = process.stdin_request().send().pipeline.get_sink();
     let stdout = process.stdout_request().send().pipeline.get_source();
     let stderr = process.stderr_request().send().pipeline.get_source();
@@ -73,15 +81,14 @@ pub async fn run(
     .await;
     out?;
     err?;
-    let done = process.wait_request().send().promise.await?;
-    Ok(ExitStatus::read_from(done.get()?.get_status()?)?)
+    Ok(capsa_client::wait(&process).await?)
 }
 
 /// Copies a program's output stream to `to` until its end.
 async fn copy_out(
     from: byte_source::Client,
     mut to: impl AsyncWrite + Unpin,
-) -> anyhow::Result<()> {
+) -> Result<(), ExecError> {
     loop {
         let mut read = from.read_request();
         read.get().set_max_bytes(CHUNK);

@@ -50,6 +50,7 @@ pub mod transport;
 pub mod vm;
 pub mod world;
 
+pub use capsa_client as client;
 pub use capsa_directory::mirror;
 pub use directory::DirGrant;
 pub use embed::Embedded;

@@ -312,6 +312,7 @@ fn run(command: Command) -> anyhow::Result<i32> {
                     &grants,
                 )
                 .await
+                .map_err(anyhow::Error::from)
             });
             drop(local);
             // Our stdin may still be blocked in a read nobody needs any more.

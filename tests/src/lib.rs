@@ -12,7 +12,8 @@ use std::task::{Context, Poll};
 
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, RpcSystem};
-use capsa::schema::{directory, executor, process, program, StdioMode};
+pub use capsa::schema::StdioMode;
+use capsa::schema::{directory, executor, process, program};
 use capsa::{ExitStatus, Host, HostConfig};
 use futures::io::{AsyncRead, AsyncWrite};
 
@@ -326,26 +327,9 @@ where
     })
 }
 
-/// Options for [`run`].
-#[derive(Default)]
-pub struct Run<'a> {
-    pub args: &'a [&'a str],
-    /// The whole environment of the child.
-    pub env: &'a [(&'a str, &'a str)],
-    pub data: bool,
-    pub memory_limit: u64,
-    pub deadline_ms: u64,
-    pub cpu_ms: u64,
-    pub name: &'a str,
-    /// The capability the child bootstraps; `None` inherits the Executor.
-    pub bootstrap: Option<&'a capnp::capability::Client>,
-    /// microVM options (ELF payloads); zero or `None` takes the host's.
-    pub vm_vcpus: u32,
-    pub vm_memory_mib: u32,
-    pub vm_initramfs: Option<&'a [u8]>,
-    /// Directories granted to the child, at their paths.
-    pub dirs: &'a [(&'a str, &'a directory::Client)],
-}
+/// Options of a run: the client layer's [`capsa_client::Spawn`].
+pub use capsa_client::Spawn as Run;
+pub use capsa_client::{exported_executor, load_request};
 
 /// Sends `runBytes` for `bytes` with `opts` and returns the request's
 /// promise.
@@ -354,15 +338,7 @@ pub fn run_request(
     bytes: &[u8],
     opts: Run<'_>,
 ) -> capnp::capability::RemotePromise<executor::run_bytes_results::Owned> {
-    let mut req = exec.run_bytes_request();
-    {
-        let mut p = req.get();
-        p.set_bytes(bytes);
-        fill_args(p.reborrow().init_args(opts.args.len() as u32), &opts);
-        fill_env(p.reborrow().init_env(opts.env.len() as u32), &opts);
-        fill_options(p.init_options(), &opts);
-    }
-    req.send()
+    opts.run_bytes(exec, bytes).send()
 }
 
 /// `Program.run` with `opts`, as [`run_request`] for `runBytes`.
@@ -370,63 +346,7 @@ pub fn program_run_request(
     program: &program::Client,
     opts: Run<'_>,
 ) -> capnp::capability::RemotePromise<program::run_results::Owned> {
-    let mut req = program.run_request();
-    {
-        let mut p = req.get();
-        fill_args(p.reborrow().init_args(opts.args.len() as u32), &opts);
-        fill_env(p.reborrow().init_env(opts.env.len() as u32), &opts);
-        fill_options(p.init_options(), &opts);
-    }
-    req.send()
-}
-
-fn fill_args(mut args: capnp::text_list::Builder<'_>, opts: &Run<'_>) {
-    for (i, a) in opts.args.iter().enumerate() {
-        args.set(i as u32, *a);
-    }
-}
-
-fn fill_env(
-    mut env: capnp::struct_list::Builder<'_, capsa::schema::env_var::Owned>,
-    opts: &Run<'_>,
-) {
-    for (i, (name, value)) in opts.env.iter().enumerate() {
-        let mut var = env.reborrow().get(i as u32);
-        var.set_name(*name);
-        var.set_value(*value);
-    }
-}
-
-/// The options of a run, as `opts` says.
-fn fill_options(mut o: capsa::schema::options::Builder<'_>, opts: &Run<'_>) {
-    {
-        o.set_stdio(if opts.data {
-            StdioMode::Data
-        } else {
-            StdioMode::Rpc
-        });
-        o.set_memory_limit_bytes(opts.memory_limit);
-        o.set_deadline_millis(opts.deadline_ms);
-        o.set_cpu_budget_millis(opts.cpu_ms);
-        o.set_name(opts.name);
-        let mut vm = o.reborrow().init_vm();
-        vm.set_vcpus(opts.vm_vcpus);
-        vm.set_memory_mib(opts.vm_memory_mib);
-        if let Some(initramfs) = opts.vm_initramfs {
-            vm.set_initramfs(initramfs);
-        }
-        let mut dirs = o.reborrow().init_directories(opts.dirs.len() as u32);
-        for (i, (path, dir)) in opts.dirs.iter().enumerate() {
-            let mut grant = dirs.reborrow().get(i as u32);
-            grant.set_path(*path);
-            grant.set_directory((*dir).clone());
-        }
-        if let Some(cap) = opts.bootstrap {
-            o.init_bootstrap()
-                .init_capability()
-                .set_as_capability(cap.hook.clone());
-        }
-    }
+    opts.program_run(program).send()
 }
 
 /// Starts `bytes` and returns its Process, or the exception's text.
@@ -435,43 +355,20 @@ pub async fn run(
     bytes: &[u8],
     opts: Run<'_>,
 ) -> Result<process::Client, String> {
-    let resp = run_request(exec, bytes, opts)
-        .promise
-        .await
-        .map_err(|e| e.to_string())?;
-    resp.get()
-        .and_then(|r| r.get_process())
-        .map_err(|e| e.to_string())
-}
-
-/// Sends `Executor.load` for `bytes`.
-pub fn load_request(
-    exec: &executor::Client,
-    bytes: &[u8],
-) -> capnp::capability::RemotePromise<executor::load_results::Owned> {
-    let mut req = exec.load_request();
-    req.get().set_bytes(bytes);
-    req.send()
+    opts.start(exec, bytes).await.map_err(|e| e.to_string())
 }
 
 /// Loads `bytes` as a Program, or the exception's text.
 pub async fn load(exec: &executor::Client, bytes: &[u8]) -> Result<program::Client, String> {
-    let resp = load_request(exec, bytes)
-        .promise
+    capsa_client::load(exec, bytes)
         .await
-        .map_err(|e| e.to_string())?;
-    resp.get()
-        .and_then(|r| r.get_program())
         .map_err(|e| e.to_string())
 }
 
 /// The Program of this hash (`Executor.program`), or the exception's text.
 pub async fn by_hash(exec: &executor::Client, hash: &[u8]) -> Result<program::Client, String> {
-    let mut req = exec.program_request();
-    req.get().set_hash(hash);
-    let resp = req.send().promise.await.map_err(|e| e.to_string())?;
-    resp.get()
-        .and_then(|r| r.get_program())
+    capsa_client::program_by_hash(exec, hash)
+        .await
         .map_err(|e| e.to_string())
 }
 
@@ -480,13 +377,7 @@ pub async fn run_program(
     program: &program::Client,
     opts: Run<'_>,
 ) -> Result<process::Client, String> {
-    let resp = program_run_request(program, opts)
-        .promise
-        .await
-        .map_err(|e| e.to_string())?;
-    resp.get()
-        .and_then(|r| r.get_process())
-        .map_err(|e| e.to_string())
+    opts.start_program(program).await.map_err(|e| e.to_string())
 }
 
 /// Asserts that `err` (an exception's text) is of `kind`, and that its
@@ -511,57 +402,22 @@ pub async fn until_nothing_runs(host: &Host, what: &str) {
 }
 
 pub async fn wait(p: &process::Client) -> ExitStatus {
-    let resp = p.wait_request().send().promise.await.expect("wait");
-    ExitStatus::read_from(resp.get().unwrap().get_status().unwrap()).unwrap()
+    capsa_client::wait(p).await.expect("wait")
 }
 
 /// Reads a data-mode stream to its end.
 pub async fn read_all(source: capsa::schema::byte_source::Client) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let mut req = source.read_request();
-        req.get().set_max_bytes(1 << 20);
-        let resp = req.send().promise.await.expect("read");
-        let r = resp.get().unwrap();
-        out.extend_from_slice(r.get_data().unwrap());
-        if r.get_eof() {
-            return out;
-        }
-    }
+    capsa_client::read_to_end(&source).await.expect("read")
 }
 
 pub async fn stdout_of(p: &process::Client) -> Vec<u8> {
-    let src = p
-        .stdout_request()
-        .send()
-        .promise
-        .await
-        .expect("stdout")
-        .get()
-        .unwrap()
-        .get_source()
-        .unwrap();
-    read_all(src).await
-}
-
-/// The bootstrap capability of `p` as an Executor.
-pub fn exported_executor(p: &process::Client) -> executor::Client {
-    let pipeline = p.bootstrap_request().send().pipeline;
-    capnp::capability::FromClientHook::new(pipeline.get_cap().as_cap())
+    read_all(p.stdout_request().send().pipeline.get_source()).await
 }
 
 pub async fn echo(exec: &executor::Client, msg: &str) -> Result<String, String> {
-    let mut req = exec.echo_request();
-    req.get().set_message(msg);
-    let resp = req.send().promise.await.map_err(|e| e.to_string())?;
-    Ok(resp
-        .get()
-        .unwrap()
-        .get_response()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_string())
+    capsa_client::echo(exec, msg)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Which way a message crossed the recorded connection.

@@ -7,7 +7,7 @@
 use std::os::unix::fs::symlink;
 use std::path::Path;
 
-use capsa::schema::{directory, executor, process, EntryKind, WriteMode};
+use capsa::schema::{directory, executor, process, EntryKind, StdioMode, WriteMode};
 use capsa::{DirGrant, ExitStatus, HostConfig};
 use capsa_tests::{
     assert_kind, exported_executor, granted, guest, healthy, read_all, run, still_healthy, wait,
@@ -36,7 +36,7 @@ async fn files(
         &guest(build),
         Run {
             args,
-            data: true,
+            stdio: StdioMode::Data,
             name: "files",
             dirs,
             ..Run::default()
@@ -572,7 +572,7 @@ fn bad_grants_are_refused() {
                 &exec,
                 &guest("files"),
                 Run {
-                    data: true,
+                    stdio: StdioMode::Data,
                     dirs: &[(path, &data)],
                     ..Run::default()
                 },
@@ -588,7 +588,7 @@ fn bad_grants_are_refused() {
             &exec,
             &guest("files"),
             Run {
-                data: true,
+                stdio: StdioMode::Data,
                 dirs: &[("/x", &broken)],
                 ..Run::default()
             },
@@ -729,7 +729,7 @@ fn a_directory_from_elsewhere_is_bounded_in_size_and_time() {
                     &exec,
                     &guest("files"),
                     Run {
-                        data: true,
+                        stdio: StdioMode::Data,
                         dirs: &[("/d", &dir)],
                         ..Run::default()
                     },

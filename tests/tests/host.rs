@@ -62,7 +62,7 @@ fn data_mode_runs_plain_wasi_programs_p2_and_p1() {
                 &guest(name),
                 Run {
                     args: &["a", "b"],
-                    data: true,
+                    stdio: StdioMode::Data,
                     ..Run::default()
                 },
             )
@@ -81,7 +81,7 @@ fn data_mode_runs_plain_wasi_programs_p2_and_p1() {
                 &guest(name),
                 Run {
                     args: &["exit", "3"],
-                    data: true,
+                    stdio: StdioMode::Data,
                     ..Run::default()
                 },
             )
@@ -101,7 +101,7 @@ fn data_mode_streams_stdin_to_stdout() {
             &guest("hello"),
             Run {
                 args: &["cat"],
-                data: true,
+                stdio: StdioMode::Data,
                 ..Run::default()
             },
         )
@@ -139,7 +139,7 @@ fn a_writer_nobody_reads_is_held_back() {
             &guest("hello"),
             Run {
                 args: &["emit", &total.to_string(), "65536"],
-                data: true,
+                stdio: StdioMode::Data,
                 ..Run::default()
             },
         )
@@ -220,7 +220,7 @@ fn any_number_of_waiters_get_the_same_status() {
             &guest("hello"),
             Run {
                 args: &["exit", "5"],
-                data: true,
+                stdio: StdioMode::Data,
                 ..Run::default()
             },
         )
@@ -245,7 +245,7 @@ fn kill_interrupts_an_infinite_loop() {
             &guest("faulty"),
             Run {
                 args: &["loop"],
-                data: true,
+                stdio: StdioMode::Data,
                 ..Run::default()
             },
         )
@@ -270,7 +270,7 @@ fn deadline_and_cpu_budget_end_an_infinite_loop() {
             &guest("faulty"),
             Run {
                 args: &["loop"],
-                data: true,
+                stdio: StdioMode::Data,
                 deadline_ms: 200,
                 ..Run::default()
             },
@@ -283,7 +283,7 @@ fn deadline_and_cpu_budget_end_an_infinite_loop() {
             &guest("faulty"),
             Run {
                 args: &["loop"],
-                data: true,
+                stdio: StdioMode::Data,
                 cpu_ms: 50,
                 ..Run::default()
             },
@@ -297,7 +297,7 @@ fn deadline_and_cpu_budget_end_an_infinite_loop() {
             &guest("faulty"),
             Run {
                 args: &["block-stdin"],
-                data: true,
+                stdio: StdioMode::Data,
                 deadline_ms: 100,
                 ..Run::default()
             },
@@ -318,7 +318,7 @@ fn dropping_the_last_process_reference_kills_the_child() {
             &guest("faulty"),
             Run {
                 args: &["block-stdin"],
-                data: true,
+                stdio: StdioMode::Data,
                 ..Run::default()
             },
         )
@@ -329,7 +329,7 @@ fn dropping_the_last_process_reference_kills_the_child() {
             &guest("faulty"),
             Run {
                 args: &["loop"],
-                data: true,
+                stdio: StdioMode::Data,
                 ..Run::default()
             },
         )
@@ -390,7 +390,7 @@ fn live_children_are_bounded_per_executor() {
         let root = host.root_executor();
         let block = || Run {
             args: &["block-stdin"],
-            data: true,
+            stdio: StdioMode::Data,
             ..Run::default()
         };
         let a = run(&root, &guest("faulty"), block()).await.unwrap();
@@ -417,7 +417,7 @@ fn same_bytes_compile_once() {
                 &root,
                 &guest("hello"),
                 Run {
-                    data: true,
+                    stdio: StdioMode::Data,
                     ..Run::default()
                 },
             )
@@ -773,7 +773,7 @@ fn numeric_options_at_their_extremes_neither_wrap_nor_panic() {
                 &guest("hello"),
                 Run {
                     args: &["extreme"],
-                    data: true,
+                    stdio: StdioMode::Data,
                     cpu_ms: value.max(1_000),
                     deadline_ms: value.max(60_000),
                     memory_limit: value.max(64 << 20),
@@ -810,7 +810,7 @@ fn numeric_options_at_their_extremes_neither_wrap_nor_panic() {
                 &guest("faulty"),
                 Run {
                     args: &["loop"],
-                    data: true,
+                    stdio: StdioMode::Data,
                     ..tiny
                 },
             )
@@ -840,7 +840,7 @@ fn concurrent_readers_and_writers_of_one_stream_all_finish() {
             &guest("hello"),
             Run {
                 args: &["cat"],
-                data: true,
+                stdio: StdioMode::Data,
                 ..Run::default()
             },
         )

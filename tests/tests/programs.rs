@@ -8,7 +8,7 @@ use sha2::Digest;
 fn data<'a>(args: &'a [&'a str]) -> Run<'a> {
     Run {
         args,
-        data: true,
+        stdio: StdioMode::Data,
         ..Run::default()
     }
 }

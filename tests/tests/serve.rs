@@ -305,7 +305,7 @@ fn sigterm_kills_every_process_removes_the_socket_and_exits_0() {
             &guest("hello"),
             Run {
                 args: &["cat"],
-                data: true,
+                stdio: StdioMode::Data,
                 ..Run::default()
             },
         )
@@ -404,7 +404,7 @@ fn a_connection_holds_only_its_share_of_guests_and_memory() {
         };
         let cat = Run {
             args: &["cat"],
-            data: true,
+            stdio: StdioMode::Data,
             ..Run::default()
         };
         let (conn_one, _served_one) = in_process_with(&host, Some(share));
@@ -486,7 +486,7 @@ fn a_connection_gets_its_own_quotas_and_its_processes_die_with_it() {
     with_host(config, |host| async move {
         let cat = Run {
             args: &["cat"],
-            data: true,
+            stdio: StdioMode::Data,
             ..Run::default()
         };
         let (conn_one, served_one) = in_process(&host);
@@ -710,7 +710,7 @@ fn soak_connect_run_disconnect_cycles_leave_the_server_as_it_was() {
                 &hello,
                 Run {
                     args: &["soak"],
-                    data: true,
+                    stdio: StdioMode::Data,
                     ..Run::default()
                 },
             )
@@ -905,7 +905,7 @@ fn the_embedding_api_serves_each_caller_its_own_executor() {
             &hello,
             Run {
                 args: &["embedded"],
-                data: true,
+                stdio: StdioMode::Data,
                 ..Run::default()
             },
         )
@@ -919,7 +919,7 @@ fn the_embedding_api_serves_each_caller_its_own_executor() {
         // One live child each: `one`'s quota is used, `two`'s is not.
         let cat = Run {
             args: &["cat"],
-            data: true,
+            stdio: StdioMode::Data,
             ..Run::default()
         };
         let _held = run(&one, &hello, Run { ..cat }).await.unwrap();

@@ -2,12 +2,12 @@
 //! `echo("bench:<name>:<ns>,<ns>,...")`, where the benchmark harness reads
 //! them.
 
-use capsa_schema::capsa_capnp::{executor, StdioMode};
+use capsa_schema::capsa_capnp::executor;
 use guest_runtime::log;
 use wasip2::clocks::monotonic_clock;
 
-use crate::calls::{echo, exported_executor, Spawn};
 use crate::guests::CHILD_ECHO;
+use capsa_client::{echo, exported_executor, Spawn};
 
 /// Times `rounds` sequential echo round trips to the root executor.
 pub async fn echo_rounds(root: executor::Client, rounds: usize) -> capnp::Result<()> {
@@ -30,26 +30,24 @@ pub async fn echo_rounds(root: executor::Client, rounds: usize) -> capnp::Result
 /// it has.
 pub async fn nested(root: executor::Client, rounds: usize) -> capnp::Result<()> {
     let child = Spawn {
-        bytes: CHILD_ECHO,
         args: &["relay"],
-        stdio: StdioMode::Rpc,
         name: "bench-child",
-        bootstrap: Some(&root),
+        bootstrap: Some(&root.client),
+        ..Spawn::default()
     }
-    .start(&root)
+    .start(&root, CHILD_ECHO)
     .await?;
-    let child_executor = exported_executor(&child).await?;
+    let child_executor = exported_executor(&child);
     let rounds = rounds.to_string();
     let grandchild = Spawn {
-        bytes: CHILD_ECHO,
         args: &["bench-echo", &rounds],
-        stdio: StdioMode::Rpc,
         name: "bench-grandchild",
-        bootstrap: Some(&child_executor),
+        bootstrap: Some(&child_executor.client),
+        ..Spawn::default()
     }
-    .start(&child_executor)
+    .start(&child_executor, CHILD_ECHO)
     .await?;
-    let grandchild_executor = exported_executor(&grandchild).await?;
+    let grandchild_executor = exported_executor(&grandchild);
     let answer = echo(&grandchild_executor, "done?").await?;
     log!("pid0: nested bench reported: {answer}");
     Ok(())

@@ -4,19 +4,18 @@
 use capsa_schema::capsa_capnp::{executor, process, StdioMode};
 use guest_runtime::log;
 
-use crate::calls::{echo, exported_executor, read_to_end, wait, Ended, Spawn};
 use crate::guests::{CHILD_ECHO, HELLO, HELLO_P1};
+use capsa_client::{echo, exported_executor, read_to_end, wait, ExitStatus, Spawn};
 
 const HELLO_ARGS: [&str; 4] = ["hello", "from", "data", "mode"];
 const HELLO_OUTPUT: &str = "hello from a plain WASI program: hello from data mode\n";
 
+/// child-echo in RPC mode, to start with [`CHILD_ECHO`].
 fn rpc_child<'a>(args: &'a [&'a str], name: &'a str) -> Spawn<'a> {
     Spawn {
-        bytes: CHILD_ECHO,
         args,
-        stdio: StdioMode::Rpc,
         name,
-        bootstrap: None,
+        ..Spawn::default()
     }
 }
 
@@ -26,16 +25,18 @@ pub async fn run(root: executor::Client) -> capnp::Result<()> {
     log!("pid0: root executor answered: {answer}");
 
     log!("pid0: [2/5] starting child-echo as \"child\" (rpc mode)");
-    let child = rpc_child(&["child"], "child").start(&root).await?;
-    let child_executor = exported_executor(&child).await?;
+    let child = rpc_child(&["child"], "child")
+        .start(&root, CHILD_ECHO)
+        .await?;
+    let child_executor = exported_executor(&child);
     let answer = echo(&child_executor, "hello from pid0 to child").await?;
     log!("pid0: child answered: {answer}");
 
     log!("pid0: [3/5] starting a grandchild through the child's executor");
     let grandchild = rpc_child(&["grandchild"], "grandchild")
-        .start(&child_executor)
+        .start(&child_executor, CHILD_ECHO)
         .await?;
-    let grandchild_executor = exported_executor(&grandchild).await?;
+    let grandchild_executor = exported_executor(&grandchild);
     let answer = echo(&grandchild_executor, "hello from pid0 to grandchild").await?;
     log!("pid0: three levels: pid0 -> child -> grandchild: {answer}");
 
@@ -45,19 +46,18 @@ pub async fn run(root: executor::Client) -> capnp::Result<()> {
         ("core module", HELLO_P1, "hello-p1"),
     ] {
         let program = Spawn {
-            bytes,
             args: &HELLO_ARGS,
             stdio: StdioMode::Data,
             name,
-            bootstrap: None,
+            ..Spawn::default()
         }
-        .start(&root)
+        .start(&root, bytes)
         .await?;
-        let output = read_to_end(program.stdout_request().send().pipeline.get_source()).await?;
+        let output = read_to_end(&program.stdout_request().send().pipeline.get_source()).await?;
         let ended = wait(&program).await?;
         let output = String::from_utf8_lossy(&output);
         log!("pid0: hello ({kind}) wrote {output:?} and {ended}");
-        if output != HELLO_OUTPUT || ended != Ended::Exited(0) {
+        if output != HELLO_OUTPUT || ended != ExitStatus::Exited(0) {
             return Err(capnp::Error::failed(format!(
                 "hello ({kind}) should write {HELLO_OUTPUT:?} and exit with code 0"
             )));
@@ -76,7 +76,7 @@ pub async fn run(root: executor::Client) -> capnp::Result<()> {
     Ok(())
 }
 
-async fn stop(process: &process::Client) -> capnp::Result<Ended> {
+async fn stop(process: &process::Client) -> capnp::Result<ExitStatus> {
     process.kill_request().send().promise.await?;
     wait(process).await
 }
@@ -85,7 +85,7 @@ async fn stop(process: &process::Client) -> capnp::Result<Ended> {
 /// promise pipelining: nothing is awaited but the final answer.
 pub async fn pipeline(root: executor::Client) -> capnp::Result<()> {
     let spawned = rpc_child(&["pipelined"], "pipelined")
-        .request(&root)?
+        .run_bytes(&root, CHILD_ECHO)
         .send();
     let bootstrapped = spawned.pipeline.get_process().bootstrap_request().send();
     let child_executor: executor::Client =

@@ -7,8 +7,8 @@
 use capsa_schema::capsa_capnp::{executor, StdioMode};
 use guest_runtime::log;
 
-use crate::calls::{exported_executor, wait, Ended, Spawn};
 use crate::guests::{CHILD_ECHO, FILES};
+use capsa_client::{exported_executor, wait, ExitStatus, Spawn};
 
 const WRITTEN: &str = "written by a grandchild of pid0\n";
 
@@ -28,32 +28,25 @@ pub async fn run(root: executor::Client) -> capnp::Result<()> {
     );
 
     let child = Spawn {
-        bytes: CHILD_ECHO,
         args: &["child"],
-        stdio: StdioMode::Rpc,
         name: "child",
-        bootstrap: None,
+        ..Spawn::default()
     }
-    .start(&root)
+    .start(&root, CHILD_ECHO)
     .await?;
-    let child_executor = exported_executor(&child).await?;
+    let child_executor = exported_executor(&child);
 
     let file = format!("{path}/from-grandchild.txt");
     let args = ["put", file.as_str()];
-    let mut request = Spawn {
-        bytes: FILES,
+    let grandchild = Spawn {
         args: &args,
         stdio: StdioMode::Data,
         name: "files",
-        bootstrap: None,
+        dirs: &[(path.as_str(), &directory)],
+        ..Spawn::default()
     }
-    .request(&child_executor)?;
-    {
-        let mut grant = request.get().get_options()?.init_directories(1).get(0);
-        grant.set_path(path.as_str());
-        grant.set_directory(directory);
-    }
-    let grandchild = request.send().promise.await?.get()?.get_process()?;
+    .start(&child_executor, FILES)
+    .await?;
     let stdin = grandchild.stdin_request().send().pipeline.get_sink();
     let mut write = stdin.write_request();
     write.get().set_data(WRITTEN.as_bytes());
@@ -61,7 +54,7 @@ pub async fn run(root: executor::Client) -> capnp::Result<()> {
     stdin.close_request().send().promise.await?;
     let ended = wait(&grandchild).await?;
     log!("pid0: the grandchild wrote {file} and {ended}");
-    if ended != Ended::Exited(0) {
+    if ended != ExitStatus::Exited(0) {
         return Err(capnp::Error::failed(format!("files put {file}: {ended}")));
     }
 

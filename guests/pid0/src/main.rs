@@ -15,7 +15,6 @@
 //! is logged and ends PID0 with exit code 1.
 
 mod bench;
-mod calls;
 mod demo;
 mod files;
 mod guests;

@@ -5,8 +5,8 @@
 use capsa_schema::capsa_capnp::{executor, process, StdioMode};
 use guest_runtime::log;
 
-use crate::calls::{echo, read_to_end, wait, Ended, Spawn};
 use crate::guests::DEMO_ELF;
+use capsa_client::{echo, exported_executor, read_to_end, wait, ExitStatus, Spawn};
 
 const GREETING: &str = "hello from a microVM";
 
@@ -22,17 +22,18 @@ pub async fn run(root: executor::Client) -> capnp::Result<()> {
         DEMO_ELF.len()
     );
     let busybox = start_busybox(&root, &["echo", GREETING]).await?;
-    let output = read_to_end(busybox.stdout_request().send().pipeline.get_source()).await?;
+    let output = read_to_end(&busybox.stdout_request().send().pipeline.get_source()).await?;
     let ended = wait(&busybox).await?;
     let output = String::from_utf8_lossy(&output);
     log!("pid0: busybox wrote {output:?} and {ended}");
-    if output.trim_end() != GREETING || ended != Ended::Exited(0) {
+    if output.trim_end() != GREETING || ended != ExitStatus::Exited(0) {
         return Err(capnp::Error::failed(format!(
             "busybox should write {GREETING:?} and exit with code 0"
         )));
     }
-    // The machine's own Executor: more work in the same VM.
-    let agent = machine_of(&busybox);
+    // The machine's own Executor (the ELF's bootstrap, pipelined): more
+    // work in the same VM.
+    let agent = exported_executor(&busybox);
     log!(
         "pid0: the VM's agent answered: {}",
         echo(&agent, "are you there?").await?
@@ -47,31 +48,21 @@ pub async fn run(root: executor::Client) -> capnp::Result<()> {
 /// without killing or waiting for either: the host must leave nothing.
 pub async fn abandon(root: executor::Client, secs: &str) -> capnp::Result<()> {
     let blocked = Spawn {
-        bytes: crate::guests::HELLO,
         args: &["cat"],
         stdio: StdioMode::Data,
         name: "blocked-cat",
-        bootstrap: None,
+        ..Spawn::default()
     }
-    .start(&root)
+    .start(&root, crate::guests::HELLO)
     .await?;
     let sleeper = Spawn {
-        bytes: DEMO_ELF,
         args: &["sleep", secs],
         stdio: StdioMode::Data,
-        name: "",
-        bootstrap: None,
+        ..Spawn::default()
     }
-    .start(&root)
+    .start(&root, DEMO_ELF)
     .await?;
-    let agent: executor::Client = capnp::capability::FromClientHook::new(
-        sleeper
-            .bootstrap_request()
-            .send()
-            .pipeline
-            .get_cap()
-            .as_cap(),
-    );
+    let agent = exported_executor(&sleeper);
     log!(
         "pid0: the sleeper's machine answered: {}",
         echo(&agent, "up").await?
@@ -86,20 +77,11 @@ pub async fn abandon(root: executor::Client, secs: &str) -> capnp::Result<()> {
 /// Starts the embedded busybox with `args` (the applet first) in data mode.
 async fn start_busybox(root: &executor::Client, args: &[&str]) -> capnp::Result<process::Client> {
     Spawn {
-        bytes: DEMO_ELF,
         args,
         stdio: StdioMode::Data,
         name: "busybox",
-        bootstrap: None,
+        ..Spawn::default()
     }
-    .start(root)
+    .start(root, DEMO_ELF)
     .await
-}
-
-/// The Executor of the machine an ELF process runs in (its bootstrap),
-/// pipelined: usable before the answer is back.
-fn machine_of(elf: &process::Client) -> executor::Client {
-    capnp::capability::FromClientHook::new(
-        elf.bootstrap_request().send().pipeline.get_cap().as_cap(),
-    )
 }

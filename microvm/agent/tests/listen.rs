@@ -149,16 +149,9 @@ async fn connect(socket: &Path) -> executor::Client {
     executor
 }
 
-#[derive(Default)]
-struct Run<'a> {
-    args: &'a [&'a str],
-    env: &'a [(&'a str, &'a str)],
-    /// `None` leaves `options.name` unset.
-    name: Option<&'a str>,
-    deadline_ms: u64,
-    /// Directories granted, at their guest paths.
-    dirs: &'a [(&'a str, &'a directory::Client)],
-}
+/// What a run gets: the client layer's `Spawn`, shared with the host's
+/// tests, PID0 and `capsa exec`.
+use capsa_client::Spawn as Run;
 
 fn bin(name: &str) -> Vec<u8> {
     std::fs::read(name).unwrap_or_else(|e| panic!("{name}: {e}"))
@@ -169,52 +162,15 @@ async fn run(
     bytes: &[u8],
     run: Run<'_>,
 ) -> Result<process::Client, capnp::Error> {
-    let mut req = executor.run_bytes_request();
-    {
-        let mut p = req.get();
-        p.set_bytes(bytes);
-        let mut args = p.reborrow().init_args(run.args.len() as u32);
-        for (i, a) in run.args.iter().enumerate() {
-            args.set(i as u32, *a);
-        }
-        let mut env = p.reborrow().init_env(run.env.len() as u32);
-        for (i, (k, v)) in run.env.iter().enumerate() {
-            let mut e = env.reborrow().get(i as u32);
-            e.set_name(*k);
-            e.set_value(*v);
-        }
-        let mut options = p.init_options();
-        if let Some(name) = run.name {
-            options.set_name(name);
-        }
-        options.set_deadline_millis(run.deadline_ms);
-        let mut dirs = options.init_directories(run.dirs.len() as u32);
-        for (i, (path, dir)) in run.dirs.iter().enumerate() {
-            let mut grant = dirs.reborrow().get(i as u32);
-            grant.set_path(*path);
-            grant.set_directory((*dir).clone());
-        }
-    }
-    req.send().promise.await?.get()?.get_process()
+    run.start(executor, bytes).await
 }
 
 async fn wait(p: &process::Client) -> Status {
-    let resp = p.wait_request().send().promise.await.unwrap();
-    Status::read_from(resp.get().unwrap().get_status().unwrap()).unwrap()
+    capsa_client::wait(p).await.unwrap()
 }
 
 async fn read_all(source: &byte_source::Client) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let mut req = source.read_request();
-        req.get().set_max_bytes(1 << 20);
-        let resp = req.send().promise.await.unwrap();
-        let r = resp.get().unwrap();
-        out.extend_from_slice(r.get_data().unwrap());
-        if r.get_eof() {
-            return out;
-        }
-    }
+    capsa_client::read_to_end(source).await.unwrap()
 }
 
 async fn stdout_of(p: &process::Client) -> Vec<u8> {
@@ -224,10 +180,9 @@ async fn stdout_of(p: &process::Client) -> Vec<u8> {
 /// Runs `bytes` to its end: its stdout, its stderr and how it ended.
 async fn outcome(ex: &executor::Client, bytes: &[u8], opts: Run<'_>) -> (String, String, Status) {
     let p = run(ex, bytes, opts).await.unwrap();
-    let stderr = p.stderr_request().send().pipeline.get_source();
-    let (out, err) = futures::join!(stdout_of(&p), read_all(&stderr));
+    let out = capsa_client::output(&p).await.unwrap();
     let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
-    (text(out), text(err), wait(&p).await)
+    (text(out.stdout), text(out.stderr), out.status)
 }
 
 fn error_of<T>(result: Result<T, capnp::Error>) -> String {
@@ -238,16 +193,7 @@ fn error_of<T>(result: Result<T, capnp::Error>) -> String {
 }
 
 async fn echo(ex: &executor::Client, message: &str) -> String {
-    let mut req = ex.echo_request();
-    req.get().set_message(message);
-    let resp = req.send().promise.await.unwrap();
-    resp.get()
-        .unwrap()
-        .get_response()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_string()
+    capsa_client::echo(ex, message).await.unwrap()
 }
 
 #[test]
@@ -458,7 +404,7 @@ fn the_environment_and_name_are_exactly_those_given() {
             &bin("/bin/sh"),
             Run {
                 args: &["-c", "cat /proc/$$/cmdline"],
-                name: Some("my-tool"),
+                name: "my-tool",
                 ..Run::default()
             },
         )
@@ -493,11 +439,8 @@ fn argv0_is_the_name_or_the_shared_default() {
         let ex = connect(&agent.socket).await;
         let sh = bin("/bin/sh");
         let default = format!("{DEFAULT_ARGV0}\n");
-        for (name, expected) in [
-            (Some("myname"), "myname\n"),
-            (None, default.as_str()),
-            (Some(""), default.as_str()),
-        ] {
+        // An empty name reads as an unset one.
+        for (name, expected) in [("myname", "myname\n"), ("", default.as_str())] {
             let opts = Run {
                 args: &["-c", "echo $0"],
                 name,
@@ -940,7 +883,7 @@ fn a_granted_directory_is_copied_in_and_written_back() {
             &ex,
             &bin("/bin/sh"),
             Run {
-                name: Some("sh"),
+                name: "sh",
                 args: &["-c", script],
                 dirs: &[("/data", &dir)],
                 ..Run::default()
@@ -989,7 +932,7 @@ fn the_machines_filesystem_is_its_executors_directory() {
             &ex,
             &bin("/bin/sh"),
             Run {
-                name: Some("sh"),
+                name: "sh",
                 args: &["-c", "cat given.txt; echo result > made.txt"],
                 ..Run::default()
             },

@@ -1,0 +1,241 @@
+//! capsa's typed client layer: the calls every client of the schema makes,
+//! written once.
+//!
+//! A [`Spawn`] says what a run gets (arguments, environment, options) and
+//! builds the `runBytes` or `Program.run` request from it, to send or to
+//! pipeline on; the free functions load programs, wait for a Process,
+//! read a stream to its end and echo. Everything returns `capnp::Result`,
+//! whose exceptions carry the schema's error kinds
+//! (`capsa_schema::error::kind_of`).
+//!
+//! It depends on the schema and `capnp` only, so WASM guests (PID0),
+//! `capsa exec`, embedders (`capsa::client`), the microVM agent's tests
+//! and the workspace's tests all use the same code. Nothing here needs an
+//! async runtime: the futures run on whatever drives the RPC system.
+
+use capnp::capability::{FromClientHook, RemotePromise, Request};
+use capsa_schema::capsa_capnp::{
+    byte_source, directory, env_var, executor, options, process, program, StdioMode,
+};
+
+pub use capsa_schema::status::ExitStatus;
+
+/// How many bytes one `ByteSource.read` asks for.
+pub const READ_BYTES: u32 = 1 << 20;
+
+/// A `runBytes` request, built and not sent.
+pub type RunBytesRequest =
+    Request<executor::run_bytes_params::Owned, executor::run_bytes_results::Owned>;
+
+/// A `Program.run` request, built and not sent.
+pub type ProgramRunRequest = Request<program::run_params::Owned, program::run_results::Owned>;
+
+/// What a run gets: its arguments, environment and options. Zero, empty
+/// and `None` leave an option to the host (no limit, the Executor's
+/// bootstrap, the host's machine size).
+#[derive(Clone, Copy)]
+pub struct Spawn<'a> {
+    pub args: &'a [&'a str],
+    /// The whole environment of the child.
+    pub env: &'a [(&'a str, &'a str)],
+    /// RPC (the child's stdio carries its Cap'n Proto connection) or data.
+    pub stdio: StdioMode,
+    /// Shown in the host's log and as `argv[0]`.
+    pub name: &'a str,
+    pub memory_limit: u64,
+    pub deadline_ms: u64,
+    pub cpu_ms: u64,
+    /// The capability the child bootstraps; `None` inherits the Executor.
+    pub bootstrap: Option<&'a capnp::capability::Client>,
+    /// microVM options (ELF payloads); zero or `None` takes the host's.
+    pub vm_vcpus: u32,
+    pub vm_memory_mib: u32,
+    pub vm_initramfs: Option<&'a [u8]>,
+    /// Directories granted to the child, at their paths.
+    pub dirs: &'a [(&'a str, &'a directory::Client)],
+}
+
+impl Default for Spawn<'_> {
+    fn default() -> Self {
+        Spawn {
+            args: &[],
+            env: &[],
+            stdio: StdioMode::Rpc,
+            name: "",
+            memory_limit: 0,
+            deadline_ms: 0,
+            cpu_ms: 0,
+            bootstrap: None,
+            vm_vcpus: 0,
+            vm_memory_mib: 0,
+            vm_initramfs: None,
+            dirs: &[],
+        }
+    }
+}
+
+impl Spawn<'_> {
+    /// `runBytes` of `bytes` on `executor`, ready to send or pipeline on.
+    pub fn run_bytes(&self, executor: &executor::Client, bytes: &[u8]) -> RunBytesRequest {
+        let mut request = executor.run_bytes_request();
+        let mut params = request.get();
+        params.set_bytes(bytes);
+        self.fill_args(params.reborrow().init_args(self.args.len() as u32));
+        self.fill_env(params.reborrow().init_env(self.env.len() as u32));
+        self.fill_options(params.init_options());
+        request
+    }
+
+    /// `Program.run` on `program`, as [`Spawn::run_bytes`].
+    pub fn program_run(&self, program: &program::Client) -> ProgramRunRequest {
+        let mut request = program.run_request();
+        let mut params = request.get();
+        self.fill_args(params.reborrow().init_args(self.args.len() as u32));
+        self.fill_env(params.reborrow().init_env(self.env.len() as u32));
+        self.fill_options(params.init_options());
+        request
+    }
+
+    /// Starts `bytes` on `executor`: its Process.
+    pub async fn start(
+        &self,
+        executor: &executor::Client,
+        bytes: &[u8],
+    ) -> capnp::Result<process::Client> {
+        let response = self.run_bytes(executor, bytes).send().promise.await?;
+        response.get()?.get_process()
+    }
+
+    /// Starts `program`: its Process.
+    pub async fn start_program(&self, program: &program::Client) -> capnp::Result<process::Client> {
+        let response = self.program_run(program).send().promise.await?;
+        response.get()?.get_process()
+    }
+
+    fn fill_args(&self, mut list: capnp::text_list::Builder<'_>) {
+        for (i, arg) in self.args.iter().enumerate() {
+            list.set(i as u32, *arg);
+        }
+    }
+
+    fn fill_env(&self, mut list: capnp::struct_list::Builder<'_, env_var::Owned>) {
+        for (i, (name, value)) in self.env.iter().enumerate() {
+            let mut var = list.reborrow().get(i as u32);
+            var.set_name(*name);
+            var.set_value(*value);
+        }
+    }
+
+    fn fill_options(&self, mut o: options::Builder<'_>) {
+        o.set_stdio(self.stdio);
+        o.set_memory_limit_bytes(self.memory_limit);
+        o.set_deadline_millis(self.deadline_ms);
+        o.set_cpu_budget_millis(self.cpu_ms);
+        o.set_name(self.name);
+        let mut vm = o.reborrow().init_vm();
+        vm.set_vcpus(self.vm_vcpus);
+        vm.set_memory_mib(self.vm_memory_mib);
+        if let Some(initramfs) = self.vm_initramfs {
+            vm.set_initramfs(initramfs);
+        }
+        let mut grants = o.reborrow().init_directories(self.dirs.len() as u32);
+        for (i, (path, dir)) in self.dirs.iter().enumerate() {
+            let mut grant = grants.reborrow().get(i as u32);
+            grant.set_path(*path);
+            grant.set_directory((*dir).clone());
+        }
+        if let Some(cap) = self.bootstrap {
+            o.init_bootstrap()
+                .init_capability()
+                .set_as_capability(cap.hook.add_ref());
+        }
+    }
+}
+
+/// `Executor.load` of `bytes`, sent: pipeline on its `program`.
+pub fn load_request(
+    executor: &executor::Client,
+    bytes: &[u8],
+) -> RemotePromise<executor::load_results::Owned> {
+    let mut request = executor.load_request();
+    request.get().set_bytes(bytes);
+    request.send()
+}
+
+/// Loads `bytes` as a Program.
+pub async fn load(executor: &executor::Client, bytes: &[u8]) -> capnp::Result<program::Client> {
+    load_request(executor, bytes)
+        .promise
+        .await?
+        .get()?
+        .get_program()
+}
+
+/// The Program whose bytes hash to `hash` (`Executor.program`), if the
+/// host holds it.
+pub async fn program_by_hash(
+    executor: &executor::Client,
+    hash: &[u8],
+) -> capnp::Result<program::Client> {
+    let mut request = executor.program_request();
+    request.get().set_hash(hash);
+    request.send().promise.await?.get()?.get_program()
+}
+
+/// `Executor.echo`.
+pub async fn echo(executor: &executor::Client, message: &str) -> capnp::Result<String> {
+    let mut request = executor.echo_request();
+    request.get().set_message(message);
+    let response = request.send().promise.await?;
+    Ok(response.get()?.get_response()?.to_str()?.to_owned())
+}
+
+/// The capability an RPC-mode child exports, as an Executor, pipelined:
+/// calls on it go out before the child has answered.
+pub fn exported_executor(process: &process::Client) -> executor::Client {
+    let pipeline = process.bootstrap_request().send().pipeline;
+    FromClientHook::new(pipeline.get_cap().as_cap())
+}
+
+/// How a Process ended, once it has.
+pub async fn wait(process: &process::Client) -> capnp::Result<ExitStatus> {
+    let response = process.wait_request().send().promise.await?;
+    ExitStatus::read_from(response.get()?.get_status()?)
+}
+
+/// Everything read from `source` until its end.
+pub async fn read_to_end(source: &byte_source::Client) -> capnp::Result<Vec<u8>> {
+    let mut data = Vec::new();
+    loop {
+        let mut request = source.read_request();
+        request.get().set_max_bytes(READ_BYTES);
+        let response = request.send().promise.await?;
+        let chunk = response.get()?;
+        data.extend_from_slice(chunk.get_data()?);
+        if chunk.get_eof() {
+            return Ok(data);
+        }
+    }
+}
+
+/// What a data-mode Process wrote and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub status: ExitStatus,
+}
+
+/// Reads a data-mode Process's stdout and stderr to their ends, at once
+/// (a child blocked on a full stderr would never finish its stdout), then
+/// waits for it.
+pub async fn output(process: &process::Client) -> capnp::Result<Output> {
+    let stdout = process.stdout_request().send().pipeline.get_source();
+    let stderr = process.stderr_request().send().pipeline.get_source();
+    let (out, err) = futures::future::join(read_to_end(&stdout), read_to_end(&stderr)).await;
+    Ok(Output {
+        stdout: out?,
+        stderr: err?,
+        status: wait(process).await?,
+    })
+}
