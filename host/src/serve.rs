@@ -32,7 +32,6 @@ use std::rc::Rc;
 use std::str::FromStr;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, RpcSystem};
 use capsa_schema::capsa_capnp::executor;
@@ -61,23 +60,63 @@ pub enum Address {
     Tcp(String),
 }
 
-impl FromStr for Address {
-    type Err = anyhow::Error;
+/// Why a server could not be bound or a client could not connect.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// An address, token or setting that cannot be used, and why.
+    #[error("{0}")]
+    Invalid(String),
+    /// Another server accepts connections at this socket path.
+    #[error("{}: another server is listening there", .0.display())]
+    InUse(PathBuf),
+    /// A system call failed while doing `what` (the cause is its
+    /// `source()`).
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
-    fn from_str(s: &str) -> anyhow::Result<Address> {
+/// Refuses with [`ServeError::Invalid`].
+macro_rules! invalid {
+    ($($arg:tt)*) => {
+        return Err(ServeError::Invalid(format!($($arg)*)))
+    };
+}
+
+/// Says what was being done when an I/O call failed.
+trait Doing<T> {
+    fn doing(self, what: impl FnOnce() -> String) -> Result<T, ServeError>;
+}
+
+impl<T> Doing<T> for std::io::Result<T> {
+    fn doing(self, what: impl FnOnce() -> String) -> Result<T, ServeError> {
+        self.map_err(|source| ServeError::Io {
+            what: what(),
+            source,
+        })
+    }
+}
+
+impl FromStr for Address {
+    type Err = ServeError;
+
+    fn from_str(s: &str) -> Result<Address, ServeError> {
         if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
-                bail!("`unix:` needs a socket path, e.g. unix:/run/user/1000/capsa.sock");
+                invalid!("`unix:` needs a socket path, e.g. unix:/run/user/1000/capsa.sock");
             }
             return Ok(Address::Unix(PathBuf::from(path)));
         }
         if let Some(hostport) = s.strip_prefix("tcp:") {
             if hostport.rsplit_once(':').is_none_or(|(h, _)| h.is_empty()) {
-                bail!("`tcp:` needs HOST:PORT, e.g. tcp:127.0.0.1:7070");
+                invalid!("`tcp:` needs HOST:PORT, e.g. tcp:127.0.0.1:7070");
             }
             return Ok(Address::Tcp(hostport.to_string()));
         }
-        bail!("{s:?} is not an address: use unix:PATH or tcp:HOST:PORT")
+        invalid!("{s:?} is not an address: use unix:PATH or tcp:HOST:PORT")
     }
 }
 
@@ -103,29 +142,27 @@ impl std::fmt::Debug for Token {
 impl Token {
     /// Reads a token file: its content without surrounding whitespace. The
     /// file must not be readable by group or others.
-    pub fn from_file(path: &Path) -> anyhow::Result<Token> {
-        let meta =
-            std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    pub fn from_file(path: &Path) -> Result<Token, ServeError> {
+        let meta = std::fs::metadata(path).doing(|| format!("reading {}", path.display()))?;
         if meta.permissions().mode() & 0o077 != 0 {
-            bail!(
+            invalid!(
                 "{}: the token file is readable by others; `chmod 600` it",
                 path.display()
             );
         }
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(path).doing(|| format!("reading {}", path.display()))?;
         Token::new(text.trim())
     }
 
-    pub fn new(token: &str) -> anyhow::Result<Token> {
+    pub fn new(token: &str) -> Result<Token, ServeError> {
         if token.len() < 16 || token.len() > MAX_TOKEN {
-            bail!("a token must be 16 to {MAX_TOKEN} characters long");
+            invalid!("a token must be 16 to {MAX_TOKEN} characters long");
         }
         if token
             .bytes()
             .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
         {
-            bail!("a token must not contain whitespace or control characters");
+            invalid!("a token must not contain whitespace or control characters");
         }
         Ok(Token(token.as_bytes().to_vec()))
     }
@@ -260,14 +297,14 @@ impl Server {
     /// existing `PATH` is replaced only if it is a stale socket (one nobody
     /// accepts on). TCP binds only loopback addresses unless
     /// `allow_remote`, which requires a token.
-    pub fn bind(config: ServeConfig) -> anyhow::Result<Server> {
+    pub fn bind(config: ServeConfig) -> Result<Server, ServeError> {
         if config.max_connections == 0 {
-            bail!("--max-connections must be at least 1");
+            invalid!("--max-connections must be at least 1");
         }
         let (listener, address) = match &config.listen {
             Address::Unix(path) => {
                 if config.allow_remote {
-                    bail!("--allow-remote is for TCP; a Unix socket is local by nature");
+                    invalid!("--allow-remote is for TCP; a Unix socket is local by nature");
                 }
                 let (listener, owned) = bind_unix(path)?;
                 (Bound::Unix(listener, owned), config.listen.clone())
@@ -275,26 +312,25 @@ impl Server {
             Address::Tcp(hostport) => {
                 let addrs: Vec<SocketAddr> = hostport
                     .to_socket_addrs()
-                    .with_context(|| format!("resolving {hostport}"))?
+                    .doing(|| format!("resolving {hostport}"))?
                     .collect();
                 let Some(addr) = addrs.first().copied() else {
-                    bail!("{hostport} resolves to no address");
+                    invalid!("{hostport} resolves to no address");
                 };
                 if config.allow_remote && config.token.is_none() {
-                    bail!(
+                    invalid!(
                         "--allow-remote needs --token-file: a remote client must prove it \
                          holds the shared secret before it gets any capability"
                     );
                 }
                 if !config.allow_remote && !addr.ip().is_loopback() {
-                    bail!(
+                    invalid!(
                         "{addr} is not a loopback address; pass --allow-remote (with \
                          --token-file) to accept connections from other machines"
                     );
                 }
-                let std =
-                    std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-                let bound = std.local_addr()?;
+                let std = std::net::TcpListener::bind(addr).doing(|| format!("binding {addr}"))?;
+                let bound = std.local_addr().doing(|| format!("binding {addr}"))?;
                 (Bound::Tcp(std), Address::Tcp(bound.to_string()))
             }
         };
@@ -404,25 +440,28 @@ async fn accept(listener: &Listener) -> std::io::Result<(Box<dyn Stream>, String
     })
 }
 
-fn bind_unix(path: &Path) -> anyhow::Result<(std::os::unix::net::UnixListener, OwnedSocket)> {
+fn bind_unix(path: &Path) -> Result<(std::os::unix::net::UnixListener, OwnedSocket), ServeError> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             match std::os::unix::net::UnixStream::connect(path) {
-                Ok(_) => bail!("{}: another server is listening there", path.display()),
+                Ok(_) => return Err(ServeError::InUse(path.to_path_buf())),
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                     tracing::info!("removing the stale socket {}", path.display());
                     std::fs::remove_file(path)
-                        .with_context(|| format!("removing the stale socket {}", path.display()))?;
+                        .doing(|| format!("removing the stale socket {}", path.display()))?;
                 }
-                Err(e) => bail!("{}: exists and cannot be probed: {e}", path.display()),
+                Err(e) => {
+                    return Err(e)
+                        .doing(|| format!("{}: exists and cannot be probed", path.display()))
+                }
             }
         }
-        Ok(_) => bail!(
+        Ok(_) => invalid!(
             "{}: exists and is not a socket; refusing to replace it",
             path.display()
         ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => bail!("{}: {e}", path.display()),
+        Err(e) => return Err(e).doing(|| path.display().to_string()),
     }
     // Bind inside a fresh directory only this user can enter, make the
     // socket 0600, then move it into place: no moment exists at which
@@ -431,9 +470,9 @@ fn bind_unix(path: &Path) -> anyhow::Result<(std::os::unix::net::UnixListener, O
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = path
-        .file_name()
-        .with_context(|| format!("{}: not a file path", path.display()))?;
+    let Some(name) = path.file_name() else {
+        invalid!("{}: not a file path", path.display());
+    };
     let private = parent.join(format!(
         ".{}.{}.tmp",
         name.to_string_lossy(),
@@ -442,15 +481,18 @@ fn bind_unix(path: &Path) -> anyhow::Result<(std::os::unix::net::UnixListener, O
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&private)
-        .with_context(|| format!("creating {}", private.display()))?;
+        .doing(|| format!("creating {}", private.display()))?;
     let staged = private.join("s");
     let result = (|| {
         let listener = std::os::unix::net::UnixListener::bind(&staged)
-            .with_context(|| format!("binding a Unix socket in {}", parent.display()))?;
-        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
-        std::fs::rename(&staged, path).with_context(|| format!("creating {}", path.display()))?;
-        let ino = std::fs::symlink_metadata(path)?.ino();
-        anyhow::Ok((
+            .doing(|| format!("binding a Unix socket in {}", parent.display()))?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+            .doing(|| format!("making {} private", staged.display()))?;
+        std::fs::rename(&staged, path).doing(|| format!("creating {}", path.display()))?;
+        let ino = std::fs::symlink_metadata(path)
+            .doing(|| format!("creating {}", path.display()))?
+            .ino();
+        Ok::<_, ServeError>((
             listener,
             OwnedSocket {
                 path: path.to_path_buf(),
@@ -568,23 +610,26 @@ pub fn client_over(stream: impl Stream) -> Connection {
 
 /// Connects to a serving host, sending `token` first if given. Must be
 /// called inside a `LocalSet`.
-pub async fn connect(address: &Address, token: Option<&Token>) -> anyhow::Result<Connection> {
+pub async fn connect(address: &Address, token: Option<&Token>) -> Result<Connection, ServeError> {
     let mut stream: Box<dyn Stream> = match address {
         Address::Unix(path) => Box::new(
             tokio::net::UnixStream::connect(path)
                 .await
-                .with_context(|| format!("connecting to {address}"))?,
+                .doing(|| format!("connecting to {address}"))?,
         ),
         Address::Tcp(hostport) => {
             let s = tokio::net::TcpStream::connect(hostport.as_str())
                 .await
-                .with_context(|| format!("connecting to {address}"))?;
+                .doing(|| format!("connecting to {address}"))?;
             let _ = s.set_nodelay(true);
             Box::new(s)
         }
     };
     if let Some(token) = token {
-        stream.write_all(&token.line()).await?;
+        stream
+            .write_all(&token.line())
+            .await
+            .doing(|| format!("sending the token to {address}"))?;
     }
     Ok(client_over(stream))
 }

@@ -133,10 +133,7 @@ pub fn device_filter() -> Result<BpfProgram, SeccompError> {
     let unix = libc::AF_UNIX as u64;
     rules.insert(libc::SYS_socket, rule(0, SeccompCmpOp::Eq, unix)?);
     rules.insert(libc::SYS_socketpair, rule(0, SeccompCmpOp::Eq, unix)?);
-    rules.insert(
-        libc::SYS_ioctl,
-        rule(1, SeccompCmpOp::Eq, libc::FIONBIO as u64)?,
-    );
+    rules.insert(libc::SYS_ioctl, rule(1, SeccompCmpOp::Eq, libc::FIONBIO)?);
     compile(rules)
 }
 

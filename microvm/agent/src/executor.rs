@@ -88,7 +88,7 @@ impl ExecutorImpl {
         bytes: &[u8],
         params: RunParams<'_>,
     ) -> Result<process::Client, capnp::Error> {
-        check_elf(bytes).map_err(|e| error(ErrorKind::BadPayload, e))?;
+        check_elf(bytes).map_err(|e| error(ErrorKind::BadPayload, e.to_string()))?;
 
         let mut args = Vec::new();
         for (i, arg) in params.args.iter().enumerate() {
@@ -202,7 +202,7 @@ impl executor::Server for ExecutorImpl {
         mut results: executor::LoadResults,
     ) -> Result<(), capnp::Error> {
         let bytes = params.get()?.get_bytes()?;
-        check_elf(bytes).map_err(|e| error(ErrorKind::BadPayload, e))?;
+        check_elf(bytes).map_err(|e| error(ErrorKind::BadPayload, e.to_string()))?;
         let loaded = self.runner.programs.load(bytes);
         results
             .get()

@@ -28,22 +28,20 @@ pub enum Endpoint {
 
 impl Endpoint {
     /// `unix:PATH`, `tcp:127.0.0.1:PORT` or `vsock:PORT`.
-    pub fn parse(spec: &str) -> Result<Endpoint, String> {
+    pub fn parse(spec: &str) -> Result<Endpoint, BadEndpoint> {
         if let Some(path) = spec.strip_prefix("unix:") {
             if path.is_empty() {
-                return Err("unix: needs a path".into());
+                return Err(BadEndpoint::NoPath);
             }
             return Ok(Endpoint::Unix(path.into()));
         }
         if let Some(addr) = spec.strip_prefix("tcp:") {
-            let addr: SocketAddr = addr
-                .parse()
-                .map_err(|e| format!("{addr:?} is not an address and port: {e}"))?;
+            let addr: SocketAddr = addr.parse().map_err(|e| BadEndpoint::Address {
+                given: addr.to_string(),
+                why: e,
+            })?;
             if !addr.ip().is_loopback() {
-                return Err(format!(
-                    "refusing to listen on {addr}: the agent serves whoever connects, \
-                     so TCP is for loopback addresses only"
-                ));
+                return Err(BadEndpoint::NotLoopback(addr));
             }
             return Ok(Endpoint::Tcp(addr));
         }
@@ -51,12 +49,37 @@ impl Endpoint {
             return port
                 .parse()
                 .map(Endpoint::Vsock)
-                .map_err(|e| format!("{port:?} is not a vsock port: {e}"));
+                .map_err(|e| BadEndpoint::Port {
+                    given: port.to_string(),
+                    why: e,
+                });
         }
-        Err(format!(
-            "{spec:?}: expected unix:PATH, tcp:127.0.0.1:PORT or vsock:PORT"
-        ))
+        Err(BadEndpoint::Unknown(spec.to_string()))
     }
+}
+
+/// Why a `--listen` endpoint was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BadEndpoint {
+    #[error("unix: needs a path")]
+    NoPath,
+    #[error("{given:?} is not an address and port: {why}")]
+    Address {
+        given: String,
+        why: std::net::AddrParseError,
+    },
+    #[error(
+        "refusing to listen on {0}: the agent serves whoever connects, \
+         so TCP is for loopback addresses only"
+    )]
+    NotLoopback(SocketAddr),
+    #[error("{given:?} is not a vsock port: {why}")]
+    Port {
+        given: String,
+        why: std::num::ParseIntError,
+    },
+    #[error("{0:?}: expected unix:PATH, tcp:127.0.0.1:PORT or vsock:PORT")]
+    Unknown(String),
 }
 
 /// A connection, as the two halves capnp-rpc's transport takes.

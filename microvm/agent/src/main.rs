@@ -64,7 +64,7 @@ impl Args {
         while let Some(arg) = args.next() {
             let mut value = |flag: &str| args.next().ok_or(format!("{flag} needs a value"));
             let endpoint = match arg.as_str() {
-                "--listen" => Endpoint::parse(&value("--listen")?)?,
+                "--listen" => Endpoint::parse(&value("--listen")?).map_err(|e| e.to_string())?,
                 "--listen-fd" => {
                     let n = value("--listen-fd")?;
                     Endpoint::Fd(
@@ -146,16 +146,39 @@ fn finish(pid1: bool, code: ExitCode) -> ExitCode {
     code
 }
 
-fn run(args: Args, pid1: bool, spawner: confine::Spawner) -> Result<(), String> {
+/// Why the agent could not start serving (or stopped).
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot watch {signal}: {why}")]
+    Signal {
+        signal: &'static str,
+        why: std::io::Error,
+    },
+    #[error("cannot create {}: {why}", .path.display())]
+    Folder { path: PathBuf, why: std::io::Error },
+    #[error("cannot open the machine's root: {0}")]
+    Root(std::io::Error),
+    #[error("cannot listen on {endpoint:?}: {why}")]
+    Listen {
+        endpoint: Endpoint,
+        why: std::io::Error,
+    },
+}
+
+fn run(args: Args, pid1: bool, spawner: confine::Spawner) -> Result<(), StartError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+        .map_err(StartError::Runtime)?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
         // Subscribed to SIGCHLD before any child exists.
-        let reaper =
-            Reaper::start(pid1, spawner).map_err(|e| format!("cannot watch SIGCHLD: {e}"))?;
+        let reaper = Reaper::start(pid1, spawner).map_err(|why| StartError::Signal {
+            signal: "SIGCHLD",
+            why,
+        })?;
         // Watched before "listening" is announced: whoever starts the agent
         // may stop it as soon as it reads that line, and a SIGTERM that came
         // first would meet whatever disposition the agent inherited (which
@@ -163,7 +186,10 @@ fn run(args: Args, pid1: bool, spawner: confine::Spawner) -> Result<(), String> 
         // PID 1 is never stopped by a signal: it powers the VM off instead.
         let stop = match pid1 {
             true => None,
-            false => Some(stop_signals().map_err(|e| format!("cannot watch SIGTERM: {e}"))?),
+            false => Some(stop_signals().map_err(|why| StartError::Signal {
+                signal: "SIGTERM",
+                why,
+            })?),
         };
         let dir = private_dir(pid1, args.work_dir)?;
         // A VM's root is its own; an agent on a host gets a folder instead.
@@ -171,18 +197,19 @@ fn run(args: Args, pid1: bool, spawner: confine::Spawner) -> Result<(), String> 
             true => PathBuf::from("/"),
             false => {
                 let root = dir.join("root");
-                std::fs::create_dir(&root)
-                    .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+                std::fs::create_dir(&root).map_err(|why| StartError::Folder {
+                    path: root.clone(),
+                    why,
+                })?;
                 root
             }
         };
-        let runner = Rc::new(
-            Runner::new(reaper, dir.clone(), root)
-                .map_err(|e| format!("cannot open the machine's root: {e}"))?,
-        );
+        let runner = Rc::new(Runner::new(reaper, dir.clone(), root).map_err(StartError::Root)?);
         let endpoint = args.endpoint.unwrap_or(Endpoint::Vsock(VSOCK_PORT));
-        let listener =
-            Listener::bind(&endpoint).map_err(|e| format!("cannot listen on {endpoint:?}: {e}"))?;
+        let listener = Listener::bind(&endpoint).map_err(|why| StartError::Listen {
+            endpoint: endpoint.clone(),
+            why,
+        })?;
         eprintln!("capsa-agent: listening on {}", listener.describe());
 
         let lifetime = match (pid1, args.once) {
@@ -227,9 +254,12 @@ fn stop_signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
 /// A new one is named by the process id and the time, and another name is
 /// tried if it exists: an agent that was killed leaves its folder behind,
 /// and process ids come round again.
-fn private_dir(pid1: bool, given: Option<PathBuf>) -> Result<PathBuf, String> {
+fn private_dir(pid1: bool, given: Option<PathBuf>) -> Result<PathBuf, StartError> {
     let create = |dir: &Path| std::fs::DirBuilder::new().mode(0o700).create(dir);
-    let fail = |dir: &Path, e: std::io::Error| format!("cannot create {}: {e}", dir.display());
+    let fail = |dir: &Path, why: std::io::Error| StartError::Folder {
+        path: dir.to_path_buf(),
+        why,
+    };
     if let Some(dir) = given.or_else(|| pid1.then(|| PathBuf::from("/tmp/capsa-agent"))) {
         create(&dir).map_err(|e| fail(&dir, e))?;
         return Ok(dir);
