@@ -23,7 +23,7 @@ use crate::error::SpawnError;
 use crate::format::{self, Format};
 use crate::host::Host;
 use crate::process::ProcessImpl;
-use crate::program::{Loaded, ProgramImpl};
+use crate::program::{Loaded, Payload, ProgramImpl};
 use crate::scope::{MemoryShare, Scope, Seat};
 use crate::status::Limits;
 use crate::vm::VmRequest;
@@ -237,10 +237,11 @@ fn vm_vcpus(asked: u32, default: u8) -> Result<u32, SpawnError> {
 }
 
 impl ExecutorImpl {
-    /// `runBytes`, and `Program.run` with a loaded program's bytes.
+    /// `runBytes` with the bytes sent, and `Program.run` with a loaded
+    /// program.
     pub(crate) async fn run(
         self: &Rc<Self>,
-        bytes: Arc<[u8]>,
+        payload: Payload,
         args: capnp::text_list::Reader<'_>,
         env_list: capnp::struct_list::Reader<'_, env_var::Owned>,
         opts: options::Reader<'_>,
@@ -260,7 +261,11 @@ impl ExecutorImpl {
                 }
             }
         }
-        let elf = format::detect(&bytes).map_err(SpawnError::from)? == Format::Elf;
+        let format = match &payload {
+            Payload::Loaded(loaded) => loaded.format,
+            Payload::Bytes(bytes) => format::detect(bytes).map_err(SpawnError::from)?,
+        };
+        let elf = format == Format::Elf;
         // A machine's agent copies its grants in itself; a WASM child's are
         // preopened here.
         let (grants, preopens, after_exit) = match elf {
@@ -333,7 +338,7 @@ impl ExecutorImpl {
             let req = VmRequest {
                 name: spec.name,
                 argv0: spec.argv0,
-                bytes: bytes.to_vec(),
+                bytes: payload.bytes().to_vec(),
                 args: spec.args,
                 env: spec.env,
                 limits: spec.limits,
@@ -348,7 +353,7 @@ impl ExecutorImpl {
             self.scope.track(process.kill_switch(), process.torn_down());
             return Ok(capnp_rpc::new_client(ProcessImpl::vm(process)));
         }
-        let cell = self.host.spawn(bytes, spec, Some(slot)).await?;
+        let cell = self.host.spawn(payload, spec, Some(slot)).await?;
         self.scope.track(cell.kill_switch(), cell.status_receiver());
         Ok(capnp_rpc::new_client(ProcessImpl::new(cell)))
     }
@@ -372,7 +377,12 @@ impl executor::Server for ExecutorImpl {
         let bytes: Arc<[u8]> = Arc::from(p.get_bytes()?);
         // An unset struct reads as its defaults: every limit inherited.
         let process = self
-            .run(bytes, p.get_args()?, p.get_env()?, p.get_options()?)
+            .run(
+                Payload::Bytes(bytes),
+                p.get_args()?,
+                p.get_env()?,
+                p.get_options()?,
+            )
             .await?;
         results.get().set_process(process);
         Ok(())

@@ -18,7 +18,7 @@ use crate::engine::Runtime;
 use crate::error::SpawnError;
 use crate::executor::Slot;
 use crate::format::Format;
-use crate::program::{Hash, Loaded, ProgramTable};
+use crate::program::{Hash, Loaded, Payload, ProgramTable};
 use crate::scope::Scope;
 use crate::status::{ExitStatus, Limits};
 use crate::transport::FlowLimits;
@@ -238,7 +238,9 @@ impl Host {
             preopens: self.0.preopens.clone(),
             after_exit: Vec::new(),
         };
-        let pid0 = self.spawn(Arc::from(bytes), spec, None).await?;
+        let pid0 = self
+            .spawn(Payload::Bytes(Arc::from(bytes)), spec, None)
+            .await?;
         let status = pid0.wait().await;
         self.shutdown().await;
         Ok(status)
@@ -251,13 +253,11 @@ impl Host {
             return Err(SpawnError::ShuttingDown);
         }
         let format = crate::format::detect(&bytes)?;
-        match format {
+        let compiled = match format {
             Format::Elf if self.0.config.vm.is_none() => return Err(SpawnError::VmDisabled),
-            Format::Elf => {}
-            _ => {
-                self.0.runtime.compile(bytes.clone()).await?;
-            }
-        }
+            Format::Elf => None,
+            _ => Some(self.0.runtime.compile(bytes.clone()).await?),
+        };
         // Hashing megabytes takes milliseconds: not on the host's thread.
         let hashed = bytes.clone();
         let hash = tokio::task::spawn_blocking(move || crate::cache::key_of(&hashed))
@@ -267,6 +267,7 @@ impl Host {
             bytes,
             hash,
             format,
+            compiled,
         });
         Ok(self.0.programs.borrow_mut().insert(loaded))
     }
@@ -279,14 +280,23 @@ impl Host {
     /// Compiles (or finds in the cache) and starts a guest.
     pub(crate) async fn spawn(
         &self,
-        bytes: Arc<[u8]>,
+        payload: Payload,
         spec: CellSpec,
         slot: Option<Slot>,
     ) -> Result<Rc<Cell>, SpawnError> {
         if self.0.closed.get() {
             return Err(SpawnError::ShuttingDown);
         }
-        let compiled = self.0.runtime.compile(bytes).await?;
+        // A loaded program carries its compiled code; bytes are looked up
+        // in (or added to) the compile cache.
+        let held = match &payload {
+            Payload::Loaded(loaded) => loaded.compiled.clone(),
+            Payload::Bytes(_) => None,
+        };
+        let compiled = match held {
+            Some(compiled) => compiled,
+            None => self.0.runtime.compile(payload.bytes().clone()).await?,
+        };
         if self.0.closed.get() {
             return Err(SpawnError::ShuttingDown);
         }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use capsa_schema::capsa_capnp::program;
 
+use crate::engine::Compiled;
 use crate::executor::ExecutorImpl;
 use crate::format::Format;
 
@@ -24,6 +25,26 @@ pub struct Loaded {
     pub bytes: Arc<[u8]>,
     pub hash: Hash,
     pub format: Format,
+    /// WASM: compiled and linked when loaded. A run starts from it without
+    /// looking the bytes up in the compile cache again (hashing and
+    /// comparing them: milliseconds for tens of MiB); the code lives as long
+    /// as the Program does, like its bytes. `None` for an ELF.
+    pub compiled: Option<Compiled>,
+}
+
+/// What a run starts from: bytes as sent, or a loaded Program.
+pub enum Payload {
+    Bytes(Arc<[u8]>),
+    Loaded(Rc<Loaded>),
+}
+
+impl Payload {
+    pub fn bytes(&self) -> &Arc<[u8]> {
+        match self {
+            Payload::Bytes(bytes) => bytes,
+            Payload::Loaded(loaded) => &loaded.bytes,
+        }
+    }
 }
 
 /// Programs by hash, holding at most `budget` bytes of them: the least
@@ -100,7 +121,7 @@ impl program::Server for ProgramImpl {
         let process = self
             .executor
             .run(
-                self.loaded.bytes.clone(),
+                Payload::Loaded(self.loaded.clone()),
                 p.get_args()?,
                 p.get_env()?,
                 p.get_options()?,
@@ -134,6 +155,7 @@ mod tests {
             bytes: Arc::from(vec![tag; len]),
             hash: [tag; 32],
             format: Format::Module,
+            compiled: None,
         })
     }
 
