@@ -652,6 +652,11 @@ mod native_kvm {
         let boots = soak_cycles("CAPSA_SOAK_BOOTS", 20);
         for round in 1..=boots {
             cycle(round);
+            // The trend tells a leak (growing with every boot) from memory
+            // the allocator and runtime keep once (a step, then flat).
+            if round % 10 == 0 {
+                eprintln!("after {round} boots: RSS {} KiB trimmed", trimmed_rss_kib());
+            }
         }
         let untrimmed = rss_kib();
         let now = trimmed_rss_kib();
