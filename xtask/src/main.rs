@@ -419,6 +419,8 @@ fn test(root: &Path, skip_native_kvm: bool, test_args: &[String]) -> Result<()> 
     let machine = nested::NestedMachine::prepare(&native_target_dir(root))?;
     let mut env = microvm.env(root);
     env.push(("CAPSA_PYTHON".to_string(), python.display().to_string()));
+    // The long soaks' sizes (CAPSA_SOAK_BOOTS, ...) reach the machine too.
+    env.extend(std::env::vars().filter(|(k, _)| k.starts_with("CAPSA_SOAK_")));
     let code = step(
         "running the tests that need native KVM in the nested machine",
         || match machine.run(&env, &jobs, NESTED_DEADLINE) {
