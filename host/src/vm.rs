@@ -129,6 +129,23 @@ impl Machine {
         }
     }
 
+    /// Tears the machine down and says where its vCPUs left the guest and
+    /// what its vsock device saw: for a guest that never answered.
+    async fn tear_down_reporting(self) -> String {
+        let report = match &self {
+            Machine::Kvm(vm) => Some((vm.whereabouts(), vm.vsock_state())),
+            Machine::Agent { .. } => None,
+        };
+        self.tear_down().await;
+        match report {
+            Some((whereabouts, vsock)) => {
+                let vcpus = whereabouts.lock().map(|w| w.join("; ")).unwrap_or_default();
+                format!("; vCPUs: {vcpus}; vsock: {vsock:?}")
+            }
+            None => String::new(),
+        }
+    }
+
     /// What the machine said last, for errors.
     fn console_tail(&self) -> String {
         match self {
@@ -464,9 +481,9 @@ async fn boot(
                 if Instant::now() >= deadline {
                     let machine = booting.machine().ok_or_else(gone)?;
                     let tail = machine.console_tail();
-                    machine.tear_down().await;
+                    let state = machine.tear_down_reporting().await;
                     return Err(SpawnError::Vm(format!(
-                        "the agent did not answer within {:?} ({why}); console: {tail}",
+                        "the agent did not answer within {:?} ({why}); console: {tail}{state}",
                         settings.ready_timeout
                     )));
                 }

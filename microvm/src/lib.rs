@@ -142,6 +142,8 @@ pub struct Vm {
     wake: EventFd,
     commands: Mutex<Sender<Command>>,
     vcpu_threads: Vec<JoinHandle<()>>,
+    /// Where each vCPU left the guest, written by its thread as it ends.
+    whereabouts: Arc<Mutex<Vec<String>>>,
     device_thread: Option<JoinHandle<()>>,
     exit: tokio::sync::watch::Receiver<Option<VmExit>>,
     exit_tx: Arc<tokio::sync::watch::Sender<Option<VmExit>>>,
@@ -239,6 +241,7 @@ impl Vm {
             wake: wake.try_clone().map_err(io_err("eventfd"))?,
             commands: Mutex::new(cmd_tx),
             vcpu_threads: Vec::new(),
+            whereabouts: Arc::new(Mutex::new(Vec::new())),
             device_thread: None,
             exit,
             exit_tx: exit_tx.clone(),
@@ -286,6 +289,7 @@ impl Vm {
             let exit_tx = exit_tx.clone();
             let log = serial_log.clone();
             let wake = this.wake.try_clone().map_err(io_err("eventfd"))?;
+            let whereabouts = this.whereabouts.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{}", v.id))
                 .spawn(move || {
@@ -293,6 +297,8 @@ impl Vm {
                         Ok(()) => v.run(&*bus, &stop),
                         Err(e) => VcpuStop::Error(e.to_string()),
                     };
+                    let at = format!("vcpu{}:{}", v.id, v.whereabouts());
+                    lock(&whereabouts).push(at);
                     if why != VcpuStop::Stopped {
                         let exit = classify(why, &log);
                         exit_tx.send_if_modified(|e| {
@@ -311,6 +317,13 @@ impl Vm {
             this.vcpu_threads.push(t);
         }
         Ok(this)
+    }
+
+    /// Where each vCPU left the guest, filled by the vCPU threads as they
+    /// end (so complete once the `Vm` is dropped): for reports of a guest
+    /// that stopped answering.
+    pub fn whereabouts(&self) -> Arc<Mutex<Vec<String>>> {
+        self.whereabouts.clone()
     }
 
     /// Everything the guest wrote to its console (the most recent 256 KiB).

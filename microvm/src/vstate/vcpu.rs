@@ -170,19 +170,37 @@ impl Vcpu {
             internal.suberror,
             &internal.data[..ndata]
         );
+        msg.push_str(", guest");
+        msg.push_str(&self.whereabouts());
+        msg
+    }
+
+    /// Where the guest is on this vCPU: its instruction and stack pointers,
+    /// flags, control registers and whether it is halted (waiting for an
+    /// interrupt) or runnable. For reports of a guest that stopped
+    /// answering.
+    pub fn whereabouts(&self) -> String {
+        let mut s = String::new();
         if let Ok(regs) = self.fd.get_regs() {
-            msg.push_str(&format!(
-                ", guest rip {:#x} rsp {:#x} rflags {:#x}",
+            s.push_str(&format!(
+                " rip {:#x} rsp {:#x} rflags {:#x}",
                 regs.rip, regs.rsp, regs.rflags
             ));
         }
         if let Ok(sregs) = self.fd.get_sregs() {
-            msg.push_str(&format!(
+            s.push_str(&format!(
                 " cr0 {:#x} cr4 {:#x} efer {:#x} cs {:#x}",
                 sregs.cr0, sregs.cr4, sregs.efer, sregs.cs.selector
             ));
         }
-        msg
+        if let Ok(mp) = self.fd.get_mp_state() {
+            s.push_str(match mp.mp_state {
+                kvm_bindings::KVM_MP_STATE_RUNNABLE => " runnable",
+                kvm_bindings::KVM_MP_STATE_HALTED => " halted",
+                _ => " mp_state other",
+            });
+        }
+        s
     }
 
     /// Runs the guest until it shuts down, fails, or `stop` is set.
@@ -352,13 +370,21 @@ mod tests {
         let (_vm, _mem, mut vcpu) = real_mode_vcpu(&code);
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let s = stop.clone();
-        let t = std::thread::spawn(move || vcpu.run(&RecordingBus::default(), &s));
+        let t = std::thread::spawn(move || {
+            let why = vcpu.run(&RecordingBus::default(), &s);
+            (why, vcpu.whereabouts())
+        });
         std::thread::sleep(std::time::Duration::from_millis(50));
         stop.store(true, Ordering::Release);
         while !t.is_finished() {
             let _ = t.kill(kick_signal());
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        assert_eq!(t.join().unwrap(), VcpuStop::Stopped);
+        let (why, at) = t.join().unwrap();
+        assert_eq!(why, VcpuStop::Stopped);
+        // Stopped in its loop: the `jmp $` at the start of the code, not
+        // halted.
+        assert!(at.contains(" runnable"), "{at}");
+        assert!(at.contains(" rip 0x"), "{at}");
     }
 }
