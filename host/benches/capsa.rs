@@ -723,7 +723,12 @@ fn compile_seconds(config: &wasmtime::Config, bytes: &[u8], runs: usize) -> f64 
     let samples = (0..runs)
         .map(|_| {
             let t = Instant::now();
-            wasmtime::component::Component::new(&engine, bytes).unwrap();
+            // A core module (version 1) or a component.
+            if bytes.get(4..8) == Some(&[1, 0, 0, 0]) {
+                wasmtime::Module::new(&engine, bytes).unwrap();
+            } else {
+                wasmtime::component::Component::new(&engine, bytes).unwrap();
+            }
             t.elapsed().as_secs_f64()
         })
         .collect();
@@ -739,6 +744,44 @@ fn compile_rows(r: &mut Report) {
     let capsa_config = capsa::engine::engine_config(limits.memory_bytes, 1024);
     let mut defaults = wasmtime::Config::new();
     defaults.wasm_component_model(true);
+    // A large real-world program (`cargo xtask bench` fetches
+    // StarlingMonkey, the SpiderMonkey-based JS engine of
+    // componentize-js, 10 MiB) against the same peer.
+    match std::env::var_os("CAPSA_BENCH_LARGE_WASM") {
+        Some(path) => {
+            let large = std::fs::read(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+            let name = std::path::Path::new(&path)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let peer = compile_seconds(&defaults, &large, 3);
+            let ours = compile_seconds(&capsa_config, &large, 3);
+            r.row(
+                &format!("compile {name} ({} KiB), capsa's engine", large.len() >> 10),
+                format!("{:.0} ms", ours * 1e3),
+                format!(
+                    "wasmtime defaults: {:.0} ms (ratio {:.2}; target <= 1.2)",
+                    peer * 1e3,
+                    ours / peer
+                ),
+            );
+            // Where the difference is: the epoch checks kill, deadlines
+            // and CPU budgets need.
+            let mut no_epoch = capsa_config.clone();
+            no_epoch.epoch_interruption(false);
+            let t = compile_seconds(&no_epoch, &large, 3);
+            r.row(
+                &format!("compile {name}, capsa's engine without epoch checks"),
+                format!("{:.0} ms", t * 1e3),
+                format!("(vs wasmtime defaults: {:.2})", t / peer),
+            );
+        }
+        None => r.row(
+            "compile a large real-world program",
+            "not run".to_string(),
+            "CAPSA_BENCH_LARGE_WASM unset (`cargo xtask bench` sets it)".to_string(),
+        ),
+    }
     let peer = compile_seconds(&defaults, &bytes, runs);
     let ours = compile_seconds(&capsa_config, &bytes, runs);
     r.row(

@@ -499,6 +499,49 @@ fn native_kvm_jobs(
     Ok(jobs)
 }
 
+/// StarlingMonkey (the SpiderMonkey-based JS engine of componentize-js,
+/// a 10 MiB WASM module) for the compile figure on a large real-world
+/// program: fetched once from npm into `target/peers`, its tarball checked
+/// against a pinned SHA-256.
+fn ensure_large_wasm(root: &Path) -> Result<PathBuf> {
+    const TARBALL: &str =
+        "https://registry.npmjs.org/@bytecodealliance/componentize-js/-/componentize-js-0.23.0.tgz";
+    const SHA256: &str = "b2e4b6fdee055805370950f127c21d7c549dcc7a1e907f20c5ee769ebba7ad10";
+    const MEMBER: &str = "package/lib/starlingmonkey_embedding.wasm";
+    let dir = native_target_dir(root).join("peers/starlingmonkey");
+    let wasm = dir.join("starlingmonkey_embedding.wasm");
+    if wasm.exists() {
+        return Ok(wasm);
+    }
+    step(
+        "fetching StarlingMonkey (componentize-js 0.23.0 from npm, 4 MB) for the compile figure",
+        || {
+            std::fs::create_dir_all(&dir)?;
+            let tgz = dir.join("componentize-js.tgz");
+            run(Command::new("curl")
+                .args(["-fsSL", "--retry", "3", "-o"])
+                .arg(&tgz)
+                .arg(TARBALL))?;
+            let sum = stdout_of(Command::new("sha256sum").arg(&tgz))?;
+            if sum.split_whitespace().next() != Some(SHA256) {
+                let _ = std::fs::remove_file(&tgz);
+                bail!("{TARBALL}: SHA-256 {sum:?}, expected {SHA256}");
+            }
+            run(Command::new("tar")
+                .arg("-xzf")
+                .arg(&tgz)
+                .arg("-C")
+                .arg(&dir)
+                .arg(MEMBER))?;
+            std::fs::rename(dir.join(MEMBER), &wasm)?;
+            let _ = std::fs::remove_dir_all(dir.join("package"));
+            let _ = std::fs::remove_file(&tgz);
+            Ok(())
+        },
+    )?;
+    Ok(wasm)
+}
+
 /// The wasmtime CLI, the peer for the spawn figures: built once into
 /// `target/peers` (a long build, done only for benchmarks).
 fn ensure_wasmtime_cli(root: &Path) -> Result<PathBuf> {
@@ -530,6 +573,7 @@ fn ensure_wasmtime_cli(root: &Path) -> Result<PathBuf> {
 fn bench(root: &Path, bench_args: &[String]) -> Result<()> {
     prepare(root)?;
     let wasmtime = ensure_wasmtime_cli(root)?;
+    let large = ensure_large_wasm(root);
     let python = step(
         "preparing the Python client (virtualenv with pycapnp)",
         || python::ensure_venv(&native_target_dir(root)),
@@ -537,6 +581,12 @@ fn bench(root: &Path, bench_args: &[String]) -> Result<()> {
     step("running benchmarks", || {
         let mut bench = cargo(root);
         bench.env("CAPSA_PEER_WASMTIME", &wasmtime);
+        match &large {
+            Ok(path) => {
+                bench.env("CAPSA_BENCH_LARGE_WASM", path);
+            }
+            Err(e) => eprintln!("==> no compile figure on a large program: {e:#}"),
+        }
         // For the echo through `capsa serve` from Python.
         bench.env("CAPSA_PYTHON", &python);
         bench.args(["bench", "-p", "capsa-host", "--bench", "capsa"]);
