@@ -514,7 +514,7 @@ fn ensure_large_wasm(root: &Path) -> Result<PathBuf> {
         return Ok(wasm);
     }
     step(
-        "fetching StarlingMonkey (componentize-js 0.23.0 from npm, 4 MB) for the compile figure",
+        "fetching StarlingMonkey (componentize-js 0.23.0 from npm, 12 MB) for the compile figure",
         || {
             std::fs::create_dir_all(&dir)?;
             let tgz = dir.join("componentize-js.tgz");
