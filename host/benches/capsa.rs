@@ -736,66 +736,13 @@ fn compile_seconds(config: &wasmtime::Config, bytes: &[u8], runs: usize) -> f64 
 }
 
 /// The compile-time cost of each setting capsa's engine differs in from
-/// wasmtime's defaults, on the largest guest.
+/// wasmtime's defaults, on the largest guest and on a large real-world
+/// program.
 fn compile_rows(r: &mut Report) {
-    let bytes = guest("pid0");
-    let runs = 5;
     let limits = capsa::Limits::default();
     let capsa_config = capsa::engine::engine_config(limits.memory_bytes, 1024);
     let mut defaults = wasmtime::Config::new();
     defaults.wasm_component_model(true);
-    // A large real-world program (`cargo xtask bench` fetches
-    // StarlingMonkey, the SpiderMonkey-based JS engine of
-    // componentize-js, 10 MiB) against the same peer.
-    match std::env::var_os("CAPSA_BENCH_LARGE_WASM") {
-        Some(path) => {
-            let large = std::fs::read(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
-            let name = std::path::Path::new(&path)
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let peer = compile_seconds(&defaults, &large, 3);
-            let ours = compile_seconds(&capsa_config, &large, 3);
-            r.row(
-                &format!("compile {name} ({} KiB), capsa's engine", large.len() >> 10),
-                format!("{:.0} ms", ours * 1e3),
-                format!(
-                    "wasmtime defaults: {:.0} ms (ratio {:.2}; target <= 1.2)",
-                    peer * 1e3,
-                    ours / peer
-                ),
-            );
-            // Where the difference is: the epoch checks kill, deadlines
-            // and CPU budgets need.
-            let mut no_epoch = capsa_config.clone();
-            no_epoch.epoch_interruption(false);
-            let t = compile_seconds(&no_epoch, &large, 3);
-            r.row(
-                &format!("compile {name}, capsa's engine without epoch checks"),
-                format!("{:.0} ms", t * 1e3),
-                format!("(vs wasmtime defaults: {:.2})", t / peer),
-            );
-        }
-        None => r.row(
-            "compile a large real-world program",
-            "not run".to_string(),
-            "CAPSA_BENCH_LARGE_WASM unset (`cargo xtask bench` sets it)".to_string(),
-        ),
-    }
-    let peer = compile_seconds(&defaults, &bytes, runs);
-    let ours = compile_seconds(&capsa_config, &bytes, runs);
-    r.row(
-        &format!(
-            "compile pid0.wasm ({} KiB), capsa's engine",
-            bytes.len() >> 10
-        ),
-        format!("{:.0} ms", ours * 1e3),
-        format!(
-            "wasmtime defaults (as `wasmtime compile`): {:.0} ms (ratio {:.2}; target <= 1.2)",
-            peer * 1e3,
-            ours / peer
-        ),
-    );
     let mut no_epoch = capsa_config.clone();
     no_epoch.epoch_interruption(false);
     // What a host of more than 5,461 cells gets (see `wide_reservations`).
@@ -805,20 +752,88 @@ fn compile_rows(r: &mut Report) {
         .memory_guard_size(64 << 10);
     let mut with_epoch = defaults.clone();
     with_epoch.epoch_interruption(true);
-    for (what, config) in [
-        ("capsa's engine without epoch checks", &no_epoch),
-        (
-            "capsa's engine, 512 MiB reservation + 64 KiB guard",
-            &narrow,
+    let compare = Compare {
+        defaults: &defaults,
+        capsa: &capsa_config,
+    };
+    // A large real-world program (`cargo xtask bench` fetches
+    // StarlingMonkey, the SpiderMonkey-based JS engine of
+    // componentize-js, 10 MiB): where the difference is, the epoch checks
+    // kill, deadlines and CPU budgets need or not.
+    match std::env::var_os("CAPSA_BENCH_LARGE_WASM") {
+        Some(path) => {
+            let large = std::fs::read(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+            let name = std::path::Path::new(&path)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            compare.rows(
+                r,
+                &name,
+                &large,
+                3,
+                &[("capsa's engine without epoch checks", &no_epoch)],
+            );
+        }
+        None => r.row(
+            "compile a large real-world program",
+            "not run".to_string(),
+            "CAPSA_BENCH_LARGE_WASM unset (`cargo xtask bench` sets it)".to_string(),
         ),
-        ("wasmtime defaults + epoch checks", &with_epoch),
-    ] {
-        let t = compile_seconds(config, &bytes, runs);
+    }
+    compare.rows(
+        r,
+        "pid0.wasm",
+        &guest("pid0"),
+        5,
+        &[
+            ("capsa's engine without epoch checks", &no_epoch),
+            (
+                "capsa's engine, 512 MiB reservation + 64 KiB guard",
+                &narrow,
+            ),
+            ("wasmtime defaults + epoch checks", &with_epoch),
+        ],
+    );
+}
+
+/// Compile times of capsa's engine against wasmtime's defaults (as
+/// `wasmtime compile`) on the same bytes.
+struct Compare<'a> {
+    defaults: &'a wasmtime::Config,
+    capsa: &'a wasmtime::Config,
+}
+
+impl Compare<'_> {
+    /// The headline row for `bytes`, then one row per variant, each
+    /// against the defaults.
+    fn rows(
+        &self,
+        r: &mut Report,
+        name: &str,
+        bytes: &[u8],
+        runs: usize,
+        variants: &[(&str, &wasmtime::Config)],
+    ) {
+        let peer = compile_seconds(self.defaults, bytes, runs);
+        let ours = compile_seconds(self.capsa, bytes, runs);
         r.row(
-            &format!("compile pid0.wasm, {what}"),
-            format!("{:.0} ms", t * 1e3),
-            format!("(vs wasmtime defaults: {:.2})", t / peer),
+            &format!("compile {name} ({} KiB), capsa's engine", bytes.len() >> 10),
+            format!("{:.0} ms", ours * 1e3),
+            format!(
+                "wasmtime defaults (as `wasmtime compile`): {:.0} ms (ratio {:.2}; target <= 1.2)",
+                peer * 1e3,
+                ours / peer
+            ),
         );
+        for (what, config) in variants {
+            let t = compile_seconds(config, bytes, runs);
+            r.row(
+                &format!("compile {name}, {what}"),
+                format!("{:.0} ms", t * 1e3),
+                format!("(vs wasmtime defaults: {:.2})", t / peer),
+            );
+        }
     }
 }
 
