@@ -279,7 +279,14 @@ interface ByteSink {
   write @0 (data :Data) -> stream;
   # Flow-controlled: the caller is held back while the child does not read.
   close @1 ();
-  # End of stream: the child reads EOF.
+  # End of stream: the child reads EOF. Returns once every byte written
+  # before it has been taken.
+  #
+  # Wait for the call that hands out a sink before writing into it rather
+  # than pipelining on it: capsa's servers use capnp-rpc 0.27, whose calls
+  # queued on a capability that has not resolved yet may be dispatched
+  # out of order when it resolves, so a pipelined `close` can overtake the
+  # `write`s before it. Calls on a resolved sink arrive in order.
 }
 
 interface ByteSource {

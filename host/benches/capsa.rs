@@ -206,7 +206,7 @@ fn throughput_peer(chunk: usize, total: usize) -> f64 {
 /// Writes `total` bytes into `p`'s stdin, `chunk` at a time, while reading
 /// its stdout to the end: bytes per second.
 async fn stream_through(p: &process::Client, chunk: usize, total: usize) -> f64 {
-    let sink = p.stdin_request().send().pipeline.get_sink();
+    let sink = capsa_client::stdin(p).await.unwrap();
     let source = p.stdout_request().send().pipeline.get_source();
     let t = Instant::now();
     let writer = tokio::task::spawn_local(async move {

@@ -52,7 +52,7 @@ pub async fn run(
     }
     .start(executor, bytes)
     .await?;
-    let sink = process.stdin_request().send().pipeline.get_sink();
+    let sink = capsa_client::stdin(&process).await?;
     let stdout = process.stdout_request().send().pipeline.get_source();
     let stderr = process.stderr_request().send().pipeline.get_source();
 

@@ -152,7 +152,9 @@ impl process::Server for ProcessImpl {
                     Target::Cell(cell) => capnp_rpc::new_client(ByteSinkImpl::new(
                         Self::data(cell, "stdin")?.stdin.clone(),
                     )),
-                    Target::Vm(vm) => vm.process.stdin_request().send().pipeline.get_sink(),
+                    // Waited for, so the caller's writes reach the agent's
+                    // sink in order (see `capsa_client::stdin`).
+                    Target::Vm(vm) => capsa_client::stdin(&vm.process).await?,
                 };
                 self.stdin.get_or_init(|| sink).clone()
             }

@@ -55,13 +55,8 @@ async fn files(
 }
 
 async fn feed(p: &process::Client, bytes: &[u8]) {
-    let sink = p.stdin_request().send().pipeline.get_sink();
-    if !bytes.is_empty() {
-        let mut w = sink.write_request();
-        w.get().set_data(bytes);
-        w.send().await.unwrap();
-    }
-    sink.close_request().send().promise.await.unwrap();
+    let sink = capsa_client::stdin(p).await.unwrap();
+    capsa_client::write_all(&sink, bytes).await.unwrap();
 }
 
 /// `files` that must exit with `code`.
@@ -930,9 +925,9 @@ fn filling_a_small_filesystem(mount_point: &Path) {
             ok(&exec, build, &["put", "/data/small"], &[("/data", &data)]).await;
         }
         // Through the capability: the sink's write or its close says so.
-        let mut req = data.write_request();
-        req.get().set_path("big");
-        let sink = req.send().pipeline.get_sink();
+        let sink = capsa_client::create(&data, "big", WriteMode::Truncate)
+            .await
+            .unwrap();
         let chunk = vec![7u8; 1 << 20];
         let mut failed = None;
         for _ in 0..16 {

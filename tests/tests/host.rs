@@ -107,7 +107,7 @@ fn data_mode_streams_stdin_to_stdout() {
         )
         .await
         .unwrap();
-        let sink = p.stdin_request().send().pipeline.get_sink();
+        let sink = capsa_client::stdin(&p).await.unwrap();
         let input: Vec<u8> = (0..3 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
         let writer = {
             let input = input.clone();
@@ -848,9 +848,10 @@ fn concurrent_readers_and_writers_of_one_stream_all_finish() {
         .unwrap();
         let chunk = vec![7u8; 48 << 10];
         let writer = |n: usize| {
-            let sink = p.stdin_request().send().pipeline.get_sink();
+            let p = p.clone();
             let chunk = chunk.clone();
             async move {
+                let sink = capsa_client::stdin(&p).await.unwrap();
                 for _ in 0..n {
                     let mut req = sink.write_request();
                     req.get().set_data(&chunk);
@@ -867,7 +868,7 @@ fn concurrent_readers_and_writers_of_one_stream_all_finish() {
             // arrives: the case where one waker replaced the other.
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             futures::join!(writer(40), writer(40));
-            let sink = p.stdin_request().send().pipeline.get_sink();
+            let sink = capsa_client::stdin(&p).await.unwrap();
             sink.close_request().send().promise.await.unwrap();
         };
         // Each reader is a task of its own, woken only by its own waker,

@@ -372,7 +372,7 @@ mod native_kvm {
             .await
             .unwrap();
             let input: Vec<u8> = (0..6u32 << 20).map(|i| (i % 251) as u8).collect();
-            let sink = p.stdin_request().send().pipeline.get_sink();
+            let sink = capsa_client::stdin(&p).await.unwrap();
             let start = Instant::now();
             let (_, out, err) =
                 futures::join!(write_all(sink, &input), stdout_of(&p), stderr_of(&p));

@@ -91,7 +91,7 @@ fn stdin_streams_into_the_elf() {
     with_host(config(), |host| async move {
         let root = host.root_executor();
         let p = run(&root, &elf("/bin/cat"), Run::default()).await.unwrap();
-        let sink = p.stdin_request().send().pipeline.get_sink();
+        let sink = capsa_client::stdin(&p).await.unwrap();
         let input: Vec<u8> = (0..2u32 << 20).map(|i| (i % 253) as u8).collect();
         let writer = {
             let input = input.clone();

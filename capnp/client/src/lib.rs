@@ -15,7 +15,8 @@
 
 use capnp::capability::{FromClientHook, RemotePromise, Request};
 use capsa_schema::capsa_capnp::{
-    byte_source, directory, env_var, executor, options, process, program, StdioMode,
+    byte_sink, byte_source, directory, env_var, executor, options, process, program, StdioMode,
+    WriteMode,
 };
 
 pub use capsa_schema::status::ExitStatus;
@@ -201,6 +202,45 @@ pub fn exported_executor(process: &process::Client) -> executor::Client {
 pub async fn wait(process: &process::Client) -> capnp::Result<ExitStatus> {
     let response = process.wait_request().send().promise.await?;
     ExitStatus::read_from(response.get()?.get_status()?)
+}
+
+/// The sink of `process`'s stdin, once the Process has handed it over.
+///
+/// Sinks are awaited, never pipelined on, before writing into them: with
+/// capnp-rpc 0.27, calls queued on a capability that has not resolved yet
+/// are dispatched in the order their tasks happen to run when it resolves,
+/// so a `close` pipelined behind a `write` can reach the server first and
+/// the write is lost. Waiting for the sink costs one round trip per stream
+/// and makes every later call go straight to it, in order.
+pub async fn stdin(process: &process::Client) -> capnp::Result<byte_sink::Client> {
+    let response = process.stdin_request().send().promise.await?;
+    response.get()?.get_sink()
+}
+
+/// A sink writing the file at `path` of `directory` (`Directory.write`),
+/// once the Directory has opened it: see [`stdin`] for why it is awaited.
+pub async fn create(
+    directory: &directory::Client,
+    path: &str,
+    mode: WriteMode,
+) -> capnp::Result<byte_sink::Client> {
+    let mut request = directory.write_request();
+    request.get().set_path(path);
+    request.get().set_mode(mode);
+    let response = request.send().promise.await?;
+    response.get()?.get_sink()
+}
+
+/// Writes `data` into `sink` in chunks of at most [`READ_BYTES`], then
+/// closes it; the close returns once the server holds every byte.
+pub async fn write_all(sink: &byte_sink::Client, data: &[u8]) -> capnp::Result<()> {
+    for chunk in data.chunks(READ_BYTES as usize) {
+        let mut request = sink.write_request();
+        request.get().set_data(chunk);
+        request.send().await?;
+    }
+    sink.close_request().send().promise.await?;
+    Ok(())
 }
 
 /// Everything read from `source` until its end.

@@ -331,7 +331,11 @@ impl Mirror {
         let mut req = self.remote.write_request();
         req.get().set_path(path);
         req.get().set_mode(WriteMode::Truncate);
-        let sink = req.send().pipeline.get_sink();
+        // The sink is waited for, not pipelined on: calls queued on an
+        // unresolved capability can be dispatched out of order when it
+        // resolves (capnp-rpc 0.27), and the close could overtake a write.
+        let opened = call(self.timeout, "write", req.send().promise).await?;
+        let sink = opened.get()?.get_sink()?;
         let mut buffer = vec![0; CHUNK];
         loop {
             let n = file

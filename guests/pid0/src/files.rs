@@ -47,11 +47,8 @@ pub async fn run(root: executor::Client) -> capnp::Result<()> {
     }
     .start(&child_executor, FILES)
     .await?;
-    let stdin = grandchild.stdin_request().send().pipeline.get_sink();
-    let mut write = stdin.write_request();
-    write.get().set_data(WRITTEN.as_bytes());
-    write.send().await?;
-    stdin.close_request().send().promise.await?;
+    let stdin = capsa_client::stdin(&grandchild).await?;
+    capsa_client::write_all(&stdin, WRITTEN.as_bytes()).await?;
     let ended = wait(&grandchild).await?;
     log!("pid0: the grandchild wrote {file} and {ended}");
     if ended != ExitStatus::Exited(0) {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, RpcSystem};
 use capsa_schema::argv::DEFAULT_ARGV0;
-use capsa_schema::capsa_capnp::{byte_source, directory, executor, process};
+use capsa_schema::capsa_capnp::{byte_source, directory, executor, process, WriteMode};
 use capsa_schema::status::ExitStatus as Status;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
@@ -516,7 +516,7 @@ fn stdin_and_stdout_round_trip_through_cat() {
     local(async {
         let ex = connect(&agent.socket).await;
         let p = run(&ex, &bin("/bin/cat"), Run::default()).await.unwrap();
-        let sink = p.stdin_request().send().pipeline.get_sink();
+        let sink = capsa_client::stdin(&p).await.unwrap();
         let input: Vec<u8> = (0..4u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
         let writer = {
             let input = input.clone();
@@ -920,13 +920,12 @@ fn the_machines_filesystem_is_its_executors_directory() {
         assert_eq!(grants.get(0).get_path().unwrap().to_str().unwrap(), "/");
         let root = grants.get(0).get_directory().unwrap();
 
-        let mut put = root.write_request();
-        put.get().set_path("given.txt");
-        let sink = put.send().pipeline.get_sink();
-        let mut w = sink.write_request();
-        w.get().set_data(b"put by the caller");
-        w.send().await.unwrap();
-        sink.close_request().send().promise.await.unwrap();
+        let sink = capsa_client::create(&root, "given.txt", WriteMode::Truncate)
+            .await
+            .unwrap();
+        capsa_client::write_all(&sink, b"put by the caller")
+            .await
+            .unwrap();
 
         let (out, _, status) = outcome(
             &ex,
