@@ -251,6 +251,17 @@ struct Options {
   # before it starts; what it changed there is written back, and the copy
   # removed, before `wait` answers. At most 256 MiB and 10,000 entries per
   # grant.
+
+  stdoutTo @13 :ByteSink;
+  stderrTo @14 :ByteSink;
+  # Data mode: the child's stdout (stderr) is pushed into this sink as it
+  # comes, `write` by `write`, and the sink closed at the stream's end. The
+  # child is held back while the sink's writes are not taken (`-> stream`
+  # flow control), so nothing is buffered without bound, and nobody polls:
+  # a caller may `wait` first, which answers once the pushed streams are
+  # closed. `Process.stdout` (`stderr`) then fails. If the sink fails, the
+  # rest of the stream is read and dropped, so the child is never stuck on
+  # a caller that went away. Unset: pull the stream with `Process.stdout`.
 }
 
 interface Process {

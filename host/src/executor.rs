@@ -22,7 +22,7 @@ use crate::engine::EPOCH_TICK;
 use crate::error::SpawnError;
 use crate::format::{self, Format};
 use crate::host::Host;
-use crate::process::ProcessImpl;
+use crate::process::{ProcessImpl, Pushed};
 use crate::program::{Loaded, Payload, ProgramImpl};
 use crate::scope::{MemoryShare, Scope, Seat};
 use crate::status::Limits;
@@ -283,6 +283,25 @@ impl ExecutorImpl {
             WireStdio::Rpc => StdioMode::Rpc,
             WireStdio::Data => StdioMode::Data,
         };
+        let pushed = Pushed {
+            stdout: opts
+                .has_stdout_to()
+                .then(|| opts.get_stdout_to())
+                .transpose()?,
+            stderr: opts
+                .has_stderr_to()
+                .then(|| opts.get_stderr_to())
+                .transpose()?,
+        };
+        // An ELF's stdio is always data; a WASM child in RPC mode has no
+        // streams to push.
+        if stdio == StdioMode::Rpc && !elf && (pushed.stdout.is_some() || pushed.stderr.is_some()) {
+            return Err(error(
+                ErrorKind::WrongMode,
+                "stdoutTo and stderrTo need data mode: in RPC mode stdout carries the child's \
+                 connection and stderr goes to the host log",
+            ));
+        }
         let bootstrap = match opts.get_bootstrap().which()? {
             options::bootstrap::Inherit(()) => Some(
                 capnp_rpc::new_client::<executor::Client, _>(ExecutorImpl::scoped(
@@ -351,11 +370,11 @@ impl ExecutorImpl {
             slot.take_memory(u64::from(memory_mib) << 20)?;
             let process = self.host.spawn_vm(req, Some(slot)).await?;
             self.scope.track(process.kill_switch(), process.torn_down());
-            return Ok(capnp_rpc::new_client(ProcessImpl::vm(process)));
+            return Ok(capnp_rpc::new_client(ProcessImpl::vm(process, pushed)));
         }
         let cell = self.host.spawn(payload, spec, Some(slot)).await?;
         self.scope.track(cell.kill_switch(), cell.status_receiver());
-        Ok(capnp_rpc::new_client(ProcessImpl::new(cell)))
+        Ok(capnp_rpc::new_client(ProcessImpl::new(cell, pushed)))
     }
 
     /// `loaded` as a Program that runs through this Executor.

@@ -8,13 +8,15 @@
 use std::cell::OnceCell;
 use std::rc::Rc;
 
+use futures::future::{FutureExt, Shared};
+
 use capsa_schema::capsa_capnp::{byte_sink, byte_source, process};
 use capsa_schema::error::error;
 use capsa_schema::ErrorKind;
 
 use crate::cell::{wait_status, Cell, DataStdio};
 use crate::status::ExitStatus;
-use crate::stream::{ByteSinkImpl, ByteSourceImpl};
+use crate::stream::{push, ByteSinkImpl, ByteSourceImpl, Source};
 use crate::vm::VmProcess;
 
 /// What a Process stands for.
@@ -31,6 +33,18 @@ pub struct ProcessImpl {
     stdin: OnceCell<byte_sink::Client>,
     stdout: OnceCell<byte_source::Client>,
     stderr: OnceCell<byte_source::Client>,
+    /// Which streams are pushed into the caller's sinks
+    /// (`Options.stdoutTo`, `stderrTo`), stdout then stderr.
+    pushed: [bool; 2],
+    /// One per pushed stream: resolves when its sink has been closed.
+    pushing: Vec<Shared<futures::channel::oneshot::Receiver<()>>>,
+}
+
+/// The caller's sinks for the streams it wants pushed.
+#[derive(Default)]
+pub struct Pushed {
+    pub stdout: Option<byte_sink::Client>,
+    pub stderr: Option<byte_sink::Client>,
 }
 
 /// Which of the three streams.
@@ -41,21 +55,53 @@ enum Stdio {
 }
 
 impl ProcessImpl {
-    pub fn new(cell: Rc<Cell>) -> Self {
-        Self::with_target(Target::Cell(cell))
+    /// The Process of `cell`, pushing the streams `pushed` names; the
+    /// caller has checked that the cell runs in data mode if any is.
+    pub fn new(cell: Rc<Cell>, pushed: Pushed) -> Self {
+        Self::with_target(Target::Cell(cell), pushed)
     }
 
-    pub fn vm(vm: Rc<VmProcess>) -> Self {
-        Self::with_target(Target::Vm(vm))
+    pub fn vm(vm: Rc<VmProcess>, pushed: Pushed) -> Self {
+        Self::with_target(Target::Vm(vm), pushed)
     }
 
-    fn with_target(target: Target) -> Self {
-        ProcessImpl {
+    fn with_target(target: Target, pushed: Pushed) -> Self {
+        let mut process = ProcessImpl {
             target,
             stdin: OnceCell::new(),
             stdout: OnceCell::new(),
             stderr: OnceCell::new(),
+            pushed: [pushed.stdout.is_some(), pushed.stderr.is_some()],
+            pushing: Vec::new(),
+        };
+        for (which, sink) in [
+            (Stdio::Stdout, pushed.stdout),
+            (Stdio::Stderr, pushed.stderr),
+        ] {
+            let Some(sink) = sink else { continue };
+            let from = match (&process.target, which) {
+                (Target::Cell(cell), which) => match &cell.data {
+                    Some(data) => Source::Pipe(match which {
+                        Stdio::Stdout => data.stdout.clone(),
+                        Stdio::Stderr => data.stderr.clone(),
+                    }),
+                    None => continue,
+                },
+                (Target::Vm(vm), Stdio::Stdout) => {
+                    Source::Remote(vm.process.stdout_request().send().pipeline.get_source())
+                }
+                (Target::Vm(vm), Stdio::Stderr) => {
+                    Source::Remote(vm.process.stderr_request().send().pipeline.get_source())
+                }
+            };
+            let (done, closed) = futures::channel::oneshot::channel::<()>();
+            tokio::task::spawn_local(async move {
+                push(from, sink).await;
+                drop(done);
+            });
+            process.pushing.push(closed.shared());
         }
+        process
     }
 
     /// A cell's data-mode stdio, or why there is none.
@@ -80,6 +126,16 @@ impl ProcessImpl {
         };
         if let Some(source) = cached.get() {
             return Ok(source.clone());
+        }
+        let (index, what) = match which {
+            Stdio::Stdout => (0, "stdout"),
+            Stdio::Stderr => (1, "stderr"),
+        };
+        if self.pushed[index] {
+            return Err(error(
+                ErrorKind::WrongMode,
+                format!("{what} is pushed into the sink given at the start ({what}To)"),
+            ));
         }
         let source = self.new_source(which)?;
         Ok(cached.get_or_init(|| source).clone())
@@ -127,6 +183,10 @@ impl process::Server for ProcessImpl {
             Target::Cell(cell) => wait_status(cell.status_receiver()).await,
             Target::Vm(vm) => vm.wait().await,
         };
+        // All of the output is in the caller's sinks before it hears the end.
+        for closed in &self.pushing {
+            let _ = closed.clone().await;
+        }
         status.write_to(results.get().init_status());
         Ok(())
     }

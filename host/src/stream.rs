@@ -7,6 +7,7 @@
 
 use std::rc::Rc;
 
+use bytes::Bytes;
 use capsa_schema::capsa_capnp::{byte_sink, byte_source};
 
 use crate::pipe::{PipeReader, PipeWriter};
@@ -77,5 +78,58 @@ impl byte_source::Server for ByteSourceImpl {
         r.set_eof(chunk.is_empty());
         r.set_data(&chunk);
         Ok(())
+    }
+}
+
+/// Where a pushed stream comes from.
+pub enum Source {
+    /// A cell's output pipe, read directly.
+    Pipe(Rc<PipeReader>),
+    /// A stream of the agent's, pulled over the machine's connection.
+    Remote(byte_source::Client),
+}
+
+impl Source {
+    /// The next chunk; empty at the end of the stream (or when a remote
+    /// source fails: there is nothing more to push either way).
+    async fn next(&self) -> Bytes {
+        match self {
+            Source::Pipe(pipe) => pipe.read_chunk(MAX_READ).await,
+            Source::Remote(source) => {
+                let mut request = source.read_request();
+                request.get().set_max_bytes(MAX_READ as u32);
+                let Ok(response) = request.send().promise.await else {
+                    return Bytes::new();
+                };
+                match response.get().and_then(|r| r.get_data()) {
+                    Ok(data) => Bytes::copy_from_slice(data),
+                    Err(_) => Bytes::new(),
+                }
+            }
+        }
+    }
+}
+
+/// Pushes `from` into the caller's `sink` until the stream ends, then
+/// closes the sink (`Options.stdoutTo`). Each write waits for the sink's
+/// flow control, which holds the child back through the bounded pipe. Once
+/// the sink fails the rest is read and dropped, so the child is not stuck
+/// on a caller that went away.
+pub async fn push(from: Source, sink: byte_sink::Client) {
+    let mut broken = false;
+    loop {
+        let chunk = from.next().await;
+        if chunk.is_empty() {
+            break;
+        }
+        if broken {
+            continue;
+        }
+        let mut write = sink.write_request();
+        write.get().set_data(&chunk);
+        broken = write.send().await.is_err();
+    }
+    if !broken {
+        let _ = sink.close_request().send().promise.await;
     }
 }

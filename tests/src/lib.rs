@@ -605,3 +605,84 @@ pub async fn granted(exec: &executor::Client) -> Vec<(String, directory::Client)
         })
         .collect()
 }
+
+/// What a [`Collector`] has been given.
+#[derive(Default)]
+pub struct Collected {
+    pub bytes: Vec<u8>,
+    pub writes: usize,
+    pub closed: bool,
+}
+
+/// A `ByteSink` the test holds: it keeps what is pushed into it, can hold
+/// every write back until [`Collector::release`], and can fail its writes.
+pub struct Collector {
+    pub collected: Rc<RefCell<Collected>>,
+    gate: Rc<tokio::sync::Semaphore>,
+    fail: bool,
+}
+
+impl Collector {
+    /// A sink taking every write at once.
+    pub fn open() -> (capsa::schema::byte_sink::Client, Rc<Self>) {
+        Self::make(true, false)
+    }
+
+    /// A sink holding every write back until released.
+    pub fn held() -> (capsa::schema::byte_sink::Client, Rc<Self>) {
+        Self::make(false, false)
+    }
+
+    /// A sink whose writes fail.
+    pub fn failing() -> (capsa::schema::byte_sink::Client, Rc<Self>) {
+        Self::make(true, true)
+    }
+
+    fn make(open: bool, fail: bool) -> (capsa::schema::byte_sink::Client, Rc<Self>) {
+        let gate = tokio::sync::Semaphore::new(0);
+        if open {
+            gate.close();
+        }
+        let me = Rc::new(Collector {
+            collected: Rc::default(),
+            gate: Rc::new(gate),
+            fail,
+        });
+        let server = CollectorServer(me.clone());
+        (capnp_rpc::new_client(server), me)
+    }
+
+    /// Lets every held and later write through.
+    pub fn release(&self) {
+        self.gate.close();
+    }
+}
+
+struct CollectorServer(Rc<Collector>);
+
+impl capsa::schema::byte_sink::Server for CollectorServer {
+    async fn write(
+        self: Rc<Self>,
+        params: capsa::schema::byte_sink::WriteParams,
+    ) -> Result<(), capnp::Error> {
+        // A closed semaphore is the open gate.
+        let _ = self.0.gate.acquire().await;
+        if self.0.fail {
+            return Err(capnp::Error::failed("this sink fails its writes".into()));
+        }
+        let data = params.get()?.get_data()?;
+        let mut c = self.0.collected.borrow_mut();
+        c.bytes.extend_from_slice(data);
+        c.writes += 1;
+        Ok(())
+    }
+
+    async fn close(
+        self: Rc<Self>,
+        _: capsa::schema::byte_sink::CloseParams,
+        _: capsa::schema::byte_sink::CloseResults,
+    ) -> Result<(), capnp::Error> {
+        self.0.collected.borrow_mut().closed = true;
+        Ok(())
+    }
+}

@@ -157,6 +157,171 @@ fn a_writer_nobody_reads_is_held_back() {
     });
 }
 
+/// Output pushed into the caller's sinks needs no reader: the caller waits
+/// first (with pulled streams, output past the pipe's 256 KiB would hold the
+/// child for ever), and every byte, stdout and stderr apart, is in the
+/// sinks, closed, when `wait` answers.
+#[test]
+fn pushed_output_needs_no_reader_and_is_all_there_when_wait_answers() {
+    host(|host| async move {
+        let root = host.root_executor();
+        let (out_sink, out) = Collector::open();
+        let (err_sink, err) = Collector::open();
+        let p = run(
+            &root,
+            &guest("hello"),
+            Run {
+                args: &["cat"],
+                stdio: StdioMode::Data,
+                stdout_to: Some(&out_sink),
+                stderr_to: Some(&err_sink),
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        let input: Vec<u8> = (0..3 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
+        let sink = capsa_client::stdin(&p).await.unwrap();
+        let waited = tokio::task::spawn_local({
+            let p = p.clone();
+            async move { wait(&p).await }
+        });
+        capsa_client::write_all(&sink, &input).await.unwrap();
+        assert_eq!(waited.await.unwrap(), ExitStatus::Exited(0));
+        {
+            let out = out.collected.borrow();
+            assert!(out.closed, "stdout's sink was not closed");
+            assert_eq!(out.bytes.len(), input.len());
+            assert!(out.bytes == input, "stdout came out different");
+        }
+        assert!(err.collected.borrow().closed);
+
+        let p = run(
+            &root,
+            &guest("hello"),
+            Run {
+                args: &["stderr"],
+                stdio: StdioMode::Data,
+                stderr_to: Some(&err_sink),
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(wait(&p).await, ExitStatus::Exited(0));
+        assert_eq!(err.collected.borrow().bytes, b"hello on stderr\n");
+        // stdout was not asked for: it is still pulled.
+        assert_eq!(stdout_of(&p).await, b"hello on stdout\n");
+    });
+}
+
+/// A sink that does not take its writes holds the child back through the
+/// bounded pipe: the host buffers a bounded amount, then everything flows
+/// once the sink takes writes again.
+#[test]
+fn a_slow_sink_holds_the_child_back() {
+    host(|host| async move {
+        let root = host.root_executor();
+        let (sink, held) = Collector::held();
+        let total = 64 << 20;
+        let p = run(
+            &root,
+            &guest("hello"),
+            Run {
+                args: &["emit", &total.to_string(), "65536"],
+                stdio: StdioMode::Data,
+                stdout_to: Some(&sink),
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let waited = tokio::time::timeout(Duration::from_millis(10), wait(&p)).await;
+        assert!(
+            waited.is_err(),
+            "the child finished into a sink that took nothing"
+        );
+        assert_eq!(held.collected.borrow().writes, 0);
+        held.release();
+        assert_eq!(wait(&p).await, ExitStatus::Exited(0));
+        let c = held.collected.borrow();
+        assert_eq!(c.bytes.len(), total);
+        assert!(c.closed);
+    });
+}
+
+/// A sink that fails does not leave the child stuck on a full pipe: the
+/// rest of its output is dropped and it ends.
+#[test]
+fn a_failing_sink_does_not_hold_the_child() {
+    host(|host| async move {
+        let root = host.root_executor();
+        let (sink, failing) = Collector::failing();
+        let p = run(
+            &root,
+            &guest("hello"),
+            Run {
+                args: &["emit", &(8 << 20).to_string(), "65536"],
+                stdio: StdioMode::Data,
+                stdout_to: Some(&sink),
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(60), wait(&p)).await;
+        assert_eq!(
+            ended.expect("stuck on a failed sink"),
+            ExitStatus::Exited(0)
+        );
+        assert!(failing.collected.borrow().bytes.is_empty());
+    });
+}
+
+/// Pushing needs data mode, and a pushed stream cannot also be pulled.
+#[test]
+fn pushed_streams_are_refused_in_rpc_mode_and_cannot_be_pulled() {
+    host(|host| async move {
+        let root = host.root_executor();
+        let (sink, _) = Collector::open();
+        let refused = run(
+            &root,
+            &guest("child-echo"),
+            Run {
+                stdout_to: Some(&sink),
+                ..Run::default()
+            },
+        )
+        .await
+        .map(drop)
+        .unwrap_err();
+        assert_kind(&refused, ErrorKind::WrongMode, "need data mode");
+        assert_eq!(host.live_cells(), 0, "a refused child was started");
+
+        let p = run(
+            &root,
+            &guest("hello"),
+            Run {
+                stdio: StdioMode::Data,
+                stdout_to: Some(&sink),
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        let pulled = p
+            .stdout_request()
+            .send()
+            .promise
+            .await
+            .map(drop)
+            .unwrap_err();
+        assert_kind(&pulled.to_string(), ErrorKind::WrongMode, "is pushed");
+        assert_eq!(wait(&p).await, ExitStatus::Exited(0));
+    });
+}
+
 #[test]
 fn promise_pipelining_costs_one_round_trip() {
     host(|host| async move {

@@ -111,6 +111,57 @@ fn stdin_streams_into_the_elf() {
     });
 }
 
+/// An ELF's output is pushed into the caller's sinks as a WASM child's
+/// is: the host pulls the agent's streams and pushes them on, the caller
+/// waits first and finds everything there.
+#[test]
+fn an_elfs_output_is_pushed_into_the_callers_sinks() {
+    let _serial = serial();
+    with_host(config(), |host| async move {
+        let root = host.root_executor();
+        let (out_sink, out) = Collector::open();
+        let (err_sink, err) = Collector::open();
+        let p = run(
+            &root,
+            &elf("/bin/sh"),
+            Run {
+                args: &["-c", "cat; echo done >&2"],
+                stdout_to: Some(&out_sink),
+                stderr_to: Some(&err_sink),
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        let input: Vec<u8> = (0..2u32 << 20).map(|i| (i % 253) as u8).collect();
+        let sink = capsa_client::stdin(&p).await.unwrap();
+        let waited = tokio::task::spawn_local({
+            let p = p.clone();
+            async move { wait(&p).await }
+        });
+        capsa_client::write_all(&sink, &input).await.unwrap();
+        assert_eq!(waited.await.unwrap(), ExitStatus::Exited(0));
+        {
+            let out = out.collected.borrow();
+            let got = out.bytes.len();
+            assert!(
+                out.closed && out.bytes == input,
+                "{got} of {} bytes",
+                input.len()
+            );
+        }
+        assert_eq!(err.collected.borrow().bytes, b"done\n");
+        let pulled = p
+            .stdout_request()
+            .send()
+            .promise
+            .await
+            .map(drop)
+            .unwrap_err();
+        assert_kind(&pulled.to_string(), ErrorKind::WrongMode, "is pushed");
+    });
+}
+
 #[test]
 fn bootstrap_is_the_agents_executor_and_can_be_passed_to_a_wasm_child() {
     let _serial = serial();

@@ -54,6 +54,10 @@ pub struct Spawn<'a> {
     pub vm_initramfs: Option<&'a [u8]>,
     /// Directories granted to the child, at their paths.
     pub dirs: &'a [(&'a str, &'a directory::Client)],
+    /// Data mode: sinks the child's stdout and stderr are pushed into
+    /// (`Options.stdoutTo`, `stderrTo`) instead of being pulled.
+    pub stdout_to: Option<&'a byte_sink::Client>,
+    pub stderr_to: Option<&'a byte_sink::Client>,
 }
 
 impl Default for Spawn<'_> {
@@ -71,6 +75,8 @@ impl Default for Spawn<'_> {
             vm_memory_mib: 0,
             vm_initramfs: None,
             dirs: &[],
+            stdout_to: None,
+            stderr_to: None,
         }
     }
 }
@@ -144,6 +150,12 @@ impl Spawn<'_> {
             let mut grant = grants.reborrow().get(i as u32);
             grant.set_path(*path);
             grant.set_directory((*dir).clone());
+        }
+        if let Some(sink) = self.stdout_to {
+            o.set_stdout_to(sink.clone());
+        }
+        if let Some(sink) = self.stderr_to {
+            o.set_stderr_to(sink.clone());
         }
         if let Some(cap) = self.bootstrap {
             o.init_bootstrap()
