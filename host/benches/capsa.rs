@@ -209,15 +209,7 @@ async fn stream_through(p: &process::Client, chunk: usize, total: usize) -> f64 
     let sink = capsa_client::stdin(p).await.unwrap();
     let source = p.stdout_request().send().pipeline.get_source();
     let t = Instant::now();
-    let writer = tokio::task::spawn_local(async move {
-        let data = vec![7u8; chunk];
-        for _ in 0..total / chunk {
-            let mut req = sink.write_request();
-            req.get().set_data(&data);
-            req.send().await.unwrap();
-        }
-        sink.close_request().send().promise.await.unwrap();
-    });
+    let writer = tokio::task::spawn_local(async move { feed(&sink, chunk, total).await });
     let mut got = 0;
     loop {
         let mut req = source.read_request();
@@ -232,6 +224,17 @@ async fn stream_through(p: &process::Client, chunk: usize, total: usize) -> f64 
     writer.await.unwrap();
     assert_eq!(got, total);
     total as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Writes `total` bytes into `sink`, `chunk` at a time, and closes it.
+async fn feed(sink: &byte_sink::Client, chunk: usize, total: usize) {
+    let data = vec![7u8; chunk];
+    for _ in 0..total / chunk {
+        let mut req = sink.write_request();
+        req.get().set_data(&data);
+        req.send().await.unwrap();
+    }
+    sink.close_request().send().promise.await.unwrap();
 }
 
 type Chunks = tokio::sync::mpsc::Receiver<Vec<u8>>;
@@ -377,13 +380,7 @@ fn throughput_capsa_pushed(chunk: usize, total: usize) -> f64 {
         .unwrap();
         let sink = capsa_client::stdin(&p).await.unwrap();
         let t = Instant::now();
-        let data = vec![7u8; chunk];
-        for _ in 0..total / chunk {
-            let mut req = sink.write_request();
-            req.get().set_data(&data);
-            req.send().await.unwrap();
-        }
-        sink.close_request().send().promise.await.unwrap();
+        feed(&sink, chunk, total).await;
         let got = closed.await.unwrap();
         let rate = total as f64 / t.elapsed().as_secs_f64();
         assert_eq!(got, total);

@@ -686,3 +686,39 @@ impl capsa::schema::byte_sink::Server for CollectorServer {
         Ok(())
     }
 }
+
+/// Waits for `p` in a task of its own, before anyone reads or writes.
+pub fn wait_in_background(p: &process::Client) -> tokio::task::JoinHandle<ExitStatus> {
+    let p = p.clone();
+    tokio::task::spawn_local(async move { wait(&p).await })
+}
+
+/// Whether `p` is still running 300 ms from now: held back, not done.
+pub async fn held_back(p: &process::Client) -> bool {
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    tokio::time::timeout(std::time::Duration::from_millis(10), wait(p))
+        .await
+        .is_err()
+}
+
+/// `hello emit`: a data-mode child writing `total` bytes to stdout in 64 KiB
+/// writes, pushed into `stdout_to` if given.
+pub async fn emitting(
+    exec: &executor::Client,
+    total: usize,
+    stdout_to: Option<&capsa::schema::byte_sink::Client>,
+) -> process::Client {
+    let total = total.to_string();
+    run(
+        exec,
+        &guest("hello"),
+        Run {
+            args: &["emit", &total, "65536"],
+            stdio: StdioMode::Data,
+            stdout_to,
+            ..Run::default()
+        },
+    )
+    .await
+    .unwrap()
+}

@@ -134,24 +134,9 @@ fn a_writer_nobody_reads_is_held_back() {
     host(|host| async move {
         let root = host.root_executor();
         let total = 64 << 20;
-        let p = run(
-            &root,
-            &guest("hello"),
-            Run {
-                args: &["emit", &total.to_string(), "65536"],
-                stdio: StdioMode::Data,
-                ..Run::default()
-            },
-        )
-        .await
-        .unwrap();
+        let p = emitting(&root, total, None).await;
         // Nobody reads: the guest must be parked on a full pipe, not done.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let waited = tokio::time::timeout(Duration::from_millis(10), wait(&p)).await;
-        assert!(
-            waited.is_err(),
-            "the guest finished without a reader: {waited:?}"
-        );
+        assert!(held_back(&p).await, "the guest finished without a reader");
         assert_eq!(stdout_of(&p).await.len(), total);
         assert_eq!(wait(&p).await, ExitStatus::Exited(0));
     });
@@ -182,10 +167,7 @@ fn pushed_output_needs_no_reader_and_is_all_there_when_wait_answers() {
         .unwrap();
         let input: Vec<u8> = (0..3 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
         let sink = capsa_client::stdin(&p).await.unwrap();
-        let waited = tokio::task::spawn_local({
-            let p = p.clone();
-            async move { wait(&p).await }
-        });
+        let waited = wait_in_background(&p);
         capsa_client::write_all(&sink, &input).await.unwrap();
         assert_eq!(waited.await.unwrap(), ExitStatus::Exited(0));
         {
@@ -224,22 +206,9 @@ fn a_slow_sink_holds_the_child_back() {
         let root = host.root_executor();
         let (sink, held) = Collector::held();
         let total = 64 << 20;
-        let p = run(
-            &root,
-            &guest("hello"),
-            Run {
-                args: &["emit", &total.to_string(), "65536"],
-                stdio: StdioMode::Data,
-                stdout_to: Some(&sink),
-                ..Run::default()
-            },
-        )
-        .await
-        .unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let waited = tokio::time::timeout(Duration::from_millis(10), wait(&p)).await;
+        let p = emitting(&root, total, Some(&sink)).await;
         assert!(
-            waited.is_err(),
+            held_back(&p).await,
             "the child finished into a sink that took nothing"
         );
         assert_eq!(held.collected.borrow().writes, 0);
@@ -258,18 +227,7 @@ fn a_failing_sink_does_not_hold_the_child() {
     host(|host| async move {
         let root = host.root_executor();
         let (sink, failing) = Collector::failing();
-        let p = run(
-            &root,
-            &guest("hello"),
-            Run {
-                args: &["emit", &(8 << 20).to_string(), "65536"],
-                stdio: StdioMode::Data,
-                stdout_to: Some(&sink),
-                ..Run::default()
-            },
-        )
-        .await
-        .unwrap();
+        let p = emitting(&root, 8 << 20, Some(&sink)).await;
         let ended = tokio::time::timeout(Duration::from_secs(60), wait(&p)).await;
         assert_eq!(
             ended.expect("stuck on a failed sink"),

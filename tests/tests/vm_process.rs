@@ -135,10 +135,7 @@ fn an_elfs_output_is_pushed_into_the_callers_sinks() {
         .unwrap();
         let input: Vec<u8> = (0..2u32 << 20).map(|i| (i % 253) as u8).collect();
         let sink = capsa_client::stdin(&p).await.unwrap();
-        let waited = tokio::task::spawn_local({
-            let p = p.clone();
-            async move { wait(&p).await }
-        });
+        let waited = wait_in_background(&p);
         capsa_client::write_all(&sink, &input).await.unwrap();
         assert_eq!(waited.await.unwrap(), ExitStatus::Exited(0));
         {
