@@ -10,7 +10,7 @@ as `out`, and this client reads it back through the same capability.
     capsa serve --listen unix:/tmp/capsa.sock --dir out=/tmp/out &
     python3 capsa_client.py --connect unix:/tmp/capsa.sock \
         --wasm hello.wasm [--elf /bin/busybox] [--files files.wasm] \
-        [--bench-echo 2000]
+        [--bench-echo 2000] [--bench-stream 256]
 
 Needs pycapnp (`pip install pycapnp`).
 """
@@ -130,6 +130,81 @@ async def bench_echo(executor, rounds):
     return statistics.median(samples)
 
 
+class Collect:
+    """A ByteSink of ours the host pushes a child's stdout into
+    (`options.stdoutTo`): it counts the bytes and notes the close."""
+
+    def __init__(self):
+        self.count = 0
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def server(self):
+        collect = self
+
+        class Sink(schema.ByteSink.Server):
+            async def write(self, data, **kwargs):
+                collect.count += len(data)
+
+            async def close(self, **kwargs):
+                if not collect.closed.done():
+                    collect.closed.set_result(collect.count)
+
+        return Sink()
+
+
+async def count_to_end(source):
+    """Reads a ByteSource to its end, counting: the pulled way."""
+    count = 0
+    while True:
+        chunk = await source.read(maxBytes=1 << 20)
+        count += len(chunk.data)
+        if chunk.eof:
+            return count
+
+
+async def bench_stream(executor, path, mib, pushed):
+    """Streams `mib` MiB through `hello cat` and back: bytes per second.
+    With `pushed`, the host writes the output into our sink; else we read
+    it. Up to eight 1 MiB writes are in flight."""
+    with open(path, "rb") as f:
+        program = f.read()
+    request = executor.runBytes_request()
+    request.bytes = program
+    request.init("args", 1)
+    request.args[0] = "cat"
+    request.options.stdio = "data"
+    collect = Collect()
+    if pushed:
+        request.options.stdoutTo = collect.server()
+    process = (await request.send()).process
+    # Waited for, not pipelined on (see ByteSink in the schema).
+    sink = (await process.stdin()).sink
+    chunk = b"\7" * (1 << 20)
+
+    async def write():
+        await sink.write(data=chunk)
+
+    async def feed():
+        pending = set()
+        for _ in range(mib):
+            pending.add(asyncio.ensure_future(write()))
+            if len(pending) >= 8:
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.gather(*pending)
+        await sink.close()
+
+    start = time.perf_counter()
+    if pushed:
+        _, got = await asyncio.gather(feed(), collect.closed)
+    else:
+        _, got = await asyncio.gather(feed(), count_to_end(process.stdout().source))
+    took = time.perf_counter() - start
+    if got != mib << 20:
+        raise SystemExit(f"streamed {mib << 20} bytes and got {got} back")
+    await process.wait()
+    return (mib << 20) / took
+
+
 async def main(opts):
     token = None
     if opts.token_file:
@@ -152,6 +227,13 @@ async def main(opts):
     if opts.bench_echo:
         median = await bench_echo(executor, opts.bench_echo)
         print(f"python echo round trip: median {median / 1000:.1f} µs over {opts.bench_echo}")
+    if opts.bench_stream:
+        if not opts.wasm:
+            raise SystemExit("--bench-stream needs --wasm hello.wasm")
+        for pushed in (True, False):
+            rates = [await bench_stream(executor, opts.wasm, opts.bench_stream, pushed) for _ in range(3)]
+            how = "pushed" if pushed else "pulled"
+            print(f"python stream {how}: median {statistics.median(rates) / 1e6:.0f} MB/s")
     del executor, client
 
 
@@ -164,6 +246,9 @@ if __name__ == "__main__":
     parser.add_argument("--elf", help="an x86-64 ELF to run too (needs a host with microVMs)")
     parser.add_argument("--files", help="files.wasm: write a file into the directory `out`")
     parser.add_argument("--bench-echo", type=int, metavar="N", help="time N echo round trips")
+    parser.add_argument(
+        "--bench-stream", type=int, metavar="MIB", help="stream MIB MiB through the --wasm program's cat"
+    )
     opts = parser.parse_args()
     # pycapnp ships capnp/stream.capnp (the schema's `-> stream` methods
     # import it) next to its own package.

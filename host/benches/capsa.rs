@@ -753,9 +753,14 @@ fn echo_through_serve_rust(address: &capsa::serve::Address) -> Vec<f64> {
     })
 }
 
-/// The same from the Python example (pycapnp), when `CAPSA_PYTHON` names
-/// a Python that has it: the median it reports, in nanoseconds.
-fn echo_through_serve_python(address: &capsa::serve::Address) -> Result<f64, String> {
+/// Runs the Python example (pycapnp) against `address` with `args`, when
+/// `CAPSA_PYTHON` names a Python that has it, and returns the numbers it
+/// reports after each of `prefixes` (the first word after it).
+fn python_example(
+    address: &capsa::serve::Address,
+    args: &[&str],
+    prefixes: &[&str],
+) -> Result<Vec<f64>, String> {
     let python = std::env::var_os("CAPSA_PYTHON")
         .ok_or("CAPSA_PYTHON unset (`cargo xtask bench` sets it)")?;
     let script =
@@ -764,16 +769,51 @@ fn echo_through_serve_python(address: &capsa::serve::Address) -> Result<f64, Str
         .arg(script)
         .arg("--connect")
         .arg(address.to_string())
-        .args(["--bench-echo", "5000"])
+        .args(args)
         .output()
         .map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| l.strip_prefix("python echo round trip: median "))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|n| n.parse::<f64>().ok())
-        .map(|us| us * 1000.0)
-        .ok_or_else(|| format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+    prefixes
+        .iter()
+        .map(|prefix| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix))
+                .and_then(|l| l.split_whitespace().next())
+                .and_then(|n| n.parse::<f64>().ok())
+                .ok_or_else(|| format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+        })
+        .collect()
+}
+
+/// The echo round trip from the Python example: the median it reports, in
+/// nanoseconds.
+fn echo_through_serve_python(address: &capsa::serve::Address) -> Result<f64, String> {
+    let found = python_example(
+        address,
+        &["--bench-echo", "5000"],
+        &["python echo round trip: median "],
+    )?;
+    Ok(found[0] * 1000.0)
+}
+
+/// 256 MiB through `hello cat` from the Python example, its output pushed
+/// and pulled: the medians it reports, in MB/s.
+fn stream_through_serve_python(address: &capsa::serve::Address) -> Result<(f64, f64), String> {
+    let hello = guests().join("hello.wasm");
+    let found = python_example(
+        address,
+        &[
+            "--wasm",
+            &hello.display().to_string(),
+            "--bench-stream",
+            "256",
+        ],
+        &[
+            "python stream pushed: median ",
+            "python stream pulled: median ",
+        ],
+    )?;
+    Ok((found[0], found[1]))
 }
 
 /// Seconds to compile `bytes` (a component) with `config`, median of `runs`.
@@ -1209,6 +1249,21 @@ fn main() {
             ),
             Err(e) => r.row(
                 "echo round trip Python client <-> capsa serve (Unix)",
+                "skipped".into(),
+                e.lines().last().unwrap_or_default().to_string(),
+            ),
+        }
+        match stream_through_serve_python(&address) {
+            Ok((pushed, pulled)) => r.row(
+                "byte stream Python client -> capsa serve -> guest cat -> back",
+                format!("{pushed:.0} MB/s pushed"),
+                format!(
+                    "the same pulled: {pulled:.0} MB/s (ratio {:.2})",
+                    pushed / pulled
+                ),
+            ),
+            Err(e) => r.row(
+                "byte stream Python client -> capsa serve -> guest cat -> back",
                 "skipped".into(),
                 e.lines().last().unwrap_or_default().to_string(),
             ),
