@@ -75,9 +75,9 @@ def describe(status):
     return which
 
 
-async def run(executor, path, args):
-    """Runs the program at `path` in data mode; streams its stdout to ours
-    and returns (stdout bytes, exit status text)."""
+def data_mode_request(executor, path, args):
+    """A runBytes request for the program at `path` with `args`, in data
+    mode and named after the file, to fill in further and send."""
     with open(path, "rb") as f:
         program = f.read()
     request = executor.runBytes_request()
@@ -87,6 +87,13 @@ async def run(executor, path, args):
         request.args[i] = a
     request.options.stdio = "data"
     request.options.name = os.path.basename(path)
+    return request
+
+
+async def run(executor, path, args):
+    """Runs the program at `path` in data mode; streams its stdout to ours
+    and returns (stdout bytes, exit status text)."""
+    request = data_mode_request(executor, path, args)
     process = (await request.send()).process
     # Pipelined: no round trip of its own before the first read.
     output = await read_to_end(process.stdout().source, sys.stdout.buffer)
@@ -100,15 +107,7 @@ async def files_demo(executor, path):
     out = next((g.directory for g in grants if g.path == "out"), None)
     if out is None:
         raise SystemExit("the server offers no directory named out (capsa serve --dir out=PATH)")
-    with open(path, "rb") as f:
-        program = f.read()
-    request = executor.runBytes_request()
-    request.bytes = program
-    request.init("args", 2)
-    request.args[0] = "put"
-    request.args[1] = "/out/from-wasm.txt"
-    request.options.stdio = "data"
-    request.options.name = "files"
+    request = data_mode_request(executor, path, ["put", "/out/from-wasm.txt"])
     grant = request.options.init("directories", 1)[0]
     grant.path = "/out"
     grant.directory = out
@@ -166,13 +165,7 @@ async def bench_stream(executor, path, mib, pushed):
     """Streams `mib` MiB through `hello cat` and back: bytes per second.
     With `pushed`, the host writes the output into our sink; else we read
     it. Up to eight 1 MiB writes are in flight."""
-    with open(path, "rb") as f:
-        program = f.read()
-    request = executor.runBytes_request()
-    request.bytes = program
-    request.init("args", 1)
-    request.args[0] = "cat"
-    request.options.stdio = "data"
+    request = data_mode_request(executor, path, ["cat"])
     collect = Collect()
     if pushed:
         request.options.stdoutTo = collect.server()
