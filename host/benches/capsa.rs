@@ -363,29 +363,61 @@ impl byte_sink::Server for CountingSink {
 fn throughput_capsa_pushed(chunk: usize, total: usize) -> f64 {
     local(async move {
         let host = Host::new(HostConfig::default()).unwrap();
-        let root = host.root_executor();
-        let (tx, closed) = tokio::sync::oneshot::channel();
-        let out: byte_sink::Client = capnp_rpc::new_client(CountingSink {
-            bytes: std::cell::Cell::new(0),
-            closed: RefCell::new(Some(tx)),
-        });
+        let rate = pushed_through(&host.root_executor(), chunk, total).await;
+        host.shutdown().await;
+        rate
+    })
+}
+
+/// Streams `total` bytes through `hello cat` started on `exec`, its stdout
+/// pushed into a sink of ours: bytes per second.
+async fn pushed_through(exec: &executor::Client, chunk: usize, total: usize) -> f64 {
+    let (tx, closed) = tokio::sync::oneshot::channel();
+    let out: byte_sink::Client = capnp_rpc::new_client(CountingSink {
+        bytes: std::cell::Cell::new(0),
+        closed: RefCell::new(Some(tx)),
+    });
+    let p = capsa_client::Spawn {
+        args: &["cat"],
+        stdio: StdioMode::Data,
+        stdout_to: Some(&out),
+        ..Default::default()
+    }
+    .start(exec, &guest("hello"))
+    .await
+    .unwrap();
+    let sink = capsa_client::stdin(&p).await.unwrap();
+    let t = Instant::now();
+    feed(&sink, chunk, total).await;
+    let got = closed.await.unwrap();
+    let rate = total as f64 / t.elapsed().as_secs_f64();
+    assert_eq!(got, total);
+    rate
+}
+
+/// The same through `capsa serve` from the Rust client, pushed and pulled
+/// in the same connection: bytes per second of each.
+fn stream_through_serve_rust(
+    address: &capsa::serve::Address,
+    chunk: usize,
+    total: usize,
+) -> (f64, f64) {
+    local(async move {
+        let connection = capsa::serve::connect(address, None).await.unwrap();
+        let exec = connection.executor.clone();
+        let pushed = pushed_through(&exec, chunk, total).await;
         let p = capsa_client::Spawn {
             args: &["cat"],
             stdio: StdioMode::Data,
-            stdout_to: Some(&out),
             ..Default::default()
         }
-        .start(&root, &guest("hello"))
+        .start(&exec, &guest("hello"))
         .await
         .unwrap();
-        let sink = capsa_client::stdin(&p).await.unwrap();
-        let t = Instant::now();
-        feed(&sink, chunk, total).await;
-        let got = closed.await.unwrap();
-        let rate = total as f64 / t.elapsed().as_secs_f64();
-        assert_eq!(got, total);
-        host.shutdown().await;
-        rate
+        let pulled = stream_through(&p, chunk, total).await;
+        drop((p, exec));
+        connection.close().await;
+        (pushed, pulled)
     })
 }
 
@@ -1253,6 +1285,20 @@ fn main() {
                 e.lines().last().unwrap_or_default().to_string(),
             ),
         }
+        let runs: Vec<(f64, f64)> = (0..3)
+            .map(|_| stream_through_serve_rust(&address, 1 << 20, 256 << 20))
+            .collect();
+        let pushed = median(runs.iter().map(|r| r.0).collect());
+        let pulled = median(runs.iter().map(|r| r.1).collect());
+        r.row(
+            "byte stream Rust client -> capsa serve -> guest cat -> back",
+            format!("{:.2} GB/s pushed", pushed / 1e9),
+            format!(
+                "the same pulled: {:.2} GB/s (ratio {:.2})",
+                pulled / 1e9,
+                pushed / pulled
+            ),
+        );
         match stream_through_serve_python(&address) {
             Ok((pushed, pulled)) => r.row(
                 "byte stream Python client -> capsa serve -> guest cat -> back",
