@@ -22,11 +22,12 @@ use crate::engine::EPOCH_TICK;
 use crate::error::SpawnError;
 use crate::format::{self, Format};
 use crate::host::Host;
-use crate::process::{ProcessImpl, Pushed};
+use crate::process::ProcessImpl;
 use crate::program::{Loaded, Payload, ProgramImpl};
 use crate::scope::{MemoryShare, Scope, Seat};
 use crate::status::Limits;
 use crate::vm::VmRequest;
+use capsa_client::Pushed;
 use capsa_directory::mirror::{Folder, Mirror};
 use futures::future::LocalBoxFuture;
 
@@ -283,19 +284,10 @@ impl ExecutorImpl {
             WireStdio::Rpc => StdioMode::Rpc,
             WireStdio::Data => StdioMode::Data,
         };
-        let pushed = Pushed {
-            stdout: opts
-                .has_stdout_to()
-                .then(|| opts.get_stdout_to())
-                .transpose()?,
-            stderr: opts
-                .has_stderr_to()
-                .then(|| opts.get_stderr_to())
-                .transpose()?,
-        };
+        let pushed = Pushed::from_options(opts)?;
         // An ELF's stdio is always data; a WASM child in RPC mode has no
         // streams to push.
-        if stdio == StdioMode::Rpc && !elf && (pushed.stdout.is_some() || pushed.stderr.is_some()) {
+        if stdio == StdioMode::Rpc && !elf && pushed.any() {
             return Err(error(
                 ErrorKind::WrongMode,
                 "stdoutTo and stderrTo need data mode: in RPC mode stdout carries the child's \

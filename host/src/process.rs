@@ -8,6 +8,7 @@
 use std::cell::OnceCell;
 use std::rc::Rc;
 
+use capsa_client::Pushed;
 use futures::future::{FutureExt, Shared};
 
 use capsa_schema::capsa_capnp::{byte_sink, byte_source, process};
@@ -38,13 +39,6 @@ pub struct ProcessImpl {
     pushed: [bool; 2],
     /// One per pushed stream: resolves when its sink has been closed.
     pushing: Vec<Shared<futures::channel::oneshot::Receiver<()>>>,
-}
-
-/// The caller's sinks for the streams it wants pushed.
-#[derive(Default)]
-pub struct Pushed {
-    pub stdout: Option<byte_sink::Client>,
-    pub stderr: Option<byte_sink::Client>,
 }
 
 /// Which of the three streams.

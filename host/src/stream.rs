@@ -111,25 +111,7 @@ impl Source {
 }
 
 /// Pushes `from` into the caller's `sink` until the stream ends, then
-/// closes the sink (`Options.stdoutTo`). Each write waits for the sink's
-/// flow control, which holds the child back through the bounded pipe. Once
-/// the sink fails the rest is read and dropped, so the child is not stuck
-/// on a caller that went away.
+/// closes it (`Options.stdoutTo`; see [`capsa_client::push`]).
 pub async fn push(from: Source, sink: byte_sink::Client) {
-    let mut broken = false;
-    loop {
-        let chunk = from.next().await;
-        if chunk.is_empty() {
-            break;
-        }
-        if broken {
-            continue;
-        }
-        let mut write = sink.write_request();
-        write.get().set_data(&chunk);
-        broken = write.send().await.is_err();
-    }
-    if !broken {
-        let _ = sink.close_request().send().promise.await;
-    }
+    capsa_client::push(|| from.next(), &sink).await;
 }

@@ -255,6 +255,65 @@ pub async fn write_all(sink: &byte_sink::Client, data: &[u8]) -> capnp::Result<(
     Ok(())
 }
 
+/// The caller's sinks for the streams it wants pushed (`Options.stdoutTo`,
+/// `stderrTo`), as a host or an agent reads them from a request.
+#[derive(Default)]
+pub struct Pushed {
+    pub stdout: Option<byte_sink::Client>,
+    pub stderr: Option<byte_sink::Client>,
+}
+
+impl Pushed {
+    pub fn from_options(options: options::Reader<'_>) -> capnp::Result<Pushed> {
+        Ok(Pushed {
+            stdout: options
+                .has_stdout_to()
+                .then(|| options.get_stdout_to())
+                .transpose()?,
+            stderr: options
+                .has_stderr_to()
+                .then(|| options.get_stderr_to())
+                .transpose()?,
+        })
+    }
+
+    /// Whether any stream is pushed.
+    pub fn any(&self) -> bool {
+        self.stdout.is_some() || self.stderr.is_some()
+    }
+}
+
+/// Pushes a stream into `sink`: writes each chunk `next` yields until it
+/// yields an empty one, then closes the sink. Each write waits for the
+/// sink's flow control, which holds the producer back. Once a write fails
+/// the rest is still taken from `next` and dropped, so the producer is never
+/// stuck on a sink that went away. What `Options.stdoutTo` does, in the
+/// host and in the agent.
+pub async fn push<F, Fut, B>(mut next: F, sink: &byte_sink::Client)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = B>,
+    B: AsRef<[u8]>,
+{
+    let mut broken = false;
+    loop {
+        let chunk = next().await;
+        let chunk = chunk.as_ref();
+        if chunk.is_empty() {
+            break;
+        }
+        if broken {
+            continue;
+        }
+        let mut write = sink.write_request();
+        write.get().set_data(chunk);
+        broken = write.send().await.is_err();
+    }
+    if !broken {
+        let _ = sink.close_request().send().promise.await;
+    }
+}
+
 /// Everything read from `source` until its end.
 pub async fn read_to_end(source: &byte_source::Client) -> capnp::Result<Vec<u8>> {
     let mut data = Vec::new();

@@ -19,6 +19,7 @@ use crate::format::check_elf;
 use crate::grants::{self, InUse};
 use crate::process::{spawn, ProcessImpl, Spec};
 use crate::reaper::Reaper;
+use capsa_client::Pushed;
 
 /// What every connection's Executor shares.
 pub struct Runner {
@@ -111,7 +112,9 @@ impl ExecutorImpl {
         // Stdio is always plain data: an ELF executable has no Cap'n Proto
         // connection of its own, so `options.stdio` and `options.bootstrap`
         // do not apply.
+        let mut pushed = Pushed::default();
         let (name, deadline, memory_limit, granted) = if let Some(options) = params.options {
+            pushed = Pushed::from_options(options)?;
             let name = if options.has_name() {
                 text(options.get_name()?, "options.name")?
             } else {
@@ -174,6 +177,7 @@ impl ExecutorImpl {
             child,
             capnp_rpc::new_client::<executor::Client, _>(ExecutorImpl::new(self.runner.clone()))
                 .client,
+            pushed,
         )))
     }
 }

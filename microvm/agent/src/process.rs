@@ -23,7 +23,11 @@ use std::process::{Command, Stdio};
 use std::rc::Rc;
 use std::time::Duration;
 
-use capsa_schema::capsa_capnp::process;
+use capsa_client::Pushed;
+use capsa_schema::capsa_capnp::{byte_source, process};
+use capsa_schema::error::error;
+use capsa_schema::ErrorKind;
+use futures::future::{FutureExt, Shared};
 use nix::fcntl::{fcntl, FcntlArg};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -262,11 +266,50 @@ pub struct ProcessImpl {
     child: Rc<Child>,
     /// The Executor of the machine the process runs in: its `bootstrap()`.
     machine: capnp::capability::Client,
+    /// Whether stdout, stderr are pushed into the caller's sinks.
+    pushed: [bool; 2],
+    /// One per pushed stream: resolves once its sink is closed.
+    pushing: Vec<Shared<futures::channel::oneshot::Receiver<()>>>,
 }
 
 impl ProcessImpl {
-    pub fn new(child: Rc<Child>, machine: capnp::capability::Client) -> Self {
-        ProcessImpl { child, machine }
+    pub fn new(child: Rc<Child>, machine: capnp::capability::Client, pushed: Pushed) -> Self {
+        let mut pushing = Vec::new();
+        let streams = [
+            (child.stdout.clone(), pushed.stdout.as_ref()),
+            (child.stderr.clone(), pushed.stderr.as_ref()),
+        ];
+        for (from, sink) in streams {
+            let Some(sink) = sink.cloned() else { continue };
+            let (done, closed) = futures::channel::oneshot::channel::<()>();
+            tokio::task::spawn_local(async move {
+                capsa_client::push(|| from.next_chunk(), &sink).await;
+                drop(done);
+            });
+            pushing.push(closed.shared());
+        }
+        ProcessImpl {
+            child,
+            machine,
+            pushed: [pushed.stdout.is_some(), pushed.stderr.is_some()],
+            pushing,
+        }
+    }
+
+    /// A ByteSource on `pipe`, unless the stream is pushed.
+    fn source(
+        &self,
+        pipe: &Rc<OutputPipe>,
+        index: usize,
+        what: &str,
+    ) -> Result<byte_source::Client, capnp::Error> {
+        if self.pushed[index] {
+            return Err(error(
+                ErrorKind::WrongMode,
+                format!("{what} is pushed into the sink given at the start ({what}To)"),
+            ));
+        }
+        Ok(capnp_rpc::new_client(ByteSourceImpl::new(pipe.clone())))
     }
 }
 
@@ -283,6 +326,10 @@ impl process::Server for ProcessImpl {
         mut results: process::WaitResults,
     ) -> Result<(), capnp::Error> {
         let status = self.child.wait().await;
+        // All of the output is in the caller's sinks before it hears the end.
+        for closed in &self.pushing {
+            let _ = closed.clone().await;
+        }
         status.write_to(results.get().init_status());
         Ok(())
     }
@@ -316,9 +363,7 @@ impl process::Server for ProcessImpl {
     ) -> Result<(), capnp::Error> {
         results
             .get()
-            .set_source(capnp_rpc::new_client(ByteSourceImpl::new(
-                self.child.stdout.clone(),
-            )));
+            .set_source(self.source(&self.child.stdout, 0, "stdout")?);
         Ok(())
     }
 
@@ -329,9 +374,7 @@ impl process::Server for ProcessImpl {
     ) -> Result<(), capnp::Error> {
         results
             .get()
-            .set_source(capnp_rpc::new_client(ByteSourceImpl::new(
-                self.child.stderr.clone(),
-            )));
+            .set_source(self.source(&self.child.stderr, 1, "stderr")?);
         Ok(())
     }
 

@@ -43,6 +43,12 @@ impl OutputPipe {
         }))
     }
 
+    /// The next chunk of at most [`MAX_READ`] bytes for a push into a
+    /// caller's sink; empty at the end of the stream or on an error.
+    pub async fn next_chunk(&self) -> Vec<u8> {
+        self.read(MAX_READ).await.unwrap_or_default()
+    }
+
     /// Up to `max` bytes, waiting for the first; empty at end of stream.
     async fn read(&self, max: usize) -> io::Result<Vec<u8>> {
         let mut state = self.0.lock().await;

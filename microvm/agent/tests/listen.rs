@@ -537,6 +537,82 @@ fn stdin_and_stdout_round_trip_through_cat() {
     });
 }
 
+/// Keeps what is pushed into it and notes the close.
+#[derive(Default)]
+struct Kept {
+    bytes: std::cell::RefCell<Vec<u8>>,
+    closed: std::cell::Cell<bool>,
+}
+
+struct KeptSink(std::rc::Rc<Kept>);
+
+impl capsa_schema::capsa_capnp::byte_sink::Server for KeptSink {
+    async fn write(
+        self: std::rc::Rc<Self>,
+        params: capsa_schema::capsa_capnp::byte_sink::WriteParams,
+    ) -> Result<(), capnp::Error> {
+        let data = params.get()?.get_data()?;
+        self.0.bytes.borrow_mut().extend_from_slice(data);
+        Ok(())
+    }
+
+    async fn close(
+        self: std::rc::Rc<Self>,
+        _: capsa_schema::capsa_capnp::byte_sink::CloseParams,
+        _: capsa_schema::capsa_capnp::byte_sink::CloseResults,
+    ) -> Result<(), capnp::Error> {
+        self.0.closed.set(true);
+        Ok(())
+    }
+}
+
+/// `stdoutTo`/`stderrTo` on the agent's own Executor: the output is pushed
+/// into the caller's sinks, all of it there when `wait` answers (asked
+/// before anything was written), and the pushed stream cannot be pulled.
+#[test]
+fn output_is_pushed_into_the_callers_sinks() {
+    let agent = Agent::start(&[]);
+    local(async {
+        let ex = connect(&agent.socket).await;
+        let (out, err) = (
+            std::rc::Rc::new(Kept::default()),
+            std::rc::Rc::new(Kept::default()),
+        );
+        let out_sink: capsa_schema::capsa_capnp::byte_sink::Client =
+            capnp_rpc::new_client(KeptSink(out.clone()));
+        let err_sink: capsa_schema::capsa_capnp::byte_sink::Client =
+            capnp_rpc::new_client(KeptSink(err.clone()));
+        let p = run(
+            &ex,
+            &bin("/bin/sh"),
+            Run {
+                // 1.3 MB, far past the pipe, with nobody reading.
+                args: &["-c", "seq 1 200000; echo done >&2"],
+                stdout_to: Some(&out_sink),
+                stderr_to: Some(&err_sink),
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(wait(&p).await, Status::Exited(0));
+        let expected: Vec<u8> = (1..=200_000)
+            .map(|n| format!("{n}\n"))
+            .collect::<String>()
+            .into();
+        assert!(out.closed.get() && err.closed.get());
+        assert!(
+            *out.bytes.borrow() == expected,
+            "{} bytes of {}",
+            out.bytes.borrow().len(),
+            expected.len()
+        );
+        assert_eq!(*err.bytes.borrow(), b"done\n");
+        let pulled = p.stdout_request().send().promise.await.map(drop);
+        assert_eq!(kind_of(pulled), capsa_schema::ErrorKind::WrongMode);
+    });
+}
+
 #[test]
 fn a_writer_nobody_reads_is_held_back() {
     let agent = Agent::start(&[]);
