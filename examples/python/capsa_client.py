@@ -112,7 +112,8 @@ async def files_demo(executor, path):
     grant.path = "/out"
     grant.directory = out
     process = (await request.send()).process
-    sink = process.stdin().sink
+    # Waited for, not pipelined on (see ByteSink in the schema).
+    sink = (await process.stdin()).sink
     await sink.write(data=b"written by a WASM child\n")
     await sink.close()
     status = describe((await process.wait()).status)
