@@ -441,27 +441,45 @@ impl executor::Server for FirstCall {
 /// From sending `runBytes(child-echo)` to the child's first RPC call
 /// reaching the host (child-echo in `bench-echo` mode calls echo on its
 /// bootstrap as soon as it starts).
-async fn spawn_to_first_call(root: &executor::Client, bytes: &[u8]) -> f64 {
+/// What a spawn starts from.
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    /// `runBytes` with these bytes.
+    Bytes(&'a [u8]),
+    /// `Program.run` of a program loaded before.
+    Program(&'a capsa::schema::program::Client),
+}
+
+async fn spawn_to_first_call(root: &executor::Client, start: Start<'_>) -> f64 {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let probe: executor::Client = capnp_rpc::new_client(FirstCall(RefCell::new(Some(tx))));
+    let spawn = capsa_client::Spawn {
+        args: &["bench-echo", "1"],
+        bootstrap: Some(&probe.client),
+        ..Default::default()
+    };
     let t = Instant::now();
-    let mut req = root.run_bytes_request();
-    {
-        let mut p = req.get();
-        p.set_bytes(bytes);
-        let mut args = p.reborrow().init_args(2);
-        args.set(0, "bench-echo");
-        args.set(1, "1");
-        p.init_options()
-            .init_bootstrap()
-            .init_capability()
-            .set_as_capability(probe.client.hook);
-    }
     // A local call runs as its promise is polled; dropping the promise
     // would cancel it.
-    let spawn = req.send();
-    let p = spawn.pipeline.get_process();
-    let spawn = tokio::task::spawn_local(spawn.promise);
+    let (p, promise): (_, futures::future::LocalBoxFuture<'static, _>) = match start {
+        Start::Bytes(bytes) => {
+            let sent = spawn.run_bytes(root, bytes).send();
+            let promise = sent.promise;
+            (
+                sent.pipeline.get_process(),
+                Box::pin(async move { promise.await.map(drop) }),
+            )
+        }
+        Start::Program(program) => {
+            let sent = spawn.program_run(program).send();
+            let promise = sent.promise;
+            (
+                sent.pipeline.get_process(),
+                Box::pin(async move { promise.await.map(drop) }),
+            )
+        }
+    };
+    let spawn = tokio::task::spawn_local(promise);
     let arrived = match tokio::time::timeout(Duration::from_secs(10), rx).await {
         Ok(Ok(t)) => t,
         _ => {
@@ -485,7 +503,7 @@ fn spawn_cold(runs: usize) -> Vec<f64> {
         .map(|_| {
             local(async {
                 let host = Host::new(HostConfig::default()).unwrap();
-                let ns = spawn_to_first_call(&host.root_executor(), &bytes).await;
+                let ns = spawn_to_first_call(&host.root_executor(), Start::Bytes(&bytes)).await;
                 host.shutdown().await;
 
                 ns
@@ -499,10 +517,28 @@ fn spawn_cached(runs: usize) -> Vec<f64> {
     local(async {
         let host = Host::new(HostConfig::default()).unwrap();
         let root = host.root_executor();
-        spawn_to_first_call(&root, &bytes).await;
+        spawn_to_first_call(&root, Start::Bytes(&bytes)).await;
         let mut v = Vec::new();
         for _ in 0..runs {
-            v.push(spawn_to_first_call(&root, &bytes).await);
+            v.push(spawn_to_first_call(&root, Start::Bytes(&bytes)).await);
+        }
+        host.shutdown().await;
+        v
+    })
+}
+
+/// As `spawn_cached`, through `Program.run` of a program loaded once: no
+/// bytes in the request, nothing to hash or compare.
+fn spawn_program(runs: usize) -> Vec<f64> {
+    let bytes = guest("child-echo");
+    local(async {
+        let host = Host::new(HostConfig::default()).unwrap();
+        let root = host.root_executor();
+        let program = capsa_client::load(&root, &bytes).await.unwrap();
+        spawn_to_first_call(&root, Start::Program(&program)).await;
+        let mut v = Vec::new();
+        for _ in 0..runs {
+            v.push(spawn_to_first_call(&root, Start::Program(&program)).await);
         }
         host.shutdown().await;
         v
@@ -705,7 +741,7 @@ fn memory_per_child(n: usize) -> (f64, usize) {
         let root = host.root_executor();
         let bytes = guest("child-echo");
         // Warm the compile cache and the allocator before the baseline.
-        let warm = spawn_to_first_call(&root, &bytes).await;
+        let warm = spawn_to_first_call(&root, Start::Bytes(&bytes)).await;
         std::hint::black_box(warm);
         tokio::time::sleep(Duration::from_millis(50)).await;
         let before = rss_bytes() + page_table_bytes();
@@ -1353,6 +1389,16 @@ fn main() {
             "runBytes -> child's first RPC call, cached",
             us(cached),
             String::new(),
+        );
+        let program = median(spawn_program(200));
+        r.row(
+            "Program.run -> child's first RPC call (loaded once)",
+            us(program),
+            format!(
+                "runBytes with the 450 KiB of bytes, cached: {} (ratio {:.2})",
+                us(cached),
+                program / cached
+            ),
         );
         let ours = median(hello_in_capsa(50));
         let peer = match hello_in_wasmtime_cli(20) {
