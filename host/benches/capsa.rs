@@ -512,33 +512,23 @@ fn spawn_cold(runs: usize) -> Vec<f64> {
         .collect()
 }
 
-fn spawn_cached(runs: usize) -> Vec<f64> {
-    let bytes = guest("child-echo");
-    local(async {
-        let host = Host::new(HostConfig::default()).unwrap();
-        let root = host.root_executor();
-        spawn_to_first_call(&root, Start::Bytes(&bytes)).await;
-        let mut v = Vec::new();
-        for _ in 0..runs {
-            v.push(spawn_to_first_call(&root, Start::Bytes(&bytes)).await);
-        }
-        host.shutdown().await;
-        v
-    })
-}
-
-/// As `spawn_cached`, through `Program.run` of a program loaded once: no
-/// bytes in the request, nothing to hash or compare.
-fn spawn_program(runs: usize) -> Vec<f64> {
+/// Cached spawns on one host: through `runBytes` with the bytes, or with
+/// `via_program` through `Program.run` of a program loaded once (no bytes
+/// in the request, nothing to hash or compare).
+fn spawn_cached(runs: usize, via_program: bool) -> Vec<f64> {
     let bytes = guest("child-echo");
     local(async {
         let host = Host::new(HostConfig::default()).unwrap();
         let root = host.root_executor();
         let program = capsa_client::load(&root, &bytes).await.unwrap();
-        spawn_to_first_call(&root, Start::Program(&program)).await;
+        let start = match via_program {
+            true => Start::Program(&program),
+            false => Start::Bytes(&bytes),
+        };
+        spawn_to_first_call(&root, start).await;
         let mut v = Vec::new();
         for _ in 0..runs {
-            v.push(spawn_to_first_call(&root, Start::Program(&program)).await);
+            v.push(spawn_to_first_call(&root, start).await);
         }
         host.shutdown().await;
         v
@@ -1379,7 +1369,7 @@ fn main() {
     }
     if want("spawn") {
         let cold = median(spawn_cold(10));
-        let cached = median(spawn_cached(200));
+        let cached = median(spawn_cached(200, false));
         r.row(
             "runBytes -> child's first RPC call, cold (compile)",
             us(cold),
@@ -1390,7 +1380,7 @@ fn main() {
             us(cached),
             String::new(),
         );
-        let program = median(spawn_program(200));
+        let program = median(spawn_cached(200, true));
         r.row(
             "Program.run -> child's first RPC call (loaded once)",
             us(program),
