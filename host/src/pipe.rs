@@ -3,7 +3,8 @@
 //! A pipe is a bounded buffer shared by one host end and one guest end. The
 //! bound is the flow control: a guest writing to a pipe nobody drains sees
 //! `check-write` return 0 and parks, and a host writer waits for the guest to
-//! read. Host memory per pipe is therefore at most its capacity.
+//! read. Host memory per pipe is therefore at most its capacity (each chunk
+//! counting 64 bytes beyond its own for its allocation).
 //!
 //! The guest ends implement `wasmtime-wasi`'s stdio traits (they serve both
 //! WASI preview 2 components and preview 1 modules, which wasmtime runs on
@@ -24,9 +25,94 @@ use wasmtime_wasi_io::streams::{InputStream, OutputStream, StreamError, StreamRe
 /// Default capacity of a pipe, in bytes.
 pub const DEFAULT_CAPACITY: usize = 256 * 1024;
 
+/// Reads of chunks smaller than this gather the chunks behind them too
+/// (one copy), so a guest's many small writes do not become as many
+/// messages; larger chunks are handed on as they were written.
+const GATHER_BELOW: usize = 16 * 1024;
+
+/// What one chunk's allocation and bookkeeping count as, in bytes.
+const CHUNK_COST: usize = 64;
+
+/// The bytes in a pipe, as the chunks they were written in: a guest's
+/// writes arrive as `Bytes` and leave the same way, without being copied
+/// into a ring buffer and out again, and nothing is held once read.
+#[derive(Default)]
+struct Chunks {
+    queue: VecDeque<Bytes>,
+    len: usize,
+}
+
+impl Chunks {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// What the chunks count against the pipe's capacity: their bytes and
+    /// [`CHUNK_COST`] for each, so a guest writing a byte at a time cannot
+    /// make the host hold many times the capacity in bookkeeping.
+    fn cost(&self) -> usize {
+        self.len + self.queue.len() * CHUNK_COST
+    }
+
+    fn push(&mut self, chunk: Bytes) {
+        if !chunk.is_empty() {
+            self.len += chunk.len();
+            self.queue.push_back(chunk);
+        }
+    }
+
+    fn extend(&mut self, data: &[u8]) {
+        self.push(Bytes::copy_from_slice(data));
+    }
+
+    /// Up to `max` bytes from the front: the front chunk or a slice of
+    /// it, uncopied, unless it is small and more follow (then gathered).
+    fn take(&mut self, max: usize) -> Bytes {
+        let chunks = self.queue.len();
+        let Some(front) = self.queue.front_mut() else {
+            return Bytes::new();
+        };
+        let out = if front.len() >= max {
+            front.split_to(max)
+        } else if chunks == 1 || front.len() >= GATHER_BELOW {
+            self.queue.pop_front().unwrap_or_default()
+        } else {
+            let mut gathered = Vec::with_capacity(max.min(self.len));
+            while gathered.len() < max {
+                let Some(chunk) = self.queue.front_mut() else {
+                    break;
+                };
+                let n = chunk.len().min(max - gathered.len());
+                gathered.extend_from_slice(&chunk.split_to(n));
+                if chunk.is_empty() {
+                    self.queue.pop_front();
+                }
+            }
+            Bytes::from(gathered)
+        };
+        self.len -= out.len();
+        out
+    }
+
+    /// Moves up to `out.len()` bytes into `out`; how many.
+    fn copy_to(&mut self, out: &mut [u8]) -> usize {
+        let mut n = 0;
+        while n < out.len() && !self.is_empty() {
+            let chunk = self.take(out.len() - n);
+            out[n..n + chunk.len()].copy_from_slice(&chunk);
+            n += chunk.len();
+        }
+        n
+    }
+}
+
 #[derive(Default)]
 struct State {
-    buf: VecDeque<u8>,
+    buf: Chunks,
     capacity: usize,
     /// The writing end is gone: once drained, readers see end of stream.
     write_closed: bool,
@@ -38,7 +124,7 @@ struct State {
 
 impl State {
     fn space(&self) -> usize {
-        self.capacity.saturating_sub(self.buf.len())
+        self.capacity.saturating_sub(self.buf.cost())
     }
 
     fn wake_reader(&mut self) {
@@ -54,19 +140,9 @@ impl State {
     }
 
     fn take(&mut self, max: usize) -> Bytes {
-        let n = max.min(self.buf.len());
-        let (a, b) = self.buf.as_slices();
-        let mut out = Vec::with_capacity(n);
-        let from_a = n.min(a.len());
-        out.extend_from_slice(&a[..from_a]);
-        out.extend_from_slice(&b[..n - from_a]);
-        self.buf.drain(..n);
-        if self.buf.is_empty() && self.buf.capacity() > 64 * 1024 {
-            // An idle pipe should not pin a large buffer.
-            self.buf = VecDeque::new();
-        }
+        let out = self.buf.take(max);
         self.wake_writer();
-        Bytes::from(out)
+        out
     }
 }
 
@@ -170,7 +246,7 @@ impl Drop for PipeReader {
     fn drop(&mut self) {
         let mut s = self.0.lock();
         s.read_closed = true;
-        s.buf = VecDeque::new();
+        s.buf = Chunks::default();
         s.wake_writer();
     }
 }
@@ -188,10 +264,7 @@ impl PipeReader {
         }
         futures::ready!(self.0.poll_readable(cx));
         let mut s = self.0.lock();
-        let n = out.len().min(s.buf.len());
-        for (dst, src) in out.iter_mut().zip(s.buf.drain(..n)) {
-            *dst = src;
-        }
+        let n = s.buf.copy_to(out);
         if n > 0 {
             s.wake_writer();
         }
@@ -307,7 +380,7 @@ impl GuestInput {
     pub(crate) fn close(&self) {
         let mut s = self.0.lock();
         s.read_closed = true;
-        s.buf = VecDeque::new();
+        s.buf = Chunks::default();
         s.wake_writer();
     }
 }
@@ -353,7 +426,7 @@ impl OutputStream for GuestOutput {
                 s.space()
             )));
         }
-        s.buf.extend(&bytes[..]);
+        s.buf.push(bytes);
         s.wake_reader();
         Ok(())
     }
@@ -453,6 +526,44 @@ mod tests {
     use super::*;
     use futures::io::AsyncReadExt;
 
+    #[test]
+    fn chunks_pass_large_writes_on_uncopied_and_gather_small_ones() {
+        let mut c = Chunks::default();
+        let big = Bytes::from(vec![1u8; 64 << 10]);
+        c.push(big.clone());
+        c.extend(b"tail");
+        // The same memory, not a copy.
+        let first = c.take(1 << 20);
+        assert_eq!(first.as_ptr(), big.as_ptr());
+        assert_eq!(first.len(), 64 << 10);
+        assert_eq!(&c.take(1 << 20)[..], b"tail");
+        assert!(c.is_empty());
+
+        for piece in [&b"a"[..], b"bc", b"def"] {
+            c.extend(piece);
+        }
+        assert_eq!(&c.take(4)[..], b"abcd");
+        assert_eq!(c.len(), 2);
+        let mut out = [0u8; 8];
+        assert_eq!(c.copy_to(&mut out), 2);
+        assert_eq!(&out[..2], b"ef");
+        assert_eq!(c.take(8).len(), 0);
+    }
+
+    #[tokio::test]
+    async fn byte_at_a_time_writes_count_their_bookkeeping() {
+        let (mut out, r) = guest_output(1024);
+        let mut written = 0;
+        while out.check_write().unwrap() > 0 {
+            out.write(Bytes::from_static(b"x")).unwrap();
+            written += 1;
+        }
+        // Each one-byte chunk costs 65: the pipe holds 16 of them (the last
+        // one granted while 49 were left), not 1,024.
+        assert_eq!(written, 1024_usize.div_ceil(1 + CHUNK_COST));
+        assert_eq!(r.read_chunk(1 << 20).await.len(), written);
+    }
+
     #[tokio::test]
     async fn bounded_and_ordered() {
         let (w, mut guest) = guest_input(4);
@@ -470,8 +581,9 @@ mod tests {
 
     #[tokio::test]
     async fn check_write_is_the_budget() {
-        let (mut out, r) = guest_output(8);
-        assert_eq!(out.check_write().unwrap(), 8);
+        // Room for one chunk of 8 bytes.
+        let (mut out, r) = guest_output(8 + CHUNK_COST);
+        assert_eq!(out.check_write().unwrap(), 8 + CHUNK_COST);
         out.write(Bytes::from_static(b"12345")).unwrap();
         assert_eq!(out.check_write().unwrap(), 3);
         assert!(matches!(
@@ -479,7 +591,7 @@ mod tests {
             Err(StreamError::Trap(_))
         ));
         assert_eq!(r.read_chunk(100).await.as_ref(), b"12345");
-        assert_eq!(out.check_write().unwrap(), 8);
+        assert_eq!(out.check_write().unwrap(), 8 + CHUNK_COST);
     }
 
     #[tokio::test]
