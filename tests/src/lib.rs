@@ -722,3 +722,16 @@ pub async fn emitting(
     .await
     .unwrap()
 }
+
+/// Asserts that `p`'s stdout, pushed into a sink given at the start,
+/// cannot also be pulled.
+pub async fn assert_stdout_is_pushed(p: &process::Client) {
+    let pulled = p
+        .stdout_request()
+        .send()
+        .promise
+        .await
+        .map(drop)
+        .unwrap_err();
+    assert_kind(&pulled.to_string(), ErrorKind::WrongMode, "is pushed");
+}

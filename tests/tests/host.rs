@@ -268,14 +268,7 @@ fn pushed_streams_are_refused_in_rpc_mode_and_cannot_be_pulled() {
         )
         .await
         .unwrap();
-        let pulled = p
-            .stdout_request()
-            .send()
-            .promise
-            .await
-            .map(drop)
-            .unwrap_err();
-        assert_kind(&pulled.to_string(), ErrorKind::WrongMode, "is pushed");
+        assert_stdout_is_pushed(&p).await;
         assert_eq!(wait(&p).await, ExitStatus::Exited(0));
     });
 }

@@ -148,14 +148,7 @@ fn an_elfs_output_is_pushed_into_the_callers_sinks() {
             );
         }
         assert_eq!(err.collected.borrow().bytes, b"done\n");
-        let pulled = p
-            .stdout_request()
-            .send()
-            .promise
-            .await
-            .map(drop)
-            .unwrap_err();
-        assert_kind(&pulled.to_string(), ErrorKind::WrongMode, "is pushed");
+        assert_stdout_is_pushed(&p).await;
     });
 }
 
