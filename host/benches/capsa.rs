@@ -53,11 +53,14 @@ fn us(ns: f64) -> String {
     format!("{:.1} µs", ns / 1000.0)
 }
 
+/// Samples guests reported, by the name they gave them.
+type Samples = Rc<RefCell<Vec<(String, Vec<f64>)>>>;
+
 /// The bootstrap PID0 gets in the benchmarks: the root Executor, except that
 /// `echo("bench:<name>:<ns>,<ns>,...")` also records the samples a guest took.
 struct Recorder {
     root: executor::Client,
-    samples: Rc<RefCell<Vec<(String, Vec<f64>)>>>,
+    samples: Samples,
 }
 
 impl executor::Server for Recorder {
@@ -224,6 +227,50 @@ async fn stream_through(p: &process::Client, chunk: usize, total: usize) -> f64 
     writer.await.unwrap();
     assert_eq!(got, total);
     total as f64 / t.elapsed().as_secs_f64()
+}
+
+/// One byte to `hello cat` (data mode) and back, `rounds` times: what a
+/// host ⇄ guest round trip costs without Cap'n Proto in the guest (the
+/// bench's own calls to the stdio capabilities are local, not serialized).
+fn stdio_ping_pong(rounds: usize) -> Vec<f64> {
+    local(async move {
+        let host = Host::new(HostConfig::default()).unwrap();
+        let root = host.root_executor();
+        let spawn = capsa_client::Spawn {
+            args: &["cat"],
+            stdio: StdioMode::Data,
+            ..Default::default()
+        };
+        let p = spawn
+            .run_bytes(&root, &guest("hello"))
+            .send()
+            .promise
+            .await
+            .unwrap()
+            .get()
+            .unwrap()
+            .get_process()
+            .unwrap();
+        let sink = capsa_client::stdin(&p).await.unwrap();
+        let source = p.stdout_request().send().pipeline.get_source();
+        let mut v = Vec::with_capacity(rounds);
+        for i in 0..=rounds {
+            let t = Instant::now();
+            let mut req = sink.write_request();
+            req.get().set_data(b"x");
+            req.send().await.unwrap();
+            let mut req = source.read_request();
+            req.get().set_max_bytes(1);
+            let resp = req.send().promise.await.unwrap();
+            assert_eq!(resp.get().unwrap().get_data().unwrap(), b"x");
+            if i > 0 {
+                v.push(t.elapsed().as_nanos() as f64);
+            }
+        }
+        sink.close_request().send().promise.await.unwrap();
+        host.shutdown().await;
+        v
+    })
 }
 
 /// Writes `total` bytes into `sink`, `chunk` at a time, and closes it.
@@ -1434,6 +1481,15 @@ fn main() {
             "echo round trip grandchild <-> child <-> host (two hops)",
             us(nested),
             format!("(vs PID0: {:.2})", nested / pid0),
+        );
+        let floor = median(stdio_ping_pong(ECHOES));
+        r.row(
+            "stdio round trip host <-> guest cat, 1 byte, no RPC in the guest",
+            us(floor),
+            format!(
+                "the part of PID0's echo that is not Cap'n Proto: {:.0}%",
+                100.0 * floor / pid0
+            ),
         );
         in_process_echo = Some(pid0);
     }

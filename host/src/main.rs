@@ -142,7 +142,9 @@ struct HostArgs {
     /// well under a second; nested virtualization can take 15.
     #[arg(long, default_value_t = 60.0)]
     vm_ready_timeout: f64,
-    /// Most guests alive at once in the host.
+    /// Most guests alive at once in the host. Each may cost six memory
+    /// mappings: past about 9,500 raise `vm.max_map_count` (the host
+    /// refuses to start and says to what).
     #[arg(long, default_value_t = 1024)]
     max_cells: u32,
     /// Most memory all microVMs hold at once, in MiB [default: this
