@@ -228,8 +228,9 @@ impl Connection<Side> for BoundedConnection {
     }
 
     fn new_outgoing_message(&mut self, first_segment_word_size: u32) -> Box<dyn OutgoingMessage> {
+        let words = first_segment_word_size.min(capsa_schema::rpc::FIRST_SEGMENT_WORDS);
         Box::new(Counted {
-            inner: self.inner.new_outgoing_message(first_segment_word_size),
+            inner: self.inner.new_outgoing_message(words),
             flow: self.flow.clone(),
         })
     }

@@ -12,6 +12,7 @@ use capsa_schema::executor;
 use futures::future::{self, Either};
 use futures::io::{BufReader, BufWriter};
 
+use crate::network::Network;
 use crate::{block_on, stdio, Error};
 
 /// Buffers between the RPC system and the WASI streams: a message header and
@@ -52,12 +53,12 @@ impl Connection {
     pub fn open(export: impl FnOnce(HostExecutor) -> Option<Client>) -> Self {
         let host_slot = HostExecutor::default();
         let export = export(host_slot.clone());
-        let network = twoparty::VatNetwork::new(
+        let network = Network(twoparty::VatNetwork::new(
             BufReader::with_capacity(BUFFER_BYTES, stdio::stdin()),
             BufWriter::with_capacity(BUFFER_BYTES, stdio::stdout()),
             Side::Client,
             Default::default(),
-        );
+        ));
         let mut rpc_system = RpcSystem::new(Box::new(network), export);
         let host: executor::Client = rpc_system.bootstrap(Side::Server);
         let _ = host_slot.0.set(host.clone());

@@ -16,6 +16,7 @@
 
 mod connection;
 pub mod executor;
+mod network;
 mod reactor;
 pub mod stdio;
 
