@@ -9,10 +9,10 @@ use capnp::capability::Client;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, RpcSystem};
 use capsa_schema::executor;
+use capsa_schema::rpc::SmallFirstSegments;
 use futures::future::{self, Either};
 use futures::io::{BufReader, BufWriter};
 
-use crate::network::Network;
 use crate::{block_on, stdio, Error};
 
 /// Buffers between the RPC system and the WASI streams: a message header and
@@ -53,7 +53,7 @@ impl Connection {
     pub fn open(export: impl FnOnce(HostExecutor) -> Option<Client>) -> Self {
         let host_slot = HostExecutor::default();
         let export = export(host_slot.clone());
-        let network = Network(twoparty::VatNetwork::new(
+        let network = SmallFirstSegments(twoparty::VatNetwork::new(
             BufReader::with_capacity(BUFFER_BYTES, stdio::stdin()),
             BufWriter::with_capacity(BUFFER_BYTES, stdio::stdout()),
             Side::Client,

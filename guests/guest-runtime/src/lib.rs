@@ -16,7 +16,6 @@
 
 mod connection;
 pub mod executor;
-mod network;
 mod reactor;
 pub mod stdio;
 

@@ -10,6 +10,7 @@ use std::rc::Rc;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, RpcSystem};
 use capsa_schema::capsa_capnp::executor;
+use capsa_schema::rpc::SmallFirstSegments;
 use tokio::sync::Notify;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
@@ -52,12 +53,12 @@ pub async fn serve(listener: Listener, runner: Rc<Runner>, lifetime: Lifetime) {
         open.set(open.get() + 1);
         eprintln!("capsa-agent: connection {id} opened");
 
-        let network = twoparty::VatNetwork::new(
+        let network = SmallFirstSegments(twoparty::VatNetwork::new(
             reader.compat(),
             writer.compat_write(),
             Side::Server,
             capnp::message::ReaderOptions::new(),
-        );
+        ));
         let bootstrap: executor::Client = capnp_rpc::new_client(ExecutorImpl::new(runner.clone()));
         let rpc = RpcSystem::new(Box::new(network), Some(bootstrap.client));
         let (task_open, task_idle) = (open.clone(), idle.clone());
