@@ -424,14 +424,18 @@ fn test(root: &Path, skip_native_kvm: bool, test_args: &[String]) -> Result<()> 
     let code = step(
         "running the tests that need native KVM in the nested machine",
         || match machine.run(&env, &jobs, NESTED_DEADLINE) {
-            // The job running when the machine froze neither passed nor
-            // failed (its own deadlines cannot fire in a frozen machine):
-            // say what froze and run the jobs once more in a fresh machine.
-            // A second freeze fails the run.
-            Err(e) if e.downcast_ref::<nested::Frozen>().is_some() => {
+            // The job running when the machine froze, or when its own
+            // kernel died, neither passed nor failed (its deadlines cannot
+            // fire in a frozen machine, nor its checks in a dead one): say
+            // what happened and run every job once more in a fresh
+            // machine. A second freeze or crash fails the run.
+            Err(e)
+                if e.downcast_ref::<nested::Frozen>().is_some()
+                    || e.downcast_ref::<nested::Crashed>().is_some() =>
+            {
                 eprintln!("==> {e:#}");
                 eprintln!(
-                    "==> the nested machine froze (not a test failure): \
+                    "==> the nested machine itself failed (not a test failure): \
                      running its jobs once more in a fresh machine"
                 );
                 machine.run(&env, &jobs, NESTED_DEADLINE)

@@ -114,6 +114,34 @@ impl std::fmt::Display for Frozen {
 
 impl std::error::Error for Frozen {}
 
+/// The nested machine's own kernel died (an oops or panic in its log)
+/// before its jobs ended: the emulated hypervisor failed, not a test. Seen
+/// once: the L1 kernel took a page fault with a nested guest's GS base
+/// still loaded and recursed until its stack guard page (`vcpu0`, in the
+/// middle of `twenty_boots_leave_nothing_behind`). Says where, with the
+/// kernel log's tail.
+#[derive(Debug)]
+pub struct Crashed {
+    pub report: String,
+}
+
+impl std::fmt::Display for Crashed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.report)
+    }
+}
+
+impl std::error::Error for Crashed {}
+
+/// The first line of a kernel log that says the kernel itself failed.
+fn kernel_failure(log: &str) -> Option<&str> {
+    log.lines().find(|line| {
+        ["BUG: ", "Oops", "Kernel panic", "general protection fault"]
+            .iter()
+            .any(|mark| line.contains(mark))
+    })
+}
+
 /// The L1 machine's kernel, initramfs and QEMU, ready to boot.
 pub struct NestedMachine {
     qemu: PathBuf,
@@ -247,6 +275,9 @@ impl NestedMachine {
             let mut stdout_lock = std::io::stdout();
             let mut ready = false;
             let mut boot_log = Vec::new();
+            // The console's last lines once jobs run: where a dying kernel
+            // prints its oops.
+            let mut tail = std::collections::VecDeque::new();
             for line in BufReader::new(stdout).split(b'\n') {
                 let Ok(line) = line else { break };
                 let text = String::from_utf8_lossy(&line);
@@ -254,6 +285,10 @@ impl NestedMachine {
                 if ready {
                     let _ = writeln!(stdout_lock, "{text}");
                     seen.lock().unwrap_or_else(|e| e.into_inner()).saw(text);
+                    if tail.len() == 200 {
+                        tail.pop_front();
+                    }
+                    tail.push_back(text.to_string());
                 } else if text.contains(READY_MARKER) {
                     ready = true;
                     let _ = lines_tx.send(text.to_string());
@@ -261,7 +296,7 @@ impl NestedMachine {
                     boot_log.push(text.to_string());
                 }
             }
-            boot_log
+            (boot_log, tail)
         });
 
         let mut announced = false;
@@ -299,7 +334,7 @@ impl NestedMachine {
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        let boot_log = reader.join().unwrap_or_default();
+        let (boot_log, console_tail) = reader.join().unwrap_or_default();
         let tail = || {
             let from = boot_log.len().saturating_sub(30);
             boot_log[from..].join("\n")
@@ -341,14 +376,34 @@ impl NestedMachine {
                 .trim()
                 .parse::<i32>()
                 .with_context(|| format!("unreadable exit status {code:?}")),
-            Err(_) => bail!(
-                "the nested test machine stopped ({status}) before its jobs ended{}",
-                if announced {
-                    String::new()
-                } else {
-                    format!("\nconsole:\n{}", tail())
+            Err(_) => {
+                let l1 = fs::read_to_string(&l1_log).unwrap_or_default();
+                let console = Vec::from(console_tail).join("\n");
+                if let Some(line) = kernel_failure(&l1).or_else(|| kernel_failure(&console)) {
+                    let running = running.lock().unwrap_or_else(|e| e.into_inner());
+                    let lines: Vec<&str> = l1.lines().collect();
+                    let from = lines.len().saturating_sub(40);
+                    return Err(Crashed {
+                        report: format!(
+                            "the nested test machine's kernel failed ({}) while running {} \
+                             (its console's last whole line: {}); its kernel log, last lines:\n{}",
+                            line.trim(),
+                            running.job.as_deref().unwrap_or("no job yet"),
+                            running.line.as_deref().unwrap_or("none"),
+                            lines[from..].join("\n"),
+                        ),
+                    }
+                    .into());
                 }
-            ),
+                bail!(
+                    "the nested test machine stopped ({status}) before its jobs ended{}",
+                    if announced {
+                        String::new()
+                    } else {
+                        format!("\nconsole:\n{}", tail())
+                    }
+                )
+            }
         }
     }
 }
@@ -657,6 +712,15 @@ fn ensure_l1_initramfs(base: &Path, l1: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dying_kernel_is_told_from_test_output() {
+        let log = "test native_kvm::twenty_boots_leave_nothing_behind ... \
+                   [  204.924301] BUG: TASK stack guard page was hit at 000000009a1f5592\n\
+                   [  204.924943] stack guard page: 0000 [#1] PREEMPT SMP NOPTI";
+        assert!(kernel_failure(log).is_some_and(|line| line.contains("stack guard page was hit")));
+        assert!(kernel_failure("test native_kvm::a ... ok\ntest result: ok.").is_none());
+    }
 
     #[test]
     fn the_job_script_quotes_everything_and_stops_at_the_first_failure() {
