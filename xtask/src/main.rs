@@ -429,10 +429,7 @@ fn test(root: &Path, skip_native_kvm: bool, test_args: &[String]) -> Result<()> 
             // fire in a frozen machine, nor its checks in a dead one): say
             // what happened and run every job once more in a fresh
             // machine. A second freeze or crash fails the run.
-            Err(e)
-                if e.downcast_ref::<nested::Frozen>().is_some()
-                    || e.downcast_ref::<nested::Crashed>().is_some() =>
-            {
+            Err(e) if e.downcast_ref::<nested::MachineFailed>().is_some() => {
                 eprintln!("==> {e:#}");
                 eprintln!(
                     "==> the nested machine itself failed (not a test failure): \

@@ -26,7 +26,7 @@
 //! included). A heartbeat and the kernel's log go to a second serial port;
 //! when it stays silent for [`FROZEN_AFTER`] the machine is frozen (seen
 //! under QEMU's emulation: every deadline inside it stops with it), and it
-//! is killed with a [`Frozen`] report of the job, the log's tail and the
+//! is killed with a [`MachineFailed`] report of the job, the log's tail and the
 //! CPUs' registers asked of QEMU over QMP.
 //!
 //! What it is not: hardware. Guest code runs under QEMU's emulation, one to
@@ -97,41 +97,26 @@ const READY_MARKER: &str = "capsa-nested: ready";
 /// kernel or emulated CPUs stopped does not.
 const FROZEN_AFTER: Duration = Duration::from_secs(120);
 
-/// The nested machine itself stopped making progress (its heartbeat went
-/// silent) while a job ran: the job's own deadlines cannot fire inside a
-/// frozen machine. Says which job and test were running, the kernel log's
-/// tail and the emulated CPUs' state.
+/// The nested machine itself failed while a job ran, so the job neither
+/// passed nor failed: it froze (its heartbeat went silent; the job's own
+/// deadlines cannot fire inside a frozen machine), or its own kernel died
+/// (an oops or panic in its log and no exit status: seen once, the L1
+/// kernel taking a page fault with a nested guest's GS base still loaded
+/// and recursing until its stack guard page, on capsa's `vcpu0` thread).
+/// Says which job and test were running, the kernel log's tail and, for
+/// a freeze, the emulated CPUs' state.
 #[derive(Debug)]
-pub struct Frozen {
+pub struct MachineFailed {
     pub report: String,
 }
 
-impl std::fmt::Display for Frozen {
+impl std::fmt::Display for MachineFailed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.report)
     }
 }
 
-impl std::error::Error for Frozen {}
-
-/// The nested machine's own kernel died (an oops or panic in its log)
-/// before its jobs ended: the emulated hypervisor failed, not a test. Seen
-/// once: the L1 kernel took a page fault with a nested guest's GS base
-/// still loaded and recursed until its stack guard page (`vcpu0`, in the
-/// middle of `twenty_boots_leave_nothing_behind`). Says where, with the
-/// kernel log's tail.
-#[derive(Debug)]
-pub struct Crashed {
-    pub report: String,
-}
-
-impl std::fmt::Display for Crashed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.report)
-    }
-}
-
-impl std::error::Error for Crashed {}
+impl std::error::Error for MachineFailed {}
 
 /// The first line of a kernel log that says the kernel itself failed.
 fn kernel_failure(log: &str) -> Option<&str> {
@@ -344,7 +329,7 @@ impl NestedMachine {
             let l1_tail = fs::read_to_string(&l1_log).unwrap_or_default();
             let lines: Vec<&str> = l1_tail.lines().collect();
             let from = lines.len().saturating_sub(40);
-            return Err(Frozen {
+            return Err(MachineFailed {
                 report: format!(
                     "the nested test machine froze: no heartbeat for {} while running {} \
                      (its console's last whole line: {}); it was killed after {}\n\
@@ -383,7 +368,7 @@ impl NestedMachine {
                     let running = running.lock().unwrap_or_else(|e| e.into_inner());
                     let lines: Vec<&str> = l1.lines().collect();
                     let from = lines.len().saturating_sub(40);
-                    return Err(Crashed {
+                    return Err(MachineFailed {
                         report: format!(
                             "the nested test machine's kernel failed ({}) while running {} \
                              (its console's last whole line: {}); its kernel log, last lines:\n{}",
