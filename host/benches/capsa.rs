@@ -236,21 +236,7 @@ fn stdio_ping_pong(rounds: usize) -> Vec<f64> {
     local(async move {
         let host = Host::new(HostConfig::default()).unwrap();
         let root = host.root_executor();
-        let spawn = capsa_client::Spawn {
-            args: &["cat"],
-            stdio: StdioMode::Data,
-            ..Default::default()
-        };
-        let p = spawn
-            .run_bytes(&root, &guest("hello"))
-            .send()
-            .promise
-            .await
-            .unwrap()
-            .get()
-            .unwrap()
-            .get_process()
-            .unwrap();
+        let p = start_cat(&root).await;
         let sink = capsa_client::stdin(&p).await.unwrap();
         let source = p.stdout_request().send().pipeline.get_source();
         let mut v = Vec::with_capacity(rounds);
@@ -271,6 +257,18 @@ fn stdio_ping_pong(rounds: usize) -> Vec<f64> {
         host.shutdown().await;
         v
     })
+}
+
+/// `hello cat` in data mode on `exec`, its stdout to be pulled.
+async fn start_cat(exec: &executor::Client) -> process::Client {
+    capsa_client::Spawn {
+        args: &["cat"],
+        stdio: StdioMode::Data,
+        ..Default::default()
+    }
+    .start(exec, &guest("hello"))
+    .await
+    .unwrap()
 }
 
 /// Writes `total` bytes into `sink`, `chunk` at a time, and closes it.
@@ -361,19 +359,7 @@ fn throughput_capsa(chunk: usize, total: usize) -> f64 {
     local(async move {
         let host = Host::new(HostConfig::default()).unwrap();
         let root = host.root_executor();
-        let mut req = root.run_bytes_request();
-        req.get().set_bytes(&guest("hello"));
-        req.get().init_args(1).set(0, "cat");
-        req.get().init_options().set_stdio(StdioMode::Data);
-        let p = req
-            .send()
-            .promise
-            .await
-            .unwrap()
-            .get()
-            .unwrap()
-            .get_process()
-            .unwrap();
+        let p = start_cat(&root).await;
         let rate = stream_through(&p, chunk, total).await;
         host.shutdown().await;
         rate
@@ -453,14 +439,7 @@ fn stream_through_serve_rust(
         let connection = capsa::serve::connect(address, None).await.unwrap();
         let exec = connection.executor.clone();
         let pushed = pushed_through(&exec, chunk, total).await;
-        let p = capsa_client::Spawn {
-            args: &["cat"],
-            stdio: StdioMode::Data,
-            ..Default::default()
-        }
-        .start(&exec, &guest("hello"))
-        .await
-        .unwrap();
+        let p = start_cat(&exec).await;
         let pulled = stream_through(&p, chunk, total).await;
         drop((p, exec));
         connection.close().await;
