@@ -16,8 +16,8 @@ use capnp_rpc::{Connection, FlowController, IncomingMessage, OutgoingMessage, Va
 pub const FIRST_SEGMENT_WORDS: u32 = 128;
 
 /// A two-party network whose outgoing messages start with at most
-/// [`FIRST_SEGMENT_WORDS`]: what the guests and the agent serve on (the
-/// host's own transport caps them in its flow-controlled connection).
+/// [`FIRST_SEGMENT_WORDS`]: what the host (under its flow control), the
+/// guests and the agent serve on.
 pub struct SmallFirstSegments<N>(pub N);
 
 impl<N: VatNetwork<Side>> VatNetwork<Side> for SmallFirstSegments<N> {

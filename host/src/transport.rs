@@ -37,6 +37,7 @@ use capnp::message::{Builder, HeapAllocator, ReaderOptions};
 use capnp_rpc::rpc_capnp::message;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, Connection, IncomingMessage, OutgoingMessage, VatNetwork};
+use capsa_schema::rpc::SmallFirstSegments;
 use futures::{AsyncRead, AsyncWrite, FutureExt, TryFutureExt};
 
 /// What one connection may hold in the host.
@@ -78,14 +79,19 @@ where
         flow: flow.clone(),
     };
     Bounded {
-        inner: twoparty::VatNetwork::new(reader, writer, side, ReaderOptions::new()),
+        inner: SmallFirstSegments(twoparty::VatNetwork::new(
+            reader,
+            writer,
+            side,
+            ReaderOptions::new(),
+        )),
         flow,
     }
 }
 
 /// A [`twoparty::VatNetwork`] under [`FlowLimits`].
 pub struct Bounded<R: AsyncRead + Unpin + 'static> {
-    inner: twoparty::VatNetwork<R>,
+    inner: SmallFirstSegments<twoparty::VatNetwork<R>>,
     flow: Rc<RefCell<Flow>>,
 }
 
@@ -228,9 +234,8 @@ impl Connection<Side> for BoundedConnection {
     }
 
     fn new_outgoing_message(&mut self, first_segment_word_size: u32) -> Box<dyn OutgoingMessage> {
-        let words = first_segment_word_size.min(capsa_schema::rpc::FIRST_SEGMENT_WORDS);
         Box::new(Counted {
-            inner: self.inner.new_outgoing_message(words),
+            inner: self.inner.new_outgoing_message(first_segment_word_size),
             flow: self.flow.clone(),
         })
     }
