@@ -78,6 +78,19 @@ impl Watchdog {
                         read("stack")
                     );
                 }
+                // Where KVM's exits are traced (the nested test machine
+                // does so), the last ones say where a spinning guest is.
+                let trace =
+                    std::fs::read_to_string("/sys/kernel/tracing/trace").unwrap_or_default();
+                let exits: Vec<&str> = trace.lines().filter(|l| l.contains(" kvm_")).collect();
+                if !exits.is_empty() {
+                    let from = exits.len().saturating_sub(60);
+                    let _ = writeln!(
+                        err,
+                        "KVM's last traced events:\n{}",
+                        exits[from..].join("\n")
+                    );
+                }
                 std::process::abort();
             }
         });

@@ -541,9 +541,35 @@ stty -F /dev/console -onlcr 2>/dev/null
 # the console: the host tells a frozen machine from a slow job by it.
 ( while :; do echo "capsa-nested: alive $(cut -d' ' -f1 /proc/uptime)"; sleep 5; done ) > /dev/ttyS1 2>&1 &
 cat /proc/kmsg > /dev/ttyS1 2>&1 &
+# A microVM that triple-faults is reset by KVM before its VMM can read its
+# registers; KVM's trace still has them. Every guest exit goes to a small
+# ring, which stops at the first SHUTDOWN exit (0x7f on SVM: a triple
+# fault) so the exits before it stay; a second instance keeps every
+# shutdown. Both are printed after the jobs if any guest shut down. A
+# test's watchdog reads the same ring to say where a spinning guest is.
+t=/sys/kernel/tracing
+traced=
+if mount -t tracefs tracefs $t 2>/dev/null && [ -d $t/events/kvm/kvm_exit ]; then
+  echo 256 > $t/buffer_size_kb
+  echo 1 > $t/events/kvm/kvm_exit/enable
+  echo 1 > $t/events/kvm/kvm_inj_exception/enable
+  echo 'traceoff if exit_reason == 0x7f' > $t/events/kvm/kvm_exit/trigger
+  mkdir $t/instances/shutdown
+  echo 'exit_reason == 0x7f' > $t/instances/shutdown/events/kvm/kvm_exit/filter
+  echo 1 > $t/instances/shutdown/events/kvm/kvm_exit/enable
+  mount -t tracefs tracefs /host$t
+  traced=1
+fi
 echo "capsa-nested: ready: $(uname -r), $(nproc) CPUs, $(grep -c . /proc/modules) modules, /dev/kvm"
 HOME=/tmp chroot /host /bin/sh "$capsa_scratch/run.sh"
-echo $? > "/host$capsa_scratch/status"
+code=$?
+if [ -n "$traced" ] && grep -q kvm_exit $t/instances/shutdown/trace; then
+  echo "capsa-nested: microVM guests that shut down (triple fault), as KVM saw them:"
+  grep -v '^#' $t/instances/shutdown/trace
+  echo "capsa-nested: the last guest exits before the first of them:"
+  grep -v '^#' $t/trace | tail -n 60
+fi
+echo $code > "/host$capsa_scratch/status"
 sync
 poweroff -f
 "#;
