@@ -476,7 +476,11 @@ enum Start<'a> {
     Program(&'a capsa::schema::program::Client),
 }
 
-async fn spawn_to_first_call(root: &executor::Client, start: Start<'_>) -> f64 {
+/// Nanoseconds from the spawn request to the child's first call, then
+/// from `kill` to the killed child's exit status. The next spawn starts
+/// only after that exit, so it does not also pay for this child's
+/// teardown (about 60 µs of each measured spawn when it did).
+async fn spawn_to_first_call(root: &executor::Client, start: Start<'_>) -> (f64, f64) {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let probe: executor::Client = capnp_rpc::new_client(FirstCall(RefCell::new(Some(tx))));
     let spawn = capsa_client::Spawn {
@@ -519,8 +523,10 @@ async fn spawn_to_first_call(root: &executor::Client, start: Start<'_>) -> f64 {
     };
     drop(spawn);
     let ns = (arrived - t).as_nanos() as f64;
+    let killed = Instant::now();
     p.kill_request().send().promise.await.unwrap();
-    ns
+    p.wait_request().send().promise.await.unwrap();
+    (ns, killed.elapsed().as_nanos() as f64)
 }
 
 fn spawn_cold(runs: usize) -> Vec<f64> {
@@ -529,7 +535,8 @@ fn spawn_cold(runs: usize) -> Vec<f64> {
         .map(|_| {
             local(async {
                 let host = Host::new(HostConfig::default()).unwrap();
-                let ns = spawn_to_first_call(&host.root_executor(), Start::Bytes(&bytes)).await;
+                let (ns, _) =
+                    spawn_to_first_call(&host.root_executor(), Start::Bytes(&bytes)).await;
                 host.shutdown().await;
 
                 ns
@@ -540,8 +547,9 @@ fn spawn_cold(runs: usize) -> Vec<f64> {
 
 /// Cached spawns on one host: through `runBytes` with the bytes, or with
 /// `via_program` through `Program.run` of a program loaded once (no bytes
-/// in the request, nothing to hash or compare).
-fn spawn_cached(runs: usize, via_program: bool) -> Vec<f64> {
+/// in the request, nothing to hash or compare). Each as (spawn -> first
+/// call, kill -> exit status).
+fn spawn_cached(runs: usize, via_program: bool) -> Vec<(f64, f64)> {
     let bytes = guest("child-echo");
     local(async {
         let host = Host::new(HostConfig::default()).unwrap();
@@ -1556,7 +1564,8 @@ fn main() {
     }
     if want("spawn") {
         let cold = median(spawn_cold(10));
-        let cached = median(spawn_cached(200, false));
+        let (cached, _): (Vec<f64>, Vec<f64>) = spawn_cached(500, false).into_iter().unzip();
+        let cached = median(cached);
         r.row(
             "runBytes -> child's first RPC call, cold (compile)",
             us(cold),
@@ -1567,7 +1576,9 @@ fn main() {
             us(cached),
             String::new(),
         );
-        let program = median(spawn_cached(200, true));
+        let (program, teardown): (Vec<f64>, Vec<f64>) =
+            spawn_cached(1000, true).into_iter().unzip();
+        let program = median(program);
         r.row(
             "Program.run -> child's first RPC call (loaded once)",
             us(program),
@@ -1576,6 +1587,11 @@ fn main() {
                 us(cached),
                 program / cached
             ),
+        );
+        r.row(
+            "kill -> the killed child's exit status (its teardown)",
+            us(median(teardown)),
+            "measured apart: each spawn above starts after the previous child's exit".into(),
         );
         let ours = median(hello_in_capsa(50));
         let peer = match hello_in_wasmtime_cli(20) {

@@ -553,6 +553,11 @@ pub fn engine_config(max_memory: u64, max_cells: u32) -> Config {
         .memory_reservation_for_growth(0)
         .async_stack_size(1 << 20)
         .max_wasm_stack(512 << 10);
+    // For profiling guests with `perf`: name the compiled functions in
+    // /tmp/perf-PID.map. Code generation does not change.
+    if std::env::var_os("CAPSA_PERF_MAP").is_some() {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     if wide_reservations(max_memory, max_cells) {
         config
             .memory_reservation(WIDE_RESERVATION)
