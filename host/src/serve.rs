@@ -35,6 +35,7 @@ use std::time::Duration;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, RpcSystem};
 use capsa_schema::capsa_capnp::executor;
+use capsa_schema::rpc::SmallFirstSegments;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
@@ -588,12 +589,13 @@ impl Connection {
 /// local task, so this must be called inside a `LocalSet`.
 pub fn client_over(stream: impl Stream) -> Connection {
     let (read, write) = tokio::io::split(stream);
-    let network = twoparty::VatNetwork::new(
+    // Calls start in 1 KiB first segments, as on every other side.
+    let network = SmallFirstSegments(twoparty::VatNetwork::new(
         read.compat(),
         write.compat_write(),
         Side::Client,
         capnp::message::ReaderOptions::new(),
-    );
+    ));
     let mut rpc = RpcSystem::new(Box::new(network), None);
     let executor: executor::Client = rpc.bootstrap(Side::Server);
     let disconnector = rpc.get_disconnector();
