@@ -259,7 +259,6 @@ pub fn spawn(
         run,
         kill_rx,
         limits,
-        status_tx,
         GuestEnds {
             stdin: stdin_guest,
             stdout: stdout_guest,
@@ -268,8 +267,11 @@ pub fn spawn(
             stderr_drained,
             tail,
         },
-        spec.after_exit,
-        on_exit,
+        Ending {
+            status_tx,
+            after_exit: spec.after_exit,
+            on_exit,
+        },
     ));
 
     Ok(Rc::new(Cell {
@@ -302,16 +304,33 @@ impl GuestEnds {
     }
 }
 
+/// What happens once a cell's status is known, in this order: the work
+/// that must finish first (`after_exit`), `on_exit`, then the status is
+/// published to its waiters.
+struct Ending<F> {
+    status_tx: watch::Sender<Option<ExitStatus>>,
+    after_exit: Vec<futures::future::LocalBoxFuture<'static, ()>>,
+    on_exit: F,
+}
+
+impl<F: FnOnce(&ExitStatus)> Ending<F> {
+    async fn finish(self, status: ExitStatus) {
+        for work in self.after_exit {
+            work.await;
+        }
+        (self.on_exit)(&status);
+        self.status_tx.send_replace(Some(status));
+    }
+}
+
 /// Runs the guest until it exits, is killed, or passes its deadline.
 async fn drive(
     label: String,
     run: impl std::future::Future<Output = Outcome>,
     mut kill_rx: watch::Receiver<Option<ExitStatus>>,
     limits: Limits,
-    status_tx: watch::Sender<Option<ExitStatus>>,
     mut ends: GuestEnds,
-    after_exit: Vec<futures::future::LocalBoxFuture<'static, ()>>,
-    on_exit: impl FnOnce(&ExitStatus),
+    ending: Ending<impl FnOnce(&ExitStatus)>,
 ) {
     let deadline = async {
         match limits.deadline {
@@ -345,11 +364,7 @@ async fn drive(
         }
     };
     tracing::debug!(cell = %label, "{status}");
-    for work in after_exit {
-        work.await;
-    }
-    on_exit(&status);
-    status_tx.send_replace(Some(status));
+    ending.finish(status).await;
 }
 
 /// What running a guest to its end gave, before it is named an exit status.

@@ -83,7 +83,10 @@ pub struct VmRequest {
 /// A running machine, from either backend.
 enum Machine {
     Kvm(Rc<Vm>),
-    Agent { child: AgentProcess, _dir: TempDir },
+    Agent {
+        child: Box<AgentProcess>,
+        _dir: TempDir,
+    },
 }
 
 impl Machine {
@@ -546,7 +549,7 @@ async fn boot(
                 })
             });
             let mut machine = Machine::Agent {
-                child: AgentProcess(child),
+                child: Box::new(AgentProcess(child)),
                 _dir: dir,
             };
             loop {

@@ -728,8 +728,7 @@ fn a_guest_exiting_mid_call_fails_the_call() {
         .unwrap();
         let err = echo(&exported_executor(&p), "bye")
             .await
-            .err()
-            .expect("runBytes should fail");
+            .expect_err("runBytes should fail");
         assert!(
             err.to_lowercase().contains("disconnected") || err.contains("closed"),
             "{err}"

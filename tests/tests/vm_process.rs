@@ -610,7 +610,7 @@ fn a_machine_booting_while_the_host_shuts_down_is_not_kept() {
             });
             tokio::time::sleep(Duration::from_millis(300)).await;
             host.shutdown().await;
-            let err = booting.await.unwrap().err().expect("the machine was kept");
+            let err = booting.await.unwrap().expect_err("the machine was kept");
             assert_kind(&err, ErrorKind::ShuttingDown, "shutting down");
             assert_eq!(host.live_cells(), 0);
         },
