@@ -589,65 +589,89 @@ impl wasmtime_wasi::WasiView for BareState {
 /// embedding, as its documentation shows one (wasmtime's default engine:
 /// no pooling, no epoch checks, no limits; stdio through wasmtime-wasi's
 /// async streams over tokio in-memory pipes), its stdio served by a plain
-/// capnp-rpc system whose bootstrap is the probe. Timed from before the
-/// pipes are made to the probe's first call; each run starts after the
+/// capnp-rpc system whose bootstrap is the probe. Each run starts after the
 /// last one's store is gone.
 fn spawn_in_bare_wasmtime(runs: usize) -> Vec<f64> {
-    use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
     let engine = wasmtime::Engine::default();
-    let component = wasmtime::component::Component::new(&engine, guest("child-echo")).unwrap();
-    let mut linker = wasmtime::component::Linker::<BareState>::new(&engine);
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
-    let pre =
-        wasmtime_wasi::p2::bindings::CommandPre::new(linker.instantiate_pre(&component).unwrap())
-            .unwrap();
+    let pre = bare_compile(&engine);
     local(async move {
         let mut v = Vec::new();
         for i in 0..=runs {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let probe: executor::Client = capnp_rpc::new_client(FirstCall(RefCell::new(Some(tx))));
-            let t = Instant::now();
-            let (stdin_host, stdin_guest) = tokio::io::duplex(64 << 10);
-            let (stdout_guest, stdout_host) = tokio::io::duplex(64 << 10);
-            let mut wasi = wasmtime_wasi::WasiCtxBuilder::new();
-            wasi.args(&["child-echo", "bench-echo", "1"])
-                .stdin(wasmtime_wasi::cli::AsyncStdinStream::new(stdin_guest))
-                .stdout(wasmtime_wasi::cli::AsyncStdoutStream::new(
-                    64 << 10,
-                    stdout_guest,
-                ));
-            let state = BareState {
-                ctx: wasi.build(),
-                table: Default::default(),
-            };
-            let network = twoparty::VatNetwork::new(
-                stdout_host.compat(),
-                stdin_host.compat_write(),
-                Side::Server,
-                Default::default(),
-            );
-            let rpc =
-                tokio::task::spawn_local(RpcSystem::new(Box::new(network), Some(probe.client)));
-            let (engine, pre) = (engine.clone(), pre.clone());
-            let guest = tokio::task::spawn_local(async move {
-                let mut store = wasmtime::Store::new(&engine, state);
-                let command = pre.instantiate_async(&mut store).await.unwrap();
-                let _ = command.wasi_cli_run().call_run(&mut store).await;
-            });
-            let arrived = tokio::time::timeout(Duration::from_secs(10), rx)
-                .await
-                .expect("the child in bare wasmtime made no call")
-                .unwrap();
-            guest.abort();
-            rpc.abort();
-            let _ = guest.await;
-            let _ = rpc.await;
+            let ns = bare_first_call(&engine, &pre).await;
             if i > 0 {
-                v.push((arrived - t).as_nanos() as f64);
+                v.push(ns);
             }
         }
         v
     })
+}
+
+/// The cold spawn's peer: compiling child-echo with wasmtime's defaults,
+/// then the bare embedding's first call.
+fn spawn_cold_in_bare_wasmtime(runs: usize) -> Vec<f64> {
+    (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            let engine = wasmtime::Engine::default();
+            let pre = bare_compile(&engine);
+            let compiled = t.elapsed().as_nanos() as f64;
+            compiled + local(bare_first_call(&engine, &pre))
+        })
+        .collect()
+}
+
+fn bare_compile(engine: &wasmtime::Engine) -> wasmtime_wasi::p2::bindings::CommandPre<BareState> {
+    let component = wasmtime::component::Component::new(engine, guest("child-echo")).unwrap();
+    let mut linker = wasmtime::component::Linker::<BareState>::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
+    wasmtime_wasi::p2::bindings::CommandPre::new(linker.instantiate_pre(&component).unwrap())
+        .unwrap()
+}
+
+/// Nanoseconds from before the child's pipes are made to its first call.
+async fn bare_first_call(
+    engine: &wasmtime::Engine,
+    pre: &wasmtime_wasi::p2::bindings::CommandPre<BareState>,
+) -> f64 {
+    use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let probe: executor::Client = capnp_rpc::new_client(FirstCall(RefCell::new(Some(tx))));
+    let t = Instant::now();
+    let (stdin_host, stdin_guest) = tokio::io::duplex(64 << 10);
+    let (stdout_guest, stdout_host) = tokio::io::duplex(64 << 10);
+    let mut wasi = wasmtime_wasi::WasiCtxBuilder::new();
+    wasi.args(&["child-echo", "bench-echo", "1"])
+        .stdin(wasmtime_wasi::cli::AsyncStdinStream::new(stdin_guest))
+        .stdout(wasmtime_wasi::cli::AsyncStdoutStream::new(
+            64 << 10,
+            stdout_guest,
+        ));
+    let state = BareState {
+        ctx: wasi.build(),
+        table: Default::default(),
+    };
+    let network = twoparty::VatNetwork::new(
+        stdout_host.compat(),
+        stdin_host.compat_write(),
+        Side::Server,
+        Default::default(),
+    );
+    let rpc = tokio::task::spawn_local(RpcSystem::new(Box::new(network), Some(probe.client)));
+    let (engine, pre) = (engine.clone(), pre.clone());
+    let guest = tokio::task::spawn_local(async move {
+        let mut store = wasmtime::Store::new(&engine, state);
+        let command = pre.instantiate_async(&mut store).await.unwrap();
+        let _ = command.wasi_cli_run().call_run(&mut store).await;
+    });
+    let arrived = tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("the child in bare wasmtime made no call")
+        .unwrap();
+    guest.abort();
+    rpc.abort();
+    let _ = guest.await;
+    let _ = rpc.await;
+    (arrived - t).as_nanos() as f64
 }
 
 /// The whole hello component run to exit, in-process, cached.
@@ -1647,10 +1671,15 @@ fn main() {
         let cold = median(spawn_cold(10));
         let (cached, _): (Vec<f64>, Vec<f64>) = spawn_cached(500, false).into_iter().unzip();
         let cached = median(cached);
+        let cold_peer = median(spawn_cold_in_bare_wasmtime(5));
         r.row(
             "runBytes -> child's first RPC call, cold (compile)",
             us(cold),
-            String::new(),
+            format!(
+                "bare wasmtime (below), compiling with its defaults first: {} (capsa/peer {:.2})",
+                us(cold_peer),
+                cold / cold_peer
+            ),
         );
         let (program, teardown): (Vec<f64>, Vec<f64>) =
             spawn_cached(1000, true).into_iter().unzip();
