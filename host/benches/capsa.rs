@@ -546,24 +546,18 @@ fn spawn_cold(runs: usize) -> Vec<f64> {
         .collect()
 }
 
-/// Cached spawns on one host: through `runBytes` with the bytes, or with
-/// `via_program` through `Program.run` of a program loaded once (no bytes
-/// in the request, nothing to hash or compare). Each as (spawn -> first
-/// call, kill -> exit status).
-fn spawn_cached(runs: usize, via_program: bool) -> Vec<(f64, f64)> {
+/// Cached `runBytes` spawns on one host (the bytes in every request,
+/// hashed and compared with the cached copy).
+fn spawn_cached(runs: usize) -> Vec<f64> {
     let bytes = guest("child-echo");
     local(async {
         let host = Host::new(HostConfig::default()).unwrap();
         let root = host.root_executor();
-        let program = capsa_client::load(&root, &bytes).await.unwrap();
-        let start = match via_program {
-            true => Start::Program(&program),
-            false => Start::Bytes(&bytes),
-        };
+        let start = Start::Bytes(&bytes);
         spawn_to_first_call(&root, start).await;
         let mut v = Vec::new();
         for _ in 0..runs {
-            v.push(spawn_to_first_call(&root, start).await);
+            v.push(spawn_to_first_call(&root, start).await.0);
         }
         host.shutdown().await;
         v
@@ -585,24 +579,38 @@ impl wasmtime_wasi::WasiView for BareState {
     }
 }
 
-/// The spawn rows' peer: the same child started by a bare wasmtime
-/// embedding, as its documentation shows one (wasmtime's default engine:
-/// no pooling, no epoch checks, no limits; stdio through wasmtime-wasi's
-/// async streams over tokio in-memory pipes), its stdio served by a plain
-/// capnp-rpc system whose bootstrap is the probe. Each run starts after the
-/// last one's store is gone.
-fn spawn_in_bare_wasmtime(runs: usize) -> Vec<f64> {
+/// `Program.run` spawns in capsa and, as their peer, the same child started
+/// by a bare wasmtime embedding as its documentation shows one (wasmtime's
+/// default engine: no pooling, no epoch checks, no limits; stdio through
+/// wasmtime-wasi's async streams over tokio in-memory pipes), its stdio
+/// served by a plain capnp-rpc system whose bootstrap is the probe. They
+/// alternate in blocks of `per_round`, so a change in the machine's speed
+/// hits both alike. Returns (capsa's spawns, capsa's teardowns, the peer's
+/// spawns).
+fn spawn_program_and_bare(rounds: usize, per_round: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let bytes = guest("child-echo");
     let engine = wasmtime::Engine::default();
     let pre = bare_compile(&engine);
-    local(async move {
-        let mut v = Vec::new();
-        for i in 0..=runs {
-            let ns = bare_first_call(&engine, &pre).await;
-            if i > 0 {
-                v.push(ns);
+    local(async {
+        let host = Host::new(HostConfig::default()).unwrap();
+        let root = host.root_executor();
+        let program = capsa_client::load(&root, &bytes).await.unwrap();
+        let start = Start::Program(&program);
+        spawn_to_first_call(&root, start).await;
+        bare_first_call(&engine, &pre).await;
+        let (mut ours, mut teardown, mut bare) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            for _ in 0..per_round {
+                let (spawn, torn_down) = spawn_to_first_call(&root, start).await;
+                ours.push(spawn);
+                teardown.push(torn_down);
+            }
+            for _ in 0..per_round {
+                bare.push(bare_first_call(&engine, &pre).await);
             }
         }
-        v
+        host.shutdown().await;
+        (ours, teardown, bare)
     })
 }
 
@@ -1668,10 +1676,14 @@ fn main() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     if want("spawn") {
-        let cold = median(spawn_cold(10));
-        let (cached, _): (Vec<f64>, Vec<f64>) = spawn_cached(500, false).into_iter().unzip();
-        let cached = median(cached);
-        let cold_peer = median(spawn_cold_in_bare_wasmtime(5));
+        // Alternating, as the cached rows below.
+        let (mut cold, mut cold_peer) = (Vec::new(), Vec::new());
+        for _ in 0..6 {
+            cold.extend(spawn_cold(1));
+            cold_peer.extend(spawn_cold_in_bare_wasmtime(1));
+        }
+        let (cold, cold_peer) = (median(cold), median(cold_peer));
+        let cached = median(spawn_cached(500));
         r.row(
             "runBytes -> child's first RPC call, cold (compile)",
             us(cold),
@@ -1681,9 +1693,8 @@ fn main() {
                 cold / cold_peer
             ),
         );
-        let (program, teardown): (Vec<f64>, Vec<f64>) =
-            spawn_cached(1000, true).into_iter().unzip();
-        let program = median(program);
+        let (program, teardown, bare) = spawn_program_and_bare(10, 100);
+        let (program, bare) = (median(program), median(bare));
         r.row(
             "runBytes -> child's first RPC call, cached",
             us(cached),
@@ -1693,7 +1704,6 @@ fn main() {
                 cached / program
             ),
         );
-        let bare = median(spawn_in_bare_wasmtime(1000));
         r.row(
             "Program.run -> child's first RPC call (loaded once)",
             us(program),
