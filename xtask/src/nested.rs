@@ -118,6 +118,12 @@ impl std::fmt::Display for MachineFailed {
 
 impl std::error::Error for MachineFailed {}
 
+/// The last `n` lines of `text`.
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// The first line of a kernel log that says the kernel itself failed.
 fn kernel_failure(log: &str) -> Option<&str> {
     log.lines().find(|line| {
@@ -324,22 +330,19 @@ impl NestedMachine {
             let from = boot_log.len().saturating_sub(30);
             boot_log[from..].join("\n")
         };
+        let running = || running.lock().unwrap_or_else(|e| e.into_inner()).describe();
         if let Some(cpus) = frozen {
-            let running = running.lock().unwrap_or_else(|e| e.into_inner());
-            let l1_tail = fs::read_to_string(&l1_log).unwrap_or_default();
-            let lines: Vec<&str> = l1_tail.lines().collect();
-            let from = lines.len().saturating_sub(40);
+            let l1 = fs::read_to_string(&l1_log).unwrap_or_default();
             return Err(MachineFailed {
                 report: format!(
-                    "the nested test machine froze: no heartbeat for {} while running {} \
-                     (its console's last whole line: {}); it was killed after {}\n\
+                    "the nested test machine froze: no heartbeat for {} while running {}; \
+                     it was killed after {}\n\
                      its kernel log and heartbeat, last lines:\n{}\n\
                      its CPUs (QEMU):\n{}",
                     human(FROZEN_AFTER),
-                    running.job.as_deref().unwrap_or("no job yet"),
-                    running.line.as_deref().unwrap_or("none"),
+                    running(),
                     human(start.elapsed()),
-                    lines[from..].join("\n"),
+                    last_lines(&l1, 40),
                     cpus
                 ),
             }
@@ -365,17 +368,13 @@ impl NestedMachine {
                 let l1 = fs::read_to_string(&l1_log).unwrap_or_default();
                 let console = Vec::from(console_tail).join("\n");
                 if let Some(line) = kernel_failure(&l1).or_else(|| kernel_failure(&console)) {
-                    let running = running.lock().unwrap_or_else(|e| e.into_inner());
-                    let lines: Vec<&str> = l1.lines().collect();
-                    let from = lines.len().saturating_sub(40);
                     return Err(MachineFailed {
                         report: format!(
-                            "the nested test machine's kernel failed ({}) while running {} \
-                             (its console's last whole line: {}); its kernel log, last lines:\n{}",
+                            "the nested test machine's kernel failed ({}) while running {}; \
+                             its kernel log, last lines:\n{}",
                             line.trim(),
-                            running.job.as_deref().unwrap_or("no job yet"),
-                            running.line.as_deref().unwrap_or("none"),
-                            lines[from..].join("\n"),
+                            running(),
+                            last_lines(&l1, 40),
                         ),
                     }
                     .into());
@@ -403,6 +402,15 @@ struct Running {
 }
 
 impl Running {
+    /// "JOB (its console's last whole line: LINE)", for reports.
+    fn describe(&self) -> String {
+        format!(
+            "{} (its console's last whole line: {})",
+            self.job.as_deref().unwrap_or("no job yet"),
+            self.line.as_deref().unwrap_or("none")
+        )
+    }
+
     fn saw(&mut self, line: &str) {
         if let Some(job) = line.strip_prefix("==> [nested] ") {
             self.job = Some(job.to_string());
