@@ -464,6 +464,10 @@ impl executor::Server for FirstCall {
     }
 }
 
+/// The arguments that make child-echo call its bootstrap's `echo` as soon
+/// as it starts (after its default argv[0], "child-echo").
+const FIRST_CALL_ARGS: [&str; 2] = ["bench-echo", "1"];
+
 /// What a spawn starts from.
 #[derive(Clone, Copy)]
 enum Start<'a> {
@@ -485,7 +489,7 @@ async fn spawn_to_first_call(root: &executor::Client, start: Start<'_>) -> (f64,
     let (tx, rx) = tokio::sync::oneshot::channel();
     let probe: executor::Client = capnp_rpc::new_client(FirstCall(RefCell::new(Some(tx))));
     let spawn = capsa_client::Spawn {
-        args: &["bench-echo", "1"],
+        args: &FIRST_CALL_ARGS,
         bootstrap: Some(&probe.client),
         ..Default::default()
     };
@@ -648,7 +652,8 @@ async fn bare_first_call(
     let (stdin_host, stdin_guest) = tokio::io::duplex(64 << 10);
     let (stdout_guest, stdout_host) = tokio::io::duplex(64 << 10);
     let mut wasi = wasmtime_wasi::WasiCtxBuilder::new();
-    wasi.args(&["child-echo", "bench-echo", "1"])
+    wasi.arg("child-echo")
+        .args(&FIRST_CALL_ARGS)
         .stdin(wasmtime_wasi::cli::AsyncStdinStream::new(stdin_guest))
         .stdout(wasmtime_wasi::cli::AsyncStdoutStream::new(
             64 << 10,
