@@ -459,9 +459,11 @@ fn test(root: &Path, skip_native_kvm: bool, test_args: &[String]) -> Result<()> 
         }
     }
     if let Some(why) = first_failure {
+        // The whole report is above; its first line says what it was.
         eprintln!(
             "==> FLAKY: the nested tests failed once and then passed in a fresh machine; \
-             the first failure ({why}) is printed above"
+             the first failure ({}) is printed above",
+            why.lines().next().unwrap_or_default()
         );
     }
     eprintln!("==> all tests passed ({})", cmd::human(start.elapsed()));
