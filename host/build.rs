@@ -12,6 +12,10 @@ fn main() {
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let wit = manifest.join("../wit");
     println!("cargo:rerun-if-changed={}", wit.display());
+    // The platform this crate is built for, for the test that finds
+    // wasmtime-wasi's sources with `cargo metadata --filter-platform`.
+    let target = std::env::var("TARGET").expect("set by cargo");
+    println!("cargo:rustc-env=CAPSA_BUILD_TARGET={target}");
 
     let mut resolve = Resolve::default();
     let (package, _) = resolve

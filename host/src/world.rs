@@ -248,11 +248,18 @@ mod tests {
     /// wit/deps is what the linked wasmtime-wasi implements: when wasmtime is
     /// upgraded, its WASI comes in here too, and the probe above sees what it
     /// added.
+    ///
+    /// `cargo metadata` resolves the lock file for the platform this test
+    /// was built for only: without `--filter-platform` it wants every
+    /// platform's crates (Windows' too), which a machine that only built
+    /// for this one has never downloaded, and `--offline` must not reach
+    /// the network from a test.
     #[test]
     fn the_vendored_wasi_is_the_linked_wasmtime_wasi() {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let out = std::process::Command::new(cargo)
             .args(["metadata", "--format-version=1", "--offline"])
+            .args(["--filter-platform", env!("CAPSA_BUILD_TARGET")])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .output()
             .unwrap();
