@@ -248,11 +248,15 @@ mod tests {
         assert_eq!(entries[3].mode, S_IFDIR | 0o1777);
     }
 
+    /// GNU cpio, an independent reader, lists the archive as written.
+    /// `cargo xtask test` installs cpio; without it this test fails
+    /// rather than pass unchecked.
     #[test]
-    fn cpio_lists_the_archive_if_it_is_installed() {
-        if !crate::cmd::on_path("cpio") {
-            return;
-        }
+    fn cpio_lists_the_archive() {
+        assert!(
+            crate::cmd::on_path("cpio"),
+            "cpio is not installed (`cargo xtask test` installs it; else `apt-get install cpio`)"
+        );
         let dir = std::env::temp_dir().join(format!("capsa-initramfs-test-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join("test.cpio");

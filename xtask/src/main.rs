@@ -349,6 +349,8 @@ fn test(root: &Path, skip_native_kvm: bool, test_args: &[String]) -> Result<()> 
         )
     })?;
     prepare(root)?;
+    // The initramfs writer's test reads its archive back with GNU cpio.
+    tools::ensure_deb("cpio", "the initramfs test")?;
     build_host(root)?;
     let microvm = MicrovmAssets::prepare(root)?;
     let python = step(

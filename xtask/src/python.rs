@@ -15,6 +15,11 @@ pub fn ensure_venv(target: &Path) -> Result<PathBuf> {
     if python.exists() && succeeds(Command::new(&python).args(["-c", "import capnp"])) {
         return Ok(python);
     }
+    if !succeeds(Command::new("python3").args(["-c", "import venv, ensurepip"])) {
+        // Debian ships python3 without ensurepip, which `venv` needs: it
+        // is in python3-venv (which brings python3 too).
+        crate::tools::ensure_deb("python3-venv", "the Python client's virtualenv")?;
+    }
     run(Command::new("python3").args(["-m", "venv"]).arg(&venv))
         .context("creating a virtualenv needs python3 with its venv module")?;
     run(Command::new(&python).args([

@@ -119,7 +119,7 @@ pub(crate) fn package_installed(pkg: &str) -> bool {
 
 /// Installs the Debian package `pkg` with apt unless it is installed;
 /// `why` says what needs it.
-fn ensure_deb(pkg: &str, why: &str) -> Result<()> {
+pub(crate) fn ensure_deb(pkg: &str, why: &str) -> Result<()> {
     if package_installed(pkg) {
         return Ok(());
     }
