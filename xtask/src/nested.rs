@@ -486,8 +486,13 @@ fn ask_qemu_about_cpus(socket: &Path) -> String {
 /// job in its folder, stopping at the first failure; the exit code goes to
 /// `$capsa_scratch/status`.
 fn job_script(env: &[(String, String)], jobs: &[Job]) -> String {
-    // Temporary files go to the machine's own memory, wherever /tmp is.
-    let mut s = String::from("#!/bin/sh\nexport TMPDIR=/run/capsa-tmp\n");
+    // Temporary files, HOME and so capsa's compile cache go to the
+    // machine's own memory: /tmp is the host's, read-only, when the
+    // workspace lives there.
+    let mut s = format!(
+        "#!/bin/sh\nexport TMPDIR=/run/capsa-tmp\n\
+         export HOME={MACHINE_HOME} XDG_CACHE_HOME={MACHINE_HOME}/.cache\n"
+    );
     for (key, value) in env {
         let _ = writeln!(s, "export {key}={}", quote(value));
     }
@@ -510,6 +515,10 @@ fn job_script(env: &[(String, String)], jobs: &[Job]) -> String {
     s.push_str("exit $code\n");
     s
 }
+
+/// The jobs' home folder in the L1 machine, on its /run tmpfs ([`INIT`]
+/// makes it).
+const MACHINE_HOME: &str = "/run/capsa-home";
 
 /// Single-quotes `s` for a POSIX shell.
 fn quote(s: &str) -> String {
@@ -539,6 +548,7 @@ mount -t sysfs sysfs /host/sys
 mount -t devtmpfs devtmpfs /host/dev
 mount -t tmpfs tmpfs /host/run || fail "could not mount a tmpfs on /run"
 mkdir -p -m 1777 /host/run/capsa-tmp
+mkdir -p -m 700 /host/run/capsa-home/.cache
 # A fresh /tmp, unless the jobs' own files live under this machine's /tmp.
 [ -n "$capsa_keep_tmp" ] || mount -t tmpfs -o mode=1777 tmpfs /host/tmp
 mkdir -p /host/dev/shm /host/dev/pts
@@ -766,6 +776,11 @@ mod tests {
             "{script}"
         );
         assert_eq!(script.matches("if [ $code = 0 ]").count(), 2, "{script}");
+        // The compile cache is writable whatever /tmp is.
+        assert!(
+            script.contains("export HOME=/run/capsa-home XDG_CACHE_HOME=/run/capsa-home/.cache"),
+            "{script}"
+        );
         assert!(script.ends_with("exit $code\n"));
     }
 
