@@ -85,7 +85,7 @@ interface Directory {
   # What is at `path` (a symbolic link is followed, within the directory).
 
   read @2 (path :Text) -> (source :ByteSource);
-  # The file's bytes from the start; `eof` after the last.
+  # The file's bytes from the start; `eof` comes with the last of them.
 
   write @3 (path :Text, mode :WriteMode) -> (sink :ByteSink);
   # A file to write, created if missing. The data is in the file once
@@ -304,6 +304,10 @@ interface ByteSource {
   read @0 (maxBytes :UInt32) -> (data :Data, eof :Bool);
   # Up to maxBytes; waits until at least one byte is there or the stream
   # ended. The child is held back while nobody reads (bounded buffer).
+  # `eof`: the stream has ended and `data` (possibly empty) is its last:
+  # a stream read after its writer is done says so with its last bytes,
+  # not one call later. Once `eof` has been given, reads return no data
+  # and `eof` again.
 }
 
 struct ExitStatus {

@@ -212,8 +212,17 @@ impl PipeReader {
     /// Reads up to `max` bytes, waiting until at least one is there. An empty
     /// result means end of stream.
     pub async fn read_chunk(&self, max: usize) -> Bytes {
+        self.read_with_end(max).await.0
+    }
+
+    /// As [`PipeReader::read_chunk`], and whether the stream has ended
+    /// with these bytes: the writer is gone and nothing is left, so a
+    /// reader learns of the end with the last data, not one call later.
+    pub async fn read_with_end(&self, max: usize) -> (Bytes, bool) {
         futures::future::poll_fn(|cx| self.0.poll_readable(cx)).await;
-        self.0.lock().take(max.max(1))
+        let mut s = self.0.lock();
+        let chunk = s.take(max.max(1));
+        (chunk, s.buf.is_empty() && s.write_closed)
     }
 }
 
@@ -592,6 +601,20 @@ mod tests {
         ));
         assert_eq!(r.read_chunk(100).await.as_ref(), b"12345");
         assert_eq!(out.check_write().unwrap(), 8 + CHUNK_COST);
+    }
+
+    #[tokio::test]
+    async fn the_end_comes_with_the_last_bytes() {
+        let (w, r) = pipe(64);
+        w.write_all(b"abc").await.unwrap();
+        assert_eq!(r.read_with_end(2).await, (Bytes::from_static(b"ab"), false));
+        // Open: more may come.
+        assert_eq!(r.read_with_end(8).await, (Bytes::from_static(b"c"), false));
+        w.write_all(b"de").await.unwrap();
+        w.close();
+        assert_eq!(r.read_with_end(1).await, (Bytes::from_static(b"d"), false));
+        assert_eq!(r.read_with_end(8).await, (Bytes::from_static(b"e"), true));
+        assert_eq!(r.read_with_end(8).await, (Bytes::new(), true));
     }
 
     #[tokio::test]

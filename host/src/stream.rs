@@ -73,9 +73,9 @@ impl byte_source::Server for ByteSourceImpl {
     ) -> Result<(), capnp::Error> {
         let max = capsa_schema::stream::read_size(params.get()?.get_max_bytes(), MAX_READ);
         let _turn = self.turn.lock().await;
-        let chunk = self.pipe.read_chunk(max).await;
+        let (chunk, ended) = self.pipe.read_with_end(max).await;
         let mut r = results.get();
-        r.set_eof(chunk.is_empty());
+        r.set_eof(ended);
         r.set_data(&chunk);
         Ok(())
     }

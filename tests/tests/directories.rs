@@ -390,6 +390,13 @@ fn the_directory_capability_does_what_the_schema_says() {
             .unwrap();
         let info = stat(&data, "d/inner").await.unwrap();
         assert_eq!(info, (EntryKind::File, 3000));
+        // read: the end comes with the last bytes, not one call later.
+        let mut req = data.read_request();
+        req.get().set_path("d/inner");
+        let source = req.send().pipeline.get_source();
+        assert_eq!(read_once(&source, 2000).await, (vec![7; 2000], false));
+        assert_eq!(read_once(&source, 2000).await, (vec![7; 1000], true));
+        assert_eq!(read_once(&source, 2000).await, (Vec::new(), true));
         assert_eq!(stat(&data, "d").await.unwrap().0, EntryKind::Directory);
         assert_eq!(stat(&data, "").await.unwrap().0, EntryKind::Directory);
         assert_kind(

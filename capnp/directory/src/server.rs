@@ -491,7 +491,8 @@ impl byte_source::Server for FileSource {
             filled += n;
         }
         let mut r = results.get();
-        r.set_eof(filled == 0);
+        // Short only where the file ended: the end comes with its last bytes.
+        r.set_eof(filled < max);
         r.set_data(&chunk[..filled]);
         Ok(())
     }

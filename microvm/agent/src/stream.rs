@@ -46,14 +46,16 @@ impl OutputPipe {
     /// The next chunk of at most [`MAX_READ`] bytes for a push into a
     /// caller's sink; empty at the end of the stream or on an error.
     pub async fn next_chunk(&self) -> Vec<u8> {
-        self.read(MAX_READ).await.unwrap_or_default()
+        self.read(MAX_READ).await.map(|(chunk, _)| chunk).unwrap_or_default()
     }
 
-    /// Up to `max` bytes, waiting for the first; empty at end of stream.
-    async fn read(&self, max: usize) -> io::Result<Vec<u8>> {
+    /// Up to `max` bytes, waiting for the first, and whether the stream
+    /// has ended with them (the writer closed and nothing is left); empty
+    /// at end of stream.
+    async fn read(&self, max: usize) -> io::Result<(Vec<u8>, bool)> {
         let mut state = self.0.lock().await;
         if state.eof {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), true));
         }
         let mut buf = vec![0u8; max];
         let mut n = loop {
@@ -79,7 +81,7 @@ impl OutputPipe {
             }
         }
         buf.truncate(n);
-        Ok(buf)
+        Ok((buf, state.eof))
     }
 }
 
@@ -135,13 +137,13 @@ impl byte_source::Server for ByteSourceImpl {
         mut results: byte_source::ReadResults,
     ) -> Result<(), capnp::Error> {
         let max = capsa_schema::stream::read_size(params.get()?.get_max_bytes(), MAX_READ);
-        let chunk = self
+        let (chunk, ended) = self
             .pipe
             .read(max)
             .await
             .map_err(|e| capnp::Error::failed(format!("reading the process's output: {e}")))?;
         let mut r = results.get();
-        r.set_eof(chunk.is_empty());
+        r.set_eof(ended);
         r.set_data(&chunk);
         Ok(())
     }

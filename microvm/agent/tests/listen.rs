@@ -270,6 +270,39 @@ fn runs_an_elf_with_its_arguments() {
     }
 }
 
+/// A finished program's output ends with its last bytes: one read after
+/// `wait` gets them and `eof` together.
+#[test]
+fn output_read_after_wait_ends_with_its_last_bytes() {
+    let agent = Agent::start(&[]);
+    local(async {
+        let ex = connect(&agent.socket).await;
+        let p = run(
+            &ex,
+            &bin("/bin/echo"),
+            Run {
+                args: &["last"],
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(wait(&p).await, Status::Exited(0));
+        let stdout = p.stdout_request().send().pipeline.get_source();
+        let read = |max: u32| {
+            let mut request = stdout.read_request();
+            request.get().set_max_bytes(max);
+            async move {
+                let response = request.send().promise.await.unwrap();
+                let chunk = response.get().unwrap();
+                (chunk.get_data().unwrap().to_vec(), chunk.get_eof())
+            }
+        };
+        assert_eq!(read(1 << 16).await, (b"last\n".to_vec(), true));
+        assert_eq!(read(1 << 16).await, (Vec::new(), true));
+    });
+}
+
 /// A program loaded once runs many times without its bytes, is found by
 /// its hash while someone holds it, and says what it is.
 #[test]
