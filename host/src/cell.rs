@@ -14,6 +14,7 @@ use std::sync::Arc;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::RpcSystem;
 use tokio::sync::watch;
+use tracing::Instrument;
 use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
@@ -254,7 +255,11 @@ pub fn spawn(
         limits.clone(),
         spec.memory_share.clone(),
     ));
-    tokio::task::spawn_local(drive(
+    // Whatever the guest makes the host log (wasmtime-wasi's warnings of a
+    // preview 1 call it does not implement, say) carries the guest's label,
+    // as its stderr lines do.
+    let span = tracing::info_span!(target: "capsa::guest", "guest", process = %label);
+    let driven = drive(
         label.clone(),
         run,
         kill_rx,
@@ -272,7 +277,8 @@ pub fn spawn(
             after_exit: spec.after_exit,
             on_exit,
         },
-    ));
+    );
+    tokio::task::spawn_local(driven.instrument(span));
 
     Ok(Rc::new(Cell {
         id,
