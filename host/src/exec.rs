@@ -1,9 +1,10 @@
-//! `capsa exec`: run one program on a serving host in data mode, with this
-//! process's stdio streamed to and from it. A thin client over the schema,
-//! like any other: everything it does, a client in another language can do.
+//! `capsa exec`: run one program in data mode, on a serving host or on a
+//! host of the command's own, with this process's stdio streamed to and
+//! from it. A thin client over the schema, like any other: everything it
+//! does, a client in another language can do.
 
 use capsa_client::Spawn;
-use capsa_schema::capsa_capnp::{byte_source, directory, executor, StdioMode};
+use capsa_schema::capsa_capnp::{byte_source, executor, StdioMode};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::status::ExitStatus;
@@ -23,32 +24,22 @@ pub enum ExecError {
     Output(#[from] std::io::Error),
 }
 
-/// Runs `bytes` on `executor` in data mode, copying this process's stdin to
-/// the program's and the program's stdout and stderr to this process's, and
-/// returns how it ended once both output streams are drained. `dirs` are
-/// granted to the program at their paths (directories of this process's
-/// machine are served from here: the host copies them in and writes them
-/// back). Must be called inside a `LocalSet`.
+/// Runs `bytes` on `executor` as `spawn` says, in data mode, copying this
+/// process's stdin to the program's and the program's stdout and stderr to
+/// this process's, and returns how it ended once both output streams are
+/// drained. Directories in `spawn.dirs` that this process serves (a
+/// client's own, for a host elsewhere) are copied in by that host and
+/// written back. Must be called inside a `LocalSet`.
 pub async fn run(
     executor: &executor::Client,
     bytes: &[u8],
-    name: &str,
-    args: &[String],
-    deadline_ms: u64,
-    dirs: &[(String, directory::Client)],
+    spawn: Spawn<'_>,
 ) -> Result<ExitStatus, ExecError> {
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let dirs: Vec<(&str, &directory::Client)> = dirs
-        .iter()
-        .map(|(path, dir)| (path.as_str(), dir))
-        .collect();
     let process = Spawn {
-        args: &args,
         stdio: StdioMode::Data,
-        name,
-        deadline_ms,
-        dirs: &dirs,
-        ..Spawn::default()
+        stdout_to: None,
+        stderr_to: None,
+        ..spawn
     }
     .start(executor, bytes)
     .await?;

@@ -5,9 +5,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use capsa::client::Spawn;
 use capsa::serve::{Address, ServeConfig, Server, Token};
 use capsa::{DirGrant, Host, HostConfig, Limits, VmBackend, VmSettings};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +36,8 @@ enum Command {
         /// makes it read-only. Repeatable.
         #[arg(long = "dir", value_name = "HOST[::GUEST][:ro]", value_parser = DirGrant::parse_run)]
         dirs: Vec<DirGrant>,
+        #[command(flatten)]
+        limits: GuestLimits,
         #[command(flatten)]
         host: HostArgs,
         /// Arguments for PID0.
@@ -73,27 +76,39 @@ enum Command {
         #[arg(long = "dir", value_name = "NAME=HOST[:ro]", value_parser = DirGrant::parse_named)]
         dirs: Vec<DirGrant>,
         #[command(flatten)]
+        limits: GuestLimits,
+        #[command(flatten)]
         host: HostArgs,
     },
-    /// Run a program on a serving host (`capsa serve`) in data mode: this
-    /// command's stdin goes to the program, the program's stdout and stderr
-    /// come back to this command's, and it exits with the program's exit code.
+    /// Run one program in data mode: this command's stdin goes to the
+    /// program, the program's stdout and stderr come back to this
+    /// command's, and it exits with the program's exit code. The program
+    /// runs in a host of this command's own, or with --connect on a serving
+    /// host (`capsa serve`).
     Exec {
-        /// unix:PATH or tcp:HOST:PORT of the serving host.
-        #[arg(long, default_value = "unix:capsa.sock")]
-        connect: Address,
+        /// unix:PATH or tcp:HOST:PORT of a serving host; without it the
+        /// program runs in a host of this command's own, set up by the
+        /// host options below.
+        #[arg(long)]
+        connect: Option<Address>,
         /// File holding the server's shared secret, if it has one.
-        #[arg(long)]
+        #[arg(long, requires = "connect")]
         token_file: Option<PathBuf>,
-        /// Wall-clock deadline for the program, in seconds.
-        #[arg(long)]
-        deadline: Option<f64>,
         /// Grant the program a directory of this machine at GUEST
-        /// (default: the same path); the serving host copies it in and
-        /// writes the program's changes back when it ends. `:ro`: changes
-        /// are not written back. Repeatable.
+        /// (default: the same path); `:ro` makes it read-only. A serving
+        /// host copies it in and writes the program's changes back when it
+        /// ends (unless `:ro`). Repeatable.
         #[arg(long = "dir", value_name = "HOST[::GUEST][:ro]", value_parser = DirGrant::parse_run)]
         dirs: Vec<DirGrant>,
+        /// Set NAME in the program's environment; NAME alone passes this
+        /// command's own value of NAME. Nothing else is passed: the
+        /// program's environment is exactly these. Repeatable.
+        #[arg(long = "env", value_name = "NAME[=VALUE]", value_parser = EnvArg::parse)]
+        env: Vec<EnvArg>,
+        #[command(flatten)]
+        limits: GuestLimits,
+        #[command(flatten)]
+        host: HostArgs,
         /// The program: a WASM component, a WASI preview 1 module, or an
         /// x86-64 ELF executable if the host runs microVMs.
         file: PathBuf,
@@ -103,19 +118,85 @@ enum Command {
     },
 }
 
-/// How the host runs guests: shared by `run` and `serve`.
+/// What each guest may use: shared by `run`, `serve` and `exec` (with
+/// `exec --connect`, asked of the serving host for the one program).
 #[derive(Args)]
-struct HostArgs {
-    /// Memory limit of every guest, in MiB.
-    #[arg(long, default_value_t = 512)]
-    memory_mib: u64,
-    /// Wall-clock deadline for PID0 (and so for everything it runs), or for
-    /// each process a client starts, in seconds.
+struct GuestLimits {
+    /// Memory limit of every guest, in MiB [default: 512; with `exec
+    /// --connect`, the serving host's].
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// Wall-clock deadline, in seconds: PID0's (and so everything it
+    /// runs), each process a client of `serve` starts, `exec`'s program.
     #[arg(long)]
     deadline: Option<f64>,
     /// CPU budget of each guest, in milliseconds of execution.
     #[arg(long)]
     cpu_ms: Option<u64>,
+}
+
+/// A guest's memory limit unless `--memory-mib` says otherwise.
+const DEFAULT_MEMORY_MIB: u64 = 512;
+
+impl GuestLimits {
+    fn deadline(&self) -> anyhow::Result<Option<Duration>> {
+        self.deadline
+            .map(|s| {
+                Duration::try_from_secs_f64(s)
+                    .context("--deadline must be a positive number of seconds")
+            })
+            .transpose()
+    }
+
+    /// The limits as one process's options ask for them (0: the host's).
+    fn per_process(&self) -> anyhow::Result<(u64, u64, u64)> {
+        let memory = self.memory_mib.map_or(0, |m| m.saturating_mul(1 << 20));
+        let deadline = self
+            .deadline()?
+            .map_or(0, |d| d.as_millis().clamp(1, u64::MAX as u128) as u64);
+        Ok((memory, deadline, self.cpu_ms.unwrap_or(0)))
+    }
+}
+
+/// A variable given with `exec --env`: NAME=VALUE, or NAME to pass this
+/// command's own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct EnvArg {
+    name: String,
+    value: Option<String>,
+}
+
+impl EnvArg {
+    fn parse(spec: &str) -> Result<EnvArg, String> {
+        let (name, value) = match spec.split_once('=') {
+            Some((name, value)) => (name, Some(value.to_string())),
+            None => (spec, None),
+        };
+        if name.is_empty() {
+            return Err(format!("{spec:?}: expected NAME=VALUE or NAME"));
+        }
+        Ok(EnvArg {
+            name: name.to_string(),
+            value,
+        })
+    }
+
+    /// The pair the program gets: NAME alone takes this process's value.
+    fn resolve(&self) -> anyhow::Result<(String, String)> {
+        let value = match &self.value {
+            Some(value) => value.clone(),
+            None => std::env::var(&self.name).map_err(|e| {
+                anyhow::anyhow!("--env {}: {e} in this command's environment", self.name)
+            })?,
+        };
+        Ok((self.name.clone(), value))
+    }
+}
+
+/// How a host of this command's own runs guests: shared by `run`,
+/// `serve` and `exec` (not with `--connect`: the serving host has its own).
+#[derive(Args)]
+struct HostArgs {
     /// Deepest nesting level a child may have.
     #[arg(long, default_value_t = 8)]
     max_depth: u32,
@@ -176,8 +257,15 @@ struct HostArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_logging(cli.verbose);
+    if let Some(("exec", exec)) = matches.subcommand() {
+        if let Err(e) = host_options_need_a_host_of_our_own(exec) {
+            eprintln!("capsa: {e}");
+            return ExitCode::from(2);
+        }
+    }
     match run(cli.command) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
@@ -209,12 +297,13 @@ fn run(command: Command) -> anyhow::Result<i32> {
         Command::Run {
             pid0,
             dirs,
+            limits,
             host,
             args,
         } => {
             let config = HostConfig {
                 directories: dirs,
-                ..host.config()?
+                ..host.config(&limits)?
             };
             let bytes =
                 std::fs::read(&pid0).with_context(|| format!("reading {}", pid0.display()))?;
@@ -239,11 +328,12 @@ fn run(command: Command) -> anyhow::Result<i32> {
             connection_cells,
             connection_memory_mib,
             dirs,
+            limits,
             host,
         } => {
             let config = HostConfig {
                 directories: dirs,
-                ..host.config()?
+                ..host.config(&limits)?
             };
 
             let token = token_file.as_deref().map(Token::from_file).transpose()?;
@@ -272,49 +362,83 @@ fn run(command: Command) -> anyhow::Result<i32> {
         Command::Exec {
             connect,
             token_file,
-            deadline,
             dirs,
+            env,
+            limits,
+            host,
             file,
             args,
         } => {
             let token = token_file.as_deref().map(Token::from_file).transpose()?;
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            let deadline_ms = deadline
-                .map(|s| {
-                    Duration::try_from_secs_f64(s)
-                        .context("--deadline must be a positive number of seconds")
-                })
-                .transpose()?
-                .map_or(0, |d| d.as_millis().max(1) as u64);
+            let env = env
+                .iter()
+                .map(EnvArg::resolve)
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let name = file
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
+            let own_host = match connect {
+                Some(_) => None,
+                // The grants are the host's own: the program gets them as
+                // preopens, no copy.
+                None => Some(HostConfig {
+                    directories: dirs.clone(),
+                    ..host.config(&limits)?
+                }),
+            };
+            let (memory_limit, deadline_ms, cpu_ms) = limits.per_process()?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             let local = tokio::task::LocalSet::new();
             let result = local.block_on(&rt, async move {
-                let connection = capsa::serve::connect(&connect, token.as_ref()).await?;
-                // Served from this process, for as long as the program runs.
-                let served = capsa::directory::Directories::default();
-                let mut grants = Vec::new();
-                for grant in &dirs {
-                    let (dir, _) = capsa::directory::open(&served, grant)
-                        .with_context(|| format!("cannot grant {}", grant.host_path.display()))?;
-                    grants.push((grant.path.clone(), dir));
-                }
-                capsa::exec::run(
-                    &connection.executor,
-                    &bytes,
-                    &name,
-                    &args,
+                let env: Vec<(&str, &str)> =
+                    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let spawn = |dirs| Spawn {
+                    args: &args,
+                    env: &env,
+                    name: &name,
+                    memory_limit,
                     deadline_ms,
-                    &grants,
-                )
-                .await
-                .map_err(anyhow::Error::from)
+                    cpu_ms,
+                    dirs,
+                    ..Spawn::default()
+                };
+                match (connect, own_host) {
+                    (Some(connect), _) => {
+                        let connection = capsa::serve::connect(&connect, token.as_ref()).await?;
+                        // Served from this process, for as long as the program runs.
+                        let served = capsa::directory::Directories::default();
+                        let mut grants = Vec::new();
+                        for grant in &dirs {
+                            let (dir, _) =
+                                capsa::directory::open(&served, grant).with_context(|| {
+                                    format!("cannot grant {}", grant.host_path.display())
+                                })?;
+                            grants.push((grant.path.clone(), dir));
+                        }
+                        let grants: Vec<(&str, &_)> =
+                            grants.iter().map(|(p, d)| (p.as_str(), d)).collect();
+                        let status =
+                            capsa::exec::run(&connection.executor, &bytes, spawn(&grants)).await?;
+                        anyhow::Ok(status)
+                    }
+                    (None, Some(config)) => {
+                        let host = Host::new(config)?;
+                        let executor = host.root_executor();
+                        let grants = capsa::client::directories(&executor).await?;
+                        let grants: Vec<(&str, &_)> =
+                            grants.iter().map(|(p, d)| (p.as_str(), d)).collect();
+                        let status = capsa::exec::run(&executor, &bytes, spawn(&grants)).await;
+                        host.shutdown().await;
+                        Ok(status?)
+                    }
+                    (None, None) => unreachable!("a host of our own without --connect"),
+                }
             });
             drop(local);
             // Our stdin may still be blocked in a read nobody needs any more.
@@ -328,6 +452,28 @@ fn run(command: Command) -> anyhow::Result<i32> {
             Ok(status.code())
         }
     }
+}
+
+/// `exec --connect` runs on a host set up by someone else: options that
+/// would set up a host of this command's own are refused, not ignored.
+/// Only what is on the command line counts (`CAPSA_KERNEL` in the
+/// environment is no request).
+fn host_options_need_a_host_of_our_own(exec: &clap::ArgMatches) -> anyhow::Result<()> {
+    use clap::parser::ValueSource;
+    if exec.value_source("connect") != Some(ValueSource::CommandLine) {
+        return Ok(());
+    }
+    let host_options = HostArgs::augment_args(clap::Command::new("host"));
+    for arg in host_options.get_arguments() {
+        if exec.value_source(arg.get_id().as_str()) == Some(ValueSource::CommandLine) {
+            anyhow::bail!(
+                "--{} sets up a host of this command's own; with --connect the serving \
+                 host's settings apply",
+                arg.get_long().unwrap_or(arg.get_id().as_str())
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Resolves at the first SIGINT or SIGTERM.
@@ -344,11 +490,8 @@ fn signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 }
 
 impl HostArgs {
-    fn config(self) -> anyhow::Result<HostConfig> {
+    fn config(self, limits: &GuestLimits) -> anyhow::Result<HostConfig> {
         let HostArgs {
-            memory_mib,
-            deadline,
-            cpu_ms,
             max_depth,
             max_children,
             allow_vm,
@@ -387,17 +530,14 @@ impl HostArgs {
                 })
             })
             .transpose()?;
-        let deadline = deadline
-            .map(|s| {
-                Duration::try_from_secs_f64(s)
-                    .context("--deadline must be a positive number of seconds")
-            })
-            .transpose()?;
         Ok(HostConfig {
             limits: Limits {
-                memory_bytes: memory_mib << 20,
-                deadline,
-                cpu_ticks: cpu_ms.map(capsa::executor::cpu_ticks),
+                memory_bytes: limits
+                    .memory_mib
+                    .unwrap_or(DEFAULT_MEMORY_MIB)
+                    .saturating_mul(1 << 20),
+                deadline: limits.deadline()?,
+                cpu_ticks: limits.cpu_ms.map(capsa::executor::cpu_ticks),
             },
             max_depth,
             max_children,

@@ -5,7 +5,7 @@
 pub use capsa_schema::ErrorKind;
 use std::cell::RefCell;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
@@ -24,6 +24,15 @@ pub fn guests_dir() -> PathBuf {
         Some(d) => PathBuf::from(d),
         None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/guests/out"),
     }
+}
+
+/// The `capsa` binary built beside this test (the same profile).
+pub fn capsa_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("a test binary lives in target/PROFILE/deps")
+        .join("capsa")
 }
 
 /// The bytes of a built guest, e.g. `guest("child-echo")`.
@@ -423,6 +432,15 @@ pub async fn read_all(source: capsa::schema::byte_source::Client) -> Vec<u8> {
     capsa_client::read_to_end(&source).await.expect("read")
 }
 
+/// One `read` of at most `max` bytes: its data and its `eof`.
+pub async fn read_once(source: &capsa::schema::byte_source::Client, max: u32) -> (Vec<u8>, bool) {
+    let mut request = source.read_request();
+    request.get().set_max_bytes(max);
+    let response = request.send().promise.await.expect("read");
+    let chunk = response.get().expect("read");
+    (chunk.get_data().expect("read").to_vec(), chunk.get_eof())
+}
+
 pub async fn stdout_of(p: &process::Client) -> Vec<u8> {
     read_all(p.stdout_request().send().pipeline.get_source()).await
 }
@@ -606,17 +624,7 @@ pub async fn still_healthy(witness: &capsa::schema::process::Client) {
 
 /// An Executor's grants (`Executor.directories`), at their paths.
 pub async fn granted(exec: &executor::Client) -> Vec<(String, directory::Client)> {
-    let response = exec.directories_request().send().promise.await.unwrap();
-    let grants = response.get().unwrap().get_grants().unwrap();
-    grants
-        .iter()
-        .map(|g| {
-            (
-                g.get_path().unwrap().to_string().unwrap(),
-                g.get_directory().unwrap(),
-            )
-        })
-        .collect()
+    capsa_client::directories(exec).await.expect("directories")
 }
 
 /// What a [`Collector`] has been given.

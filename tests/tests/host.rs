@@ -92,6 +92,54 @@ fn data_mode_runs_plain_wasi_programs_p2_and_p1() {
     });
 }
 
+/// A client that reads a finished program's output learns of the end
+/// with the last bytes, in one call: p2 and p1 alike.
+#[test]
+fn output_read_after_wait_ends_with_its_last_bytes() {
+    host(|host| async move {
+        let root = host.root_executor();
+        for name in ["hello", "hello-p1"] {
+            let p = run(
+                &root,
+                &guest(name),
+                Run {
+                    args: &["last"],
+                    stdio: StdioMode::Data,
+                    ..Run::default()
+                },
+            )
+            .await
+            .unwrap();
+            assert_eq!(wait(&p).await, ExitStatus::Exited(0), "{name}");
+            let stdout = p.stdout_request().send().pipeline.get_source();
+            let (data, eof) = read_once(&stdout, 1 << 16).await;
+            assert_eq!(
+                (String::from_utf8_lossy(&data).as_ref(), eof),
+                ("hello from a plain WASI program: last\n", true),
+                "{name}"
+            );
+            assert_eq!(read_once(&stdout, 1 << 16).await, (Vec::new(), true));
+            let stderr = p.stderr_request().send().pipeline.get_source();
+            assert_eq!(read_once(&stderr, 1 << 16).await, (Vec::new(), true));
+        }
+        // Asked for less than is left: not the end yet.
+        let p = run(
+            &root,
+            &guest("hello"),
+            Run {
+                args: &["last"],
+                stdio: StdioMode::Data,
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        wait(&p).await;
+        let stdout = p.stdout_request().send().pipeline.get_source();
+        assert_eq!(read_once(&stdout, 5).await, (b"hello".to_vec(), false));
+    });
+}
+
 #[test]
 fn data_mode_streams_stdin_to_stdout() {
     host(|host| async move {
@@ -767,8 +815,7 @@ fn garbage_on_the_rpc_channel_ends_that_guest_only() {
 /// again, never loaded.
 #[test]
 fn capsa_run_compiles_once_and_recompiles_damaged_entries() {
-    let exe = std::env::current_exe().unwrap();
-    let capsa = exe.parent().unwrap().parent().unwrap().join("capsa");
+    let capsa = capsa_tests::capsa_bin();
     let scratch = capsa_tests::TempDir::new("compile-cache");
     // A folder capsa makes itself (an existing one must be private already).
     let cache = scratch.path().join("cache");
@@ -814,8 +861,7 @@ fn capsa_run_compiles_once_and_recompiles_damaged_entries() {
 
 #[test]
 fn the_capsa_binary_runs_the_demo() {
-    let exe = std::env::current_exe().unwrap();
-    let capsa = exe.parent().unwrap().parent().unwrap().join("capsa");
+    let capsa = capsa_tests::capsa_bin();
     let out = std::process::Command::new(&capsa)
         .arg("run")
         .arg(guests_dir().join("pid0.wasm"))
@@ -838,8 +884,7 @@ fn the_capsa_binary_runs_the_demo() {
 /// Executor's `directories`, and hands it through a child to a grandchild.
 #[test]
 fn capsa_run_dir_reaches_pid0_and_a_grandchild() {
-    let exe = std::env::current_exe().unwrap();
-    let capsa = exe.parent().unwrap().parent().unwrap().join("capsa");
+    let capsa = capsa_tests::capsa_bin();
     let dir = capsa_tests::TempDir::new("run-dir");
     let out = std::process::Command::new(&capsa)
         .arg("run")

@@ -678,8 +678,7 @@ mod native_kvm {
     fn capsa_run_allow_vm_runs_busybox_for_pid0() {
         require_native_kvm();
         let _one = one_at_a_time();
-        let exe = std::env::current_exe().unwrap();
-        let capsa = exe.parent().unwrap().parent().unwrap().join("capsa");
+        let capsa = capsa_tests::capsa_bin();
         let out = std::process::Command::new(&capsa)
             .arg("run")
             .arg("--allow-vm")

@@ -15,11 +15,6 @@ use capsa::{ExitStatus, HostConfig};
 use capsa_schema::hostile::Finish;
 use capsa_tests::*;
 
-fn capsa_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join("capsa")
-}
-
 fn agent_bin() -> PathBuf {
     match std::env::var_os("CAPSA_AGENT_BIN") {
         Some(p) => PathBuf::from(p),
@@ -204,6 +199,20 @@ fn serve_makes_a_private_socket_and_exec_streams_stdio() {
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "hello from a plain WASI program: over a socket\n"
+    );
+    // The environment, exactly as given, through the serving host too.
+    let out = Command::new(capsa_bin())
+        .env("CAPSA_TEST_PASSED", "passed")
+        .args(["exec", "--connect", &listen])
+        .args(["--env", "A=over a socket", "--env", "CAPSA_TEST_PASSED"])
+        .arg(&hello)
+        .args(["--", "env"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "A=over a socket\nCAPSA_TEST_PASSED=passed\n"
     );
     let out = Command::new(capsa_bin())
         .args(["exec", "--connect", &listen])

@@ -396,8 +396,7 @@ fn a_bad_elf_is_refused_and_the_machine_goes() {
 #[test]
 fn pid0_runs_busybox_through_the_capsa_binary() {
     let _serial = serial();
-    let exe = std::env::current_exe().unwrap();
-    let capsa = exe.parent().unwrap().parent().unwrap().join("capsa");
+    let capsa = capsa_tests::capsa_bin();
     let out = std::process::Command::new(&capsa)
         .arg("run")
         .arg("--vm-as-process")

@@ -314,6 +314,23 @@ where
     }
 }
 
+/// The directories granted to whoever holds `executor`
+/// (`Executor.directories`), each at its path.
+pub async fn directories(
+    executor: &executor::Client,
+) -> capnp::Result<Vec<(String, directory::Client)>> {
+    let response = executor.directories_request().send().promise.await?;
+    let grants = response.get()?.get_grants()?;
+    let mut out = Vec::with_capacity(grants.len() as usize);
+    for grant in grants.iter() {
+        let path = grant.get_path()?.to_string().map_err(|e| {
+            capnp::Error::failed(format!("a granted directory's path is not UTF-8: {e}"))
+        })?;
+        out.push((path, grant.get_directory()?));
+    }
+    Ok(out)
+}
+
 /// Everything read from `source` until its end.
 pub async fn read_to_end(source: &byte_source::Client) -> capnp::Result<Vec<u8>> {
     let mut data = Vec::new();

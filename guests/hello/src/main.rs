@@ -7,6 +7,7 @@
 //! - `emit BYTES CHUNK`: writes BYTES zero bytes to stdout, CHUNK at a time;
 //! - `exit CODE`: exits with CODE;
 //! - `stderr`: writes one line to stderr and one to stdout;
+//! - `env`: prints its environment, a `NAME=VALUE` line each, sorted;
 //! - anything else, or nothing: greets with its arguments.
 
 use std::io::{self, Read, Write};
@@ -59,6 +60,16 @@ fn run(args: &[String]) -> Result<(), String> {
             emit(bytes, chunk).map_err(|e| format!("emit: {e}"))
         }
         Some("exit") => exit(number("CODE", args.get(1))?),
+        Some("env") => {
+            let mut vars: Vec<String> = std::env::vars()
+                .map(|(name, value)| format!("{name}={value}"))
+                .collect();
+            vars.sort();
+            for var in vars {
+                println!("{var}");
+            }
+            Ok(())
+        }
         Some("stderr") => {
             eprintln!("hello on stderr");
             println!("hello on stdout");
