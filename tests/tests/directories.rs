@@ -10,8 +10,8 @@ use std::path::Path;
 use capsa::schema::{directory, executor, process, EntryKind, StdioMode, WriteMode};
 use capsa::{DirGrant, ExitStatus, HostConfig};
 use capsa_tests::{
-    assert_kind, exported_executor, granted, guest, healthy, read_all, run, still_healthy, wait,
-    with_host, ErrorKind, Run, TempDir,
+    assert_kind, exported_executor, granted, guest, healthy, read_all, read_once, run,
+    still_healthy, wait, with_host, ErrorKind, Run, TempDir,
 };
 
 /// The two builds of the same program.
