@@ -74,7 +74,12 @@ fn exec_runs_a_program_in_a_host_of_its_own() {
         .unwrap();
     writer.join().unwrap();
     assert!(child.wait().unwrap().success());
-    assert!(output == input, "{} bytes back of {}", output.len(), input.len());
+    assert!(
+        output == input,
+        "{} bytes back of {}",
+        output.len(),
+        input.len()
+    );
 
     // Exit codes like a shell; anything else said.
     let out = exec(tmp.path())

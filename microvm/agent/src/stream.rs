@@ -46,7 +46,10 @@ impl OutputPipe {
     /// The next chunk of at most [`MAX_READ`] bytes for a push into a
     /// caller's sink; empty at the end of the stream or on an error.
     pub async fn next_chunk(&self) -> Vec<u8> {
-        self.read(MAX_READ).await.map(|(chunk, _)| chunk).unwrap_or_default()
+        self.read(MAX_READ)
+            .await
+            .map(|(chunk, _)| chunk)
+            .unwrap_or_default()
     }
 
     /// Up to `max` bytes, waiting for the first, and whether the stream
