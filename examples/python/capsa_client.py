@@ -12,14 +12,19 @@ as `out`, and this client reads it back through the same capability.
         --wasm hello.wasm [--elf /bin/busybox] [--files files.wasm] \
         [--bench-echo 2000] [--bench-stream 256]
 
+Over TLS: `--connect tls:HOST:PORT --token-file FILE` with `--tls-fingerprint
+SHA256` (as `capsa serve` prints it) or `--tls-ca CA.pem`.
+
 Needs pycapnp (`pip install pycapnp`).
 """
 
 import argparse
 import asyncio
+import hashlib
 import io
 import os
 import socket
+import ssl
 import statistics
 import sys
 import time
@@ -30,9 +35,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SCHEMA = os.path.join(HERE, "..", "..", "capnp", "schema", "capsa.capnp")
 
 
-async def connect(address, token):
-    """Opens the stream, sends the token line if the server wants one, and
-    returns the server's root Executor (and the client, to keep it alive)."""
+async def connect(address, token, tls_ca=None, tls_fingerprint=None):
+    """Opens the stream (TLS first for tls:HOST:PORT), sends the token line
+    if the server wants one, and returns the server's root Executor (and
+    the client, to keep it alive)."""
+    if address.startswith("tls:"):
+        return await connect_tls(address, token, tls_ca, tls_fingerprint)
+    if tls_ca or tls_fingerprint:
+        raise SystemExit(f"{address!r}: --tls-ca and --tls-fingerprint are for tls: addresses")
     if address.startswith("unix:"):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(address[len("unix:"):])
@@ -41,7 +51,7 @@ async def connect(address, token):
         sock = socket.create_connection((host, int(port)))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     else:
-        raise SystemExit(f"{address!r}: use unix:PATH or tcp:HOST:PORT")
+        raise SystemExit(f"{address!r}: use unix:PATH, tcp:HOST:PORT or tls:HOST:PORT")
     if token is not None:
         # Before any Cap'n Proto message: one line with the shared secret.
         sock.sendall(b"CAPSA-TOKEN " + token.encode() + b"\n")
@@ -50,6 +60,67 @@ async def connect(address, token):
         stream = await capnp.AsyncIoStream.create_unix_connection(sock=sock)
     else:
         stream = await capnp.AsyncIoStream.create_connection(sock=sock)
+    client = capnp.TwoPartyClient(stream)
+    return client, client.bootstrap().cast_as(schema.Executor)
+
+
+# The tasks relaying TLS connections, kept alive while they run.
+RELAYS = set()
+
+
+def normalized_fingerprint(text):
+    """64 hex digits, as `capsa serve` prints them or without colons."""
+    digits = text.strip().lower().removeprefix("sha256:").replace(":", "")
+    if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
+        raise SystemExit(f"{text!r} is not a SHA-256 fingerprint")
+    return digits
+
+
+async def connect_tls(address, token, tls_ca, tls_fingerprint):
+    """TLS with Python's ssl, trusting the server by its CA or by the
+    pinned fingerprint of its certificate (checked after the handshake,
+    before the token is sent: the handshake has proven the server holds
+    that certificate's key). pycapnp cannot send a line of its own before
+    Cap'n Proto, so its stream is a socket pair relayed to the TLS stream."""
+    host, port = address[len("tls:"):].rsplit(":", 1)
+    host = host.strip("[]")
+    if tls_ca:
+        ctx = ssl.create_default_context(cafile=tls_ca)
+    elif tls_fingerprint:
+        pin = normalized_fingerprint(tls_fingerprint)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        raise SystemExit(f"{address!r}: pass --tls-ca FILE or --tls-fingerprint SHA256")
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    reader, writer = await asyncio.open_connection(host, int(port), ssl=ctx, server_hostname=host)
+    if tls_fingerprint:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        seen = hashlib.sha256(der).hexdigest()
+        if seen != pin:
+            writer.close()
+            raise SystemExit(f"{address}: the server's certificate has fingerprint {seen}, not {pin}")
+    if token is not None:
+        writer.write(b"CAPSA-TOKEN " + token.encode() + b"\n")
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    local_reader, local_writer = await asyncio.open_connection(sock=theirs)
+
+    async def pump(src, dst):
+        try:
+            while data := await src.read(1 << 16):
+                dst.write(data)
+                await dst.drain()
+        finally:
+            dst.close()
+
+    relay = [asyncio.create_task(pump(reader, local_writer)), asyncio.create_task(pump(local_reader, writer))]
+    stream = await capnp.AsyncIoStream.create_unix_connection(sock=ours)
+    RELAYS.update(relay)
+    for task in relay:
+        task.add_done_callback(RELAYS.discard)
     client = capnp.TwoPartyClient(stream)
     return client, client.bootstrap().cast_as(schema.Executor)
 
@@ -204,7 +275,7 @@ async def main(opts):
     if opts.token_file:
         with open(opts.token_file) as f:
             token = f.read().strip()
-    client, executor = await connect(opts.connect, token)
+    client, executor = await connect(opts.connect, token, opts.tls_ca, opts.tls_fingerprint)
 
     answer = await executor.echo(message="hello from python")
     print(f"echo: {answer.response}", file=sys.stderr)
@@ -233,8 +304,14 @@ async def main(opts):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--connect", default="unix:capsa.sock", help="unix:PATH or tcp:HOST:PORT")
+    parser.add_argument(
+        "--connect", default="unix:capsa.sock", help="unix:PATH, tcp:HOST:PORT or tls:HOST:PORT"
+    )
     parser.add_argument("--token-file", help="the server's shared secret, if it has one")
+    parser.add_argument("--tls-ca", help="tls: trust a server whose chain leads to this CA (PEM)")
+    parser.add_argument(
+        "--tls-fingerprint", metavar="SHA256", help="tls: trust exactly the certificate with this fingerprint"
+    )
     parser.add_argument("--schema", default=DEFAULT_SCHEMA, help="capsa.capnp")
     parser.add_argument("--wasm", help="a WASM component or module to run in data mode")
     parser.add_argument("--elf", help="an x86-64 ELF to run too (needs a host with microVMs)")

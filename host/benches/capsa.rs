@@ -432,11 +432,12 @@ async fn pushed_through(exec: &executor::Client, chunk: usize, total: usize) -> 
 /// in the same connection: bytes per second of each.
 fn stream_through_serve_rust(
     address: &capsa::serve::Address,
+    trust: Option<&capsa::tls::Trust>,
     chunk: usize,
     total: usize,
 ) -> (f64, f64) {
     local(async move {
-        let connection = capsa::serve::connect(address, None).await.unwrap();
+        let connection = capsa::serve::connect(address, None, trust).await.unwrap();
         let exec = connection.executor.clone();
         let pushed = pushed_through(&exec, chunk, total).await;
         let p = start_cat(&exec).await;
@@ -1067,9 +1068,20 @@ fn serve_in_thread(
     tokio::sync::oneshot::Sender<()>,
     std::thread::JoinHandle<()>,
 ) {
-    use capsa::serve::{Address, ServeConfig, Server};
-    let address = Address::Unix(dir.join("capsa.sock"));
-    let server = Server::bind(ServeConfig::new(address.clone())).unwrap();
+    let address = capsa::serve::Address::Unix(dir.join("capsa.sock"));
+    serve_config_in_thread(capsa::serve::ServeConfig::new(address))
+}
+
+/// A `capsa serve` configured by `config` in a thread of this process.
+fn serve_config_in_thread(
+    config: capsa::serve::ServeConfig,
+) -> (
+    capsa::serve::Address,
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
+    let server = capsa::serve::Server::bind(config).unwrap();
+    let address = server.address().clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::spawn(move || {
         local(async move {
@@ -1085,10 +1097,78 @@ fn serve_in_thread(
     (address, stop, thread)
 }
 
+/// What TLS costs a remote client: echo and the stream through a `tls:`
+/// listener against a plain `tcp:` one, both on loopback in this process,
+/// alternating.
+fn tls_rows(r: &mut Report) {
+    use capsa::serve::{Address, ServeConfig};
+    let dir = std::env::temp_dir().join(format!("capsa-bench-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let tls = capsa::tls::ServerTls::load_or_generate(&dir, "127.0.0.1").unwrap();
+    let trust = capsa::tls::Trust::Fingerprint(tls.fingerprint());
+    let (tcp, stop_tcp, tcp_thread) =
+        serve_config_in_thread(ServeConfig::new(Address::Tcp("127.0.0.1:0".into())));
+    let (tls_address, stop_tls, tls_thread) = serve_config_in_thread(ServeConfig {
+        tls: Some(tls),
+        ..ServeConfig::new(Address::Tls("127.0.0.1:0".into()))
+    });
+    let (mut echo_tls, mut echo_tcp) = (Vec::new(), Vec::new());
+    let (mut stream_tls, mut stream_tcp) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        echo_tcp.extend(echo_through_serve_rust(&tcp, None));
+        echo_tls.extend(echo_through_serve_rust(&tls_address, Some(&trust)));
+        stream_tcp.push(stream_through_serve_rust(&tcp, None, 1 << 20, 256 << 20));
+        stream_tls.push(stream_through_serve_rust(
+            &tls_address,
+            Some(&trust),
+            1 << 20,
+            256 << 20,
+        ));
+    }
+    let (echo_tls, echo_tcp) = (median(echo_tls), median(echo_tcp));
+    r.row(
+        "echo round trip Rust client <-> capsa serve over TLS (loopback)",
+        us(echo_tls),
+        format!(
+            "plain TCP in the same run: {} (TLS/TCP {:.2})",
+            us(echo_tcp),
+            echo_tls / echo_tcp
+        ),
+    );
+    for (which, pick) in [("pushed", 0), ("pulled", 1)] {
+        let get = |runs: &[(f64, f64)]| {
+            median(
+                runs.iter()
+                    .map(|r| if pick == 0 { r.0 } else { r.1 })
+                    .collect(),
+            )
+        };
+        let (tls_rate, tcp_rate) = (get(&stream_tls), get(&stream_tcp));
+        r.row(
+            &format!(
+                "byte stream Rust client -> capsa serve over TLS -> guest cat -> back, {which}"
+            ),
+            format!("{:.2} GB/s", tls_rate / 1e9),
+            format!(
+                "plain TCP in the same run: {:.2} GB/s (TCP/TLS time {:.2})",
+                tcp_rate / 1e9,
+                tcp_rate / tls_rate
+            ),
+        );
+    }
+    drop((stop_tcp, stop_tls));
+    tcp_thread.join().unwrap();
+    tls_thread.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Echo round trips from a Rust client through `capsa serve`'s socket.
-fn echo_through_serve_rust(address: &capsa::serve::Address) -> Vec<f64> {
+fn echo_through_serve_rust(
+    address: &capsa::serve::Address,
+    trust: Option<&capsa::tls::Trust>,
+) -> Vec<f64> {
     local(async move {
-        let connection = capsa::serve::connect(address, None).await.unwrap();
+        let connection = capsa::serve::connect(address, None, trust).await.unwrap();
         let exec = connection.executor.clone();
         let mut v = Vec::with_capacity(ECHOES);
         for _ in 0..ECHOES {
@@ -1323,7 +1403,7 @@ fn repeat_runs_through_serve(address: &capsa::serve::Address, bytes: &[u8]) -> (
     use sha2::Digest;
     let hash = sha2::Sha256::digest(bytes);
     local(async move {
-        let connection = capsa::serve::connect(address, None).await.unwrap();
+        let connection = capsa::serve::connect(address, None, None).await.unwrap();
         let exec = connection.executor.clone();
         let run_bytes = || {
             let mut req = exec.run_bytes_request();
@@ -1606,7 +1686,7 @@ fn main() {
             Some(p) => format!("in-process PID0 <-> host: {} (ratio {:.2})", us(p), ns / p),
             None => String::new(),
         };
-        let rust = median(echo_through_serve_rust(&address));
+        let rust = median(echo_through_serve_rust(&address, None));
         r.row(
             "echo round trip Rust client <-> capsa serve (Unix)",
             us(rust),
@@ -1625,7 +1705,7 @@ fn main() {
             ),
         }
         let runs: Vec<(f64, f64)> = (0..3)
-            .map(|_| stream_through_serve_rust(&address, 1 << 20, 256 << 20))
+            .map(|_| stream_through_serve_rust(&address, None, 1 << 20, 256 << 20))
             .collect();
         let pushed = median(runs.iter().map(|r| r.0).collect());
         let pulled = median(runs.iter().map(|r| r.1).collect());
@@ -1656,6 +1736,9 @@ fn main() {
         drop(stop);
         thread.join().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+    if want("tls") {
+        tls_rows(&mut r);
     }
     if want("compile") {
         compile_rows(&mut r);

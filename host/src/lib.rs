@@ -24,11 +24,14 @@
 //! - [`vm`]: ELF payloads in microVMs, through the in-guest agent;
 //! - [`transport`]: flow control on every RPC connection the host serves;
 //! - [`scope`]: the processes of one client, killed together when it goes;
-//! - [`serve`]: `capsa serve`, the root Executor over a Unix or TCP socket;
+//! - [`serve`]: `capsa serve`, the root Executor over a Unix, TCP or TLS
+//!   socket; [`admission`]: who may take a turn at authenticating, and how
+//!   often; [`tls`]: certificates, fingerprints and trust;
 //! - [`exec`]: the client behind `capsa exec`;
 //! - [`embed`]: a host on its own thread inside another program, for test
 //!   harnesses.
 
+pub mod admission;
 pub mod cache;
 pub mod cell;
 pub mod directory;
@@ -46,6 +49,7 @@ pub mod scope;
 pub mod serve;
 pub mod status;
 pub mod stream;
+pub mod tls;
 pub mod transport;
 pub mod vm;
 pub mod world;

@@ -48,13 +48,23 @@ enum Command {
     /// with its own quotas, and all of a connection's processes are killed
     /// when it closes. Stops on SIGINT or SIGTERM.
     Serve {
-        /// unix:PATH (created mode 0600) or tcp:HOST:PORT (loopback only,
-        /// unless --allow-remote).
+        /// unix:PATH (created mode 0600), tcp:HOST:PORT (loopback only) or
+        /// tls:HOST:PORT (loopback, or any address with --allow-remote).
         #[arg(long, default_value = "unix:capsa.sock")]
         listen: Address,
-        /// Accept TCP connections from other machines; needs --token-file.
+        /// Accept connections from other machines; needs a tls: listener
+        /// and --token-file.
         #[arg(long)]
         allow_remote: bool,
+        /// The certificate chain a tls: listener presents (PEM); with
+        /// --tls-key. Without both, a self-signed certificate is made once
+        /// and kept in $XDG_STATE_HOME/capsa/tls (else
+        /// ~/.local/state/capsa/tls), and its fingerprint printed.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key of --tls-cert (PEM, mode 0600).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
         /// File holding a shared secret (16 to 1024 characters, mode 0600)
         /// that clients must send before they get any capability.
         #[arg(long)]
@@ -86,14 +96,22 @@ enum Command {
     /// runs in a host of this command's own, or with --connect on a serving
     /// host (`capsa serve`).
     Exec {
-        /// unix:PATH or tcp:HOST:PORT of a serving host; without it the
-        /// program runs in a host of this command's own, set up by the
-        /// host options below.
+        /// unix:PATH, tcp:HOST:PORT or tls:HOST:PORT of a serving host;
+        /// without it the program runs in a host of this command's own,
+        /// set up by the host options below.
         #[arg(long)]
         connect: Option<Address>,
         /// File holding the server's shared secret, if it has one.
         #[arg(long, requires = "connect")]
         token_file: Option<PathBuf>,
+        /// tls: trust the server whose chain leads to a certificate in
+        /// this PEM file (its CA), for the host name connected to.
+        #[arg(long, requires = "connect", conflicts_with = "tls_fingerprint")]
+        tls_ca: Option<PathBuf>,
+        /// tls: trust exactly the server certificate with this SHA-256
+        /// fingerprint (as `capsa serve` prints it; colons optional).
+        #[arg(long, requires = "connect", value_name = "SHA256")]
+        tls_fingerprint: Option<capsa::tls::Fingerprint>,
         /// Grant the program a directory of this machine at GUEST
         /// (default: the same path); `:ro` makes it read-only. A serving
         /// host copies it in and writes the program's changes back when it
@@ -323,6 +341,8 @@ fn run(command: Command) -> anyhow::Result<i32> {
         Command::Serve {
             listen,
             allow_remote,
+            tls_cert,
+            tls_key,
             token_file,
             max_connections,
             connection_cells,
@@ -337,10 +357,33 @@ fn run(command: Command) -> anyhow::Result<i32> {
             };
 
             let token = token_file.as_deref().map(Token::from_file).transpose()?;
+            let tls = match (&listen, tls_cert, tls_key) {
+                (Address::Tls(_), Some(cert), Some(key)) => {
+                    Some(capsa::tls::ServerTls::from_pem(&cert, &key)?)
+                }
+                (Address::Tls(hostport), _, _) => {
+                    let dir = capsa::tls::default_dir().context(
+                        "no folder for a generated certificate (neither XDG_STATE_HOME nor \
+                         HOME is set); pass --tls-cert and --tls-key",
+                    )?;
+                    let host = hostport.rsplit_once(':').map_or("", |(h, _)| h);
+                    Some(capsa::tls::ServerTls::load_or_generate(&dir, host)?)
+                }
+                (_, Some(_), _) => anyhow::bail!("--tls-cert and --tls-key are for tls: listeners"),
+                _ => None,
+            };
+            if let Some(tls) = &tls {
+                // Clients pin this (`--tls-fingerprint`).
+                eprintln!(
+                    "capsa: TLS certificate SHA-256 fingerprint {}",
+                    tls.fingerprint()
+                );
+            }
             let server = Server::bind(ServeConfig {
                 listen,
                 allow_remote,
                 token,
+                tls,
                 max_connections,
                 connection_cells,
                 connection_memory_bytes: connection_memory_mib.map(|m| m.saturating_mul(1 << 20)),
@@ -362,6 +405,8 @@ fn run(command: Command) -> anyhow::Result<i32> {
         Command::Exec {
             connect,
             token_file,
+            tls_ca,
+            tls_fingerprint,
             dirs,
             env,
             limits,
@@ -370,6 +415,11 @@ fn run(command: Command) -> anyhow::Result<i32> {
             args,
         } => {
             let token = token_file.as_deref().map(Token::from_file).transpose()?;
+            let trust = match (tls_ca, tls_fingerprint) {
+                (Some(ca), _) => Some(capsa::tls::Trust::Ca(ca)),
+                (_, Some(pin)) => Some(capsa::tls::Trust::Fingerprint(pin)),
+                _ => None,
+            };
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let env = env
@@ -410,7 +460,8 @@ fn run(command: Command) -> anyhow::Result<i32> {
                 };
                 match (connect, own_host) {
                     (Some(connect), _) => {
-                        let connection = capsa::serve::connect(&connect, token.as_ref()).await?;
+                        let connection =
+                            capsa::serve::connect(&connect, token.as_ref(), trust.as_ref()).await?;
                         // Served from this process, for as long as the program runs.
                         let served = capsa::directory::Directories::default();
                         let mut grants = Vec::new();

@@ -9,8 +9,10 @@
 //!
 //! # Handshake
 //!
-//! When the server has a token (`--token-file`), the client first sends one
-//! line, before any Cap'n Proto message:
+//! On a `tls:` listener the client first completes a TLS handshake
+//! ([`crate::tls`]); everything below then runs inside TLS. When the
+//! server has a token (`--token-file`), the client sends one line before
+//! any Cap'n Proto message:
 //!
 //! ```text
 //! CAPSA-TOKEN <token>\n
@@ -19,13 +21,24 @@
 //! where `<token>` is the token file's content without surrounding
 //! whitespace. The server compares it in constant time and, if it matches,
 //! starts Cap'n Proto on the same stream; it sends nothing back first. A
-//! wrong or missing token, or none within [`HANDSHAKE_TIMEOUT`], closes the
-//! connection before any capability exists on it. Without a token the
-//! stream is Cap'n Proto from its first byte.
+//! wrong or missing token, or no token within [`HANDSHAKE_TIMEOUT`] of
+//! connecting (TLS included), closes the connection before any capability
+//! exists on it. Without a token the stream is Cap'n Proto from its first
+//! byte (after TLS, on a `tls:` listener).
+//!
+//! # Admission
+//!
+//! A connection takes one of the `--max-connections` served slots only
+//! once it has authenticated; until then it holds a pending slot, bounded
+//! overall and per source address, and the oldest pending handshake is
+//! dropped to make room for a newcomer ([`crate::admission`]). Failed
+//! tokens slow their address down. `--allow-remote` takes only a `tls:`
+//! listener with a token: the secret never crosses a network in clear.
 
-use std::cell::Cell as Counter;
+use std::cell::{Cell as Counter, RefCell};
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -40,25 +53,29 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
+use crate::admission::{Penalties, Pending, Source, Spoke, Ticket};
 use crate::host::Host;
 use crate::scope::{Scope, Share};
+use crate::tls::{ServerTls, Trust};
 use crate::transport;
 
 /// What a client sends first when the server has a token.
 pub const TOKEN_PREFIX: &str = "CAPSA-TOKEN ";
-/// How long a client may take to send its token line.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take from connecting to being authenticated (TLS
+/// handshake and token line): short, so a pending slot turns over.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default of `--max-connections`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
 /// Longest token accepted.
 const MAX_TOKEN: usize = 1024;
 
-/// Where a server listens or a client connects: `unix:PATH` or
-/// `tcp:HOST:PORT`.
+/// Where a server listens or a client connects: `unix:PATH`,
+/// `tcp:HOST:PORT` (loopback only) or `tls:HOST:PORT`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Address {
     Unix(PathBuf),
     Tcp(String),
+    Tls(String),
 }
 
 /// Why a server could not be bound or a client could not connect.
@@ -111,13 +128,18 @@ impl FromStr for Address {
             }
             return Ok(Address::Unix(PathBuf::from(path)));
         }
-        if let Some(hostport) = s.strip_prefix("tcp:") {
-            if hostport.rsplit_once(':').is_none_or(|(h, _)| h.is_empty()) {
-                invalid!("`tcp:` needs HOST:PORT, e.g. tcp:127.0.0.1:7070");
+        for (scheme, make) in [
+            ("tcp", Address::Tcp as fn(String) -> Address),
+            ("tls", Address::Tls),
+        ] {
+            if let Some(hostport) = s.strip_prefix(scheme).and_then(|r| r.strip_prefix(':')) {
+                if hostport.rsplit_once(':').is_none_or(|(h, _)| h.is_empty()) {
+                    invalid!("`{scheme}:` needs HOST:PORT, e.g. {scheme}:127.0.0.1:7070");
+                }
+                return Ok(make(hostport.to_string()));
             }
-            return Ok(Address::Tcp(hostport.to_string()));
         }
-        invalid!("{s:?} is not an address: use unix:PATH or tcp:HOST:PORT")
+        invalid!("{s:?} is not an address: use unix:PATH, tcp:HOST:PORT or tls:HOST:PORT")
     }
 }
 
@@ -126,6 +148,7 @@ impl std::fmt::Display for Address {
         match self {
             Address::Unix(p) => write!(f, "unix:{}", p.display()),
             Address::Tcp(a) => write!(f, "tcp:{a}"),
+            Address::Tls(a) => write!(f, "tls:{a}"),
         }
     }
 }
@@ -190,9 +213,11 @@ impl Token {
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     pub listen: Address,
-    /// TCP only: bind a non-loopback address. Requires `token`.
+    /// TLS only: bind a non-loopback address. Requires `token`.
     pub allow_remote: bool,
     pub token: Option<Token>,
+    /// The certificate a `tls:` listener presents.
+    pub tls: Option<ServerTls>,
     /// Connections served at once; more are closed as soon as accepted.
     pub max_connections: usize,
     /// Guests each connection may run at once; `None` takes
@@ -209,6 +234,7 @@ impl ServeConfig {
             listen,
             allow_remote: false,
             token: None,
+            tls: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             connection_cells: None,
             connection_memory_bytes: None,
@@ -247,7 +273,8 @@ pub(crate) fn machine_memory_bytes() -> Option<u64> {
 /// A bound socket, before the runtime takes it over.
 enum Bound {
     Unix(std::os::unix::net::UnixListener, OwnedSocket),
-    Tcp(std::net::TcpListener),
+    /// TCP, with the TLS it speaks on a `tls:` listener.
+    Tcp(std::net::TcpListener, Option<ServerTls>),
 }
 
 enum Listener {
@@ -257,15 +284,15 @@ enum Listener {
 }
 
 impl Bound {
-    fn into_listener(self) -> std::io::Result<Listener> {
+    fn into_listener(self) -> std::io::Result<(Listener, Option<ServerTls>)> {
         Ok(match self {
             Bound::Unix(l, owned) => {
                 l.set_nonblocking(true)?;
-                Listener::Unix(UnixListener::from_std(l)?, owned)
+                (Listener::Unix(UnixListener::from_std(l)?, owned), None)
             }
-            Bound::Tcp(l) => {
+            Bound::Tcp(l, tls) => {
                 l.set_nonblocking(true)?;
-                Listener::Tcp(TcpListener::from_std(l)?)
+                (Listener::Tcp(TcpListener::from_std(l)?), tls)
             }
         })
     }
@@ -296,7 +323,7 @@ pub struct Server {
 impl Server {
     /// Binds the socket. A Unix socket is created with mode 0600; an
     /// existing `PATH` is replaced only if it is a stale socket (one nobody
-    /// accepts on). TCP binds only loopback addresses unless
+    /// accepts on). TCP binds only loopback addresses; TLS binds any with
     /// `allow_remote`, which requires a token.
     pub fn bind(config: ServeConfig) -> Result<Server, ServeError> {
         if config.max_connections == 0 {
@@ -310,7 +337,19 @@ impl Server {
                 let (listener, owned) = bind_unix(path)?;
                 (Bound::Unix(listener, owned), config.listen.clone())
             }
-            Address::Tcp(hostport) => {
+            Address::Tcp(hostport) | Address::Tls(hostport) => {
+                let tls = matches!(config.listen, Address::Tls(_));
+                if config.allow_remote && !tls {
+                    invalid!(
+                        "--allow-remote needs a TLS listener (--listen tls:{hostport}): over \
+                         plain TCP the token would cross the network in clear text"
+                    );
+                }
+                if tls != config.tls.is_some() {
+                    invalid!(
+                        "a tls: listener needs a certificate, and only a tls: listener takes one"
+                    );
+                }
                 let addrs: Vec<SocketAddr> = hostport
                     .to_socket_addrs()
                     .doing(|| format!("resolving {hostport}"))?
@@ -327,12 +366,20 @@ impl Server {
                 if !config.allow_remote && !addr.ip().is_loopback() {
                     invalid!(
                         "{addr} is not a loopback address; pass --allow-remote (with \
-                         --token-file) to accept connections from other machines"
+                         --listen tls:HOST:PORT and --token-file) to accept connections from \
+                         other machines"
                     );
                 }
                 let std = std::net::TcpListener::bind(addr).doing(|| format!("binding {addr}"))?;
-                let bound = std.local_addr().doing(|| format!("binding {addr}"))?;
-                (Bound::Tcp(std), Address::Tcp(bound.to_string()))
+                let bound = std
+                    .local_addr()
+                    .doing(|| format!("binding {addr}"))?
+                    .to_string();
+                let address = match tls {
+                    true => Address::Tls(bound),
+                    false => Address::Tcp(bound),
+                };
+                (Bound::Tcp(std, config.tls.clone()), address)
             }
         };
         Ok(Server {
@@ -354,9 +401,14 @@ impl Server {
         let Server {
             listener, config, ..
         } = self;
-        let listener = listener.into_listener()?;
+        let (listener, tls) = listener.into_listener()?;
+        let gate = Rc::new(Gate {
+            token: config.token,
+            tls: tls.map(|tls| tls.acceptor()),
+            pending: Rc::new(RefCell::new(Pending::default())),
+            penalties: RefCell::new(Penalties::default()),
+        });
         let open = Rc::new(Counter::new(0usize));
-        let token = config.token.map(Rc::new);
         let fair = fair_share(host, config.max_connections);
         let share = Share {
             cells: config.connection_cells.unwrap_or(fair.cells),
@@ -370,12 +422,12 @@ impl Server {
         let mut next_id = 0u64;
         tokio::pin!(shutdown);
         loop {
-            let accepted: std::io::Result<(Box<dyn Stream>, String)> = tokio::select! {
+            let accepted = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
                 r = accept(&listener) => r,
             };
-            let (stream, peer) = match accepted {
+            let (stream, socket, source, peer) = match accepted {
                 Ok(s) => s,
                 Err(e) => {
                     // Out of file descriptors and the like: wait a little
@@ -385,23 +437,48 @@ impl Server {
                     continue;
                 }
             };
+            // A flood of connections must not starve the handshakes
+            // already under way.
+            tokio::task::yield_now().await;
             next_id += 1;
             let id = next_id;
-            if open.get() >= config.max_connections {
-                tracing::debug!(
-                    "connection {id} from {peer} refused: {} connections open",
-                    open.get()
-                );
-                drop(stream);
-                continue;
-            }
-            open.set(open.get() + 1);
+            // A pending slot, never a served one, until it authenticates
+            // (at once where there is neither TLS nor a token).
+            let mut ticket = gate
+                .checks()
+                .then(|| Pending::admit(&gate.pending, source, socket));
+            let spoke = ticket.as_ref().map(Ticket::spoke);
+            let gate = gate.clone();
             let open = open.clone();
             let host = host.clone();
-            let token = token.clone();
+            let max_connections = config.max_connections;
             tokio::task::spawn_local(async move {
+                let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+                let authenticated = tokio::select! {
+                    biased;
+                    () = Ticket::dropped_if_any(ticket.as_mut()) => Err(ConnectionError::Crowded),
+                    r = tokio::time::timeout_at(deadline, gate.authenticate(stream, source, spoke, deadline)) => {
+                        r.unwrap_or(Err(ConnectionError::Handshake(HANDSHAKE_TIMEOUT)))
+                    }
+                };
+                drop(ticket);
+                let stream = match authenticated {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::debug!("connection {id} from {peer} not admitted: {e}");
+                        return;
+                    }
+                };
+                if open.get() >= max_connections {
+                    tracing::info!(
+                        "connection {id} from {peer} refused: all {max_connections} served slots \
+                         are taken"
+                    );
+                    return;
+                }
+                open.set(open.get() + 1);
                 tracing::info!("connection {id} from {peer} opened");
-                let result = serve_connection(&host, stream, token.as_deref(), Some(share)).await;
+                let result = serve_authenticated(&host, stream, Some(share)).await;
                 open.set(open.get() - 1);
                 match result {
                     Ok(killed) => tracing::info!(
@@ -423,20 +500,127 @@ impl Server {
     }
 }
 
+/// What a connection must get through before it is served: TLS, the
+/// token, and the admission bounds.
+struct Gate {
+    token: Option<Token>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    pending: Rc<RefCell<Pending>>,
+    penalties: RefCell<Penalties>,
+}
+
+impl Gate {
+    /// Whether a connection has anything to get through before it is
+    /// served.
+    fn checks(&self) -> bool {
+        self.tls.is_some() || self.token.is_some()
+    }
+
+    /// TLS (on a `tls:` listener), then the token line (if the server has
+    /// a token), checked no earlier than `source`'s penalties allow and
+    /// refused unchecked if that is past `deadline`.
+    async fn authenticate(
+        &self,
+        stream: Box<dyn Stream>,
+        source: Source,
+        spoke: Option<Spoke>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Box<dyn Stream>, ConnectionError> {
+        let mut stream: Box<dyn Stream> = match &self.tls {
+            Some(acceptor) => {
+                let mut stream = stream;
+                let mut first = [0u8; 1];
+                if stream.read(&mut first).await.map_err(ConnectionError::Io)? == 0 {
+                    return Err(ConnectionError::Closed);
+                }
+                if let Some(spoke) = &spoke {
+                    spoke.now();
+                }
+                if first[0] != TLS_HANDSHAKE_RECORD {
+                    // A plain client (its token line, or Cap'n Proto): a
+                    // TLS alert tells it what this port speaks.
+                    let _ = stream.write_all(&TLS_ALERT_UNEXPECTED_MESSAGE).await;
+                    let _ = stream.shutdown().await;
+                    return Err(ConnectionError::NotTls);
+                }
+                let (read, write) = tokio::io::split(stream);
+                let replayed = tokio::io::join((&FIRST_TLS_BYTE[..]).chain(read), write);
+                Box::new(
+                    acceptor
+                        .accept(replayed)
+                        .await
+                        .map_err(ConnectionError::Tls)?,
+                )
+            }
+            None => stream,
+        };
+        let Some(token) = &self.token else {
+            return Ok(stream);
+        };
+        let mut first = [0u8; 1];
+        // A peer that closes before sending anything (a port probe) tried
+        // no token: it is not held against its address.
+        if stream.read(&mut first).await.map_err(ConnectionError::Io)? == 0 {
+            return Err(ConnectionError::Closed);
+        }
+        if let Some(spoke) = &spoke {
+            spoke.now();
+        }
+        if self.tls.is_none() && first[0] == TLS_HANDSHAKE_RECORD {
+            // A TLS client on a plain port: a mistake, not a guess.
+            return Err(ConnectionError::TlsOnPlain);
+        }
+        let line = read_line(&mut (&first[..]).chain(&mut stream)).await;
+        let now = tokio::time::Instant::now();
+        let wait = self.penalties.borrow_mut().reserve(source, now.into_std());
+        if now + wait >= deadline {
+            self.penalties
+                .borrow_mut()
+                .unreserve(source, now.into_std());
+            return Err(ConnectionError::SlowedDown);
+        }
+        tokio::time::sleep(wait).await;
+        let given = line
+            .as_deref()
+            .and_then(|l| l.strip_prefix(TOKEN_PREFIX.as_bytes()));
+        match given {
+            Some(given) if token.matches(given) => Ok(stream),
+            _ => {
+                let now = std::time::Instant::now();
+                self.penalties.borrow_mut().failed(source, now);
+                Err(ConnectionError::WrongToken)
+            }
+        }
+    }
+}
+
+/// The first byte of every TLS client's first record (a handshake).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+const FIRST_TLS_BYTE: [u8; 1] = [TLS_HANDSHAKE_RECORD];
+/// A fatal `unexpected_message` alert record (TLS 1.2 framing, which TLS
+/// 1.3 keeps for alerts sent in clear).
+const TLS_ALERT_UNEXPECTED_MESSAGE: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x0a];
+
 /// A connection's byte stream, whichever the transport.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + 'static> Stream for T {}
 
-async fn accept(listener: &Listener) -> std::io::Result<(Box<dyn Stream>, String)> {
+/// The next connection, a duplicate of its socket for admission to look
+/// at, where it comes from (as admission counts it) and its peer's address
+/// for the log.
+type Accepted = (Box<dyn Stream>, Option<OwnedFd>, Source, String);
+
+async fn accept(listener: &Listener) -> std::io::Result<Accepted> {
     Ok(match listener {
         Listener::Unix(l, _) => {
             let (s, _) = l.accept().await?;
-            (Box::new(s), "the Unix socket".into())
+            (Box::new(s), None, Source::Local, "the Unix socket".into())
         }
         Listener::Tcp(l) => {
             let (s, peer) = l.accept().await?;
             let _ = s.set_nodelay(true);
-            (Box::new(s), peer.to_string())
+            let socket = s.as_fd().try_clone_to_owned().ok();
+            (Box::new(s), socket, Source::of(peer.ip()), peer.to_string())
         }
     })
 }
@@ -509,10 +693,24 @@ fn bind_unix(path: &Path) -> Result<(std::os::unix::net::UnixListener, OwnedSock
 /// Why a connection ended early.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {
-    #[error("no valid token line within {0:?}")]
+    #[error("not authenticated within {0:?}")]
     Handshake(Duration),
     #[error("wrong token")]
     WrongToken,
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("a plain client on a TLS port")]
+    NotTls,
+    #[error("a TLS client on a plain port")]
+    TlsOnPlain,
+    #[error("dropped to make room for newer handshakes")]
+    Crowded,
+    #[error("closed before sending a token")]
+    Closed,
+    #[error("reading the token: {0}")]
+    Io(std::io::Error),
+    #[error("refused unchecked: too many wrong tokens from this address lately")]
+    SlowedDown,
     #[error("broken connection: {0}")]
     Rpc(#[from] capnp::Error),
 }
@@ -538,6 +736,16 @@ pub async fn serve_connection(
             return Err(ConnectionError::WrongToken);
         }
     }
+    serve_authenticated(host, stream, share).await
+}
+
+/// Serves an authenticated connection: a root Executor in a new [`Scope`]
+/// holding at most `share`, until the stream ends.
+async fn serve_authenticated(
+    host: &Host,
+    stream: impl Stream,
+    share: Option<Share>,
+) -> Result<usize, ConnectionError> {
     let scope = share.map_or_else(Scope::new, Scope::with_share);
     let (read, write) = tokio::io::split(stream);
     let network = transport::bounded(
@@ -610,26 +818,124 @@ pub fn client_over(stream: impl Stream) -> Connection {
     }
 }
 
-/// Connects to a serving host, sending `token` first if given. Must be
+/// Connects to a serving host: TLS first on a `tls:` address (trusting the
+/// server as `trust` says; required there), then `token` if given. Must be
 /// called inside a `LocalSet`.
-pub async fn connect(address: &Address, token: Option<&Token>) -> Result<Connection, ServeError> {
-    let mut stream: Box<dyn Stream> = match address {
-        Address::Unix(path) => Box::new(
-            tokio::net::UnixStream::connect(path)
-                .await
-                .doing(|| format!("connecting to {address}"))?,
-        ),
-        Address::Tcp(hostport) => {
-            let s = tokio::net::TcpStream::connect(hostport.as_str())
+pub async fn connect(
+    address: &Address,
+    token: Option<&Token>,
+    trust: Option<&Trust>,
+) -> Result<Connection, ServeError> {
+    match address {
+        Address::Unix(path) => {
+            let stream = tokio::net::UnixStream::connect(path)
                 .await
                 .doing(|| format!("connecting to {address}"))?;
-            let _ = s.set_nodelay(true);
-            Box::new(s)
+            connect_over(Box::new(stream), address, token, trust).await
         }
-    };
+        Address::Tcp(hostport) | Address::Tls(hostport) => {
+            let stream = tokio::net::TcpStream::connect(hostport.as_str())
+                .await
+                .doing(|| format!("connecting to {address}"))?;
+            let _ = stream.set_nodelay(true);
+            connect_over(Box::new(stream), address, token, trust).await
+        }
+    }
+}
+
+/// A plain TCP client's stream: if the server's first bytes are a TLS
+/// record (a `tls:` listener reached at `tcp:`), reading fails saying so,
+/// instead of Cap'n Proto choking on them. A Cap'n Proto stream never
+/// starts so: its first word counts segments, and no message has 22 or 23.
+struct PlainGuard<S> {
+    inner: S,
+    checked: bool,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for PlainGuard<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if !self.checked && buf.filled().len() > before {
+            self.checked = true;
+            if let [0x15 | 0x16, 0x03, ..] = &buf.filled()[before..] {
+                return std::task::Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "the server speaks TLS: connect with tls:HOST:PORT",
+                )));
+            }
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for PlainGuard<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// As [`connect`], over a stream already connected to `address` (a
+/// socket bound to an address of the caller's choosing, say).
+pub async fn connect_over(
+    stream: Box<dyn Stream>,
+    address: &Address,
+    token: Option<&Token>,
+    trust: Option<&Trust>,
+) -> Result<Connection, ServeError> {
+    let mut stream =
+        match (address, trust) {
+            (Address::Tls(hostport), Some(trust)) => {
+                let tls_error =
+                    |e: crate::tls::TlsError| ServeError::Invalid(format!("{address}: {e}"));
+                let connector = crate::tls::connector(trust).map_err(tls_error)?;
+                let name = crate::tls::server_name(hostport).map_err(tls_error)?;
+                let stream: Box<dyn Stream> =
+                    Box::new(connector.connect(name, stream).await.doing(|| {
+                        format!("TLS handshake with {address} (is it a tls: listener?)")
+                    })?);
+                stream
+            }
+            (Address::Tcp(_), None) => Box::new(PlainGuard {
+                inner: stream,
+                checked: false,
+            }),
+            (Address::Tls(_), None) => invalid!(
+                "{address}: say how to trust the server: --tls-ca FILE (its CA) or \
+             --tls-fingerprint SHA256 (its certificate, as `capsa serve` prints it)"
+            ),
+            (_, Some(_)) => invalid!("{address}: TLS options are for tls: addresses"),
+            (_, None) => stream,
+        };
     if let Some(token) = token {
         stream
             .write_all(&token.line())
+            .await
+            .doing(|| format!("sending the token to {address}"))?;
+        stream
+            .flush()
             .await
             .doing(|| format!("sending the token to {address}"))?;
     }
@@ -642,10 +948,23 @@ mod tests {
 
     #[test]
     fn addresses_parse_and_print_back() {
-        for s in ["unix:/tmp/capsa.sock", "tcp:127.0.0.1:7070", "tcp:[::1]:0"] {
+        for s in [
+            "unix:/tmp/capsa.sock",
+            "tcp:127.0.0.1:7070",
+            "tcp:[::1]:0",
+            "tls:capsa.example:7443",
+        ] {
             assert_eq!(s.parse::<Address>().unwrap().to_string(), s);
         }
-        for bad in ["/tmp/x.sock", "unix:", "tcp:7070", "tcp::7070", "http://x"] {
+        for bad in [
+            "/tmp/x.sock",
+            "unix:",
+            "tcp:7070",
+            "tcp::7070",
+            "tls:7443",
+            "tlsx:a:1",
+            "http://x",
+        ] {
             assert!(bad.parse::<Address>().is_err(), "{bad}");
         }
     }

@@ -2,6 +2,8 @@
 //! current-thread runtime, and a Cap'n Proto connection to it over in-memory
 //! pipes that records every message crossing it.
 
+pub mod served;
+
 pub use capsa_schema::ErrorKind;
 use std::cell::RefCell;
 use std::future::Future;

@@ -13,6 +13,7 @@ use capsa::scope::Share;
 use capsa::serve::{self, Address, Token};
 use capsa::{ExitStatus, HostConfig};
 use capsa_schema::hostile::Finish;
+use capsa_tests::served::{local, scratch, Served};
 use capsa_tests::*;
 
 fn agent_bin() -> PathBuf {
@@ -22,132 +23,11 @@ fn agent_bin() -> PathBuf {
     }
 }
 
-/// A fresh folder for sockets and token files.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("capsa-serve-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A `capsa serve` process, killed when dropped.
-struct Served {
-    child: Child,
-    address: Address,
-    log: Arc<Mutex<String>>,
-}
-
-impl Served {
-    fn start(args: &[&str]) -> Served {
-        Self::try_start(args).unwrap_or_else(|log| panic!("capsa serve did not start: {log}"))
-    }
-
-    /// Starts `capsa serve ARGS` and waits for its "serving on" line; on
-    /// failure, returns what it printed.
-    fn try_start(args: &[&str]) -> Result<Served, String> {
-        let mut child = Command::new(capsa_bin())
-            .arg("serve")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("capsa serve");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(a) = line.strip_prefix("capsa: serving on ") {
-                    let _ = tx.send(a.to_string());
-                }
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(a) => Ok(Served {
-                child,
-                address: a.parse().unwrap(),
-                log,
-            }),
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                std::thread::sleep(Duration::from_millis(100));
-                let log = log.lock().unwrap().clone();
-                Err(log)
-            }
-        }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// Waits until the log contains `what`.
-    fn wait_log(&self, what: &str) {
-        let start = Instant::now();
-        while !self.log().contains(what) {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "no {what:?} in the log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig}");
-    }
-
-    /// Waits for the process to exit, at most 20 seconds.
-    fn exit_status(&mut self) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "capsa serve did not exit:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn unix_path(a: &Address) -> &Path {
     match a {
         Address::Unix(p) => p,
-        Address::Tcp(_) => panic!("not a Unix address"),
+        other => panic!("{other} is not a Unix address"),
     }
-}
-
-/// Runs `f` with a current-thread runtime and a LocalSet.
-fn local<F: std::future::Future>(f: F) -> F::Output {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    tokio::task::LocalSet::new().block_on(&rt, f)
 }
 
 fn sock_arg(dir: &Path) -> String {
@@ -293,7 +173,7 @@ fn the_socket_path_is_refused_unless_absent_or_stale() {
     assert!(path.exists());
     let served = Served::start(&["--listen", &listen]);
     local(async {
-        let exec = serve::connect(&served.address, None)
+        let exec = serve::connect(&served.address, None, None)
             .await
             .unwrap()
             .executor;
@@ -307,7 +187,7 @@ fn sigterm_kills_every_process_removes_the_socket_and_exits_0() {
     let mut served = Served::start(&["--listen", &sock_arg(&dir), "-v"]);
     let address = served.address.clone();
     let status = local(async {
-        let exec = serve::connect(&address, None).await.unwrap().executor;
+        let exec = serve::connect(&address, None, None).await.unwrap().executor;
         // `hello cat` waits for stdin forever.
         let p = run(
             &exec,
@@ -549,7 +429,7 @@ fn bad_clients_are_dropped_and_the_server_keeps_serving() {
     let address = served.address.clone();
     local(async {
         // A well-behaved client, connected before the others.
-        let witness = serve::connect(&address, None).await.unwrap().executor;
+        let witness = serve::connect(&address, None, None).await.unwrap().executor;
         assert_eq!(echo(&witness, "before").await.unwrap(), "before");
 
         // Garbage: a segment table announcing far more than it sends, then
@@ -642,7 +522,7 @@ fn bad_clients_are_dropped_and_the_server_keeps_serving() {
         // A new client once the flood has gone.
         let start = Instant::now();
         loop {
-            let late = serve::connect(&address, None).await.unwrap().executor;
+            let late = serve::connect(&address, None, None).await.unwrap().executor;
             match tokio::time::timeout(Duration::from_secs(2), echo(&late, "late")).await {
                 Ok(Ok(s)) => {
                     assert_eq!(s, "late");
@@ -673,7 +553,7 @@ fn a_client_that_never_reads_its_replies_is_held_back() {
     let path = unix_path(&served.address).to_path_buf();
     let address = served.address.clone();
     local(async {
-        let witness = serve::connect(&address, None).await.unwrap().executor;
+        let witness = serve::connect(&address, None, None).await.unwrap().executor;
         assert_eq!(echo(&witness, "before").await.unwrap(), "before");
         let before = rss_mib(served.child.id());
         let flood = std::os::unix::net::UnixStream::connect(&path).unwrap();
@@ -713,7 +593,7 @@ fn soak_connect_run_disconnect_cycles_leave_the_server_as_it_was() {
     let hello = guest("hello");
     local(async {
         let cycle = || async {
-            let conn = serve::connect(&address, None).await.unwrap();
+            let conn = serve::connect(&address, None, None).await.unwrap();
             let p = run(
                 &conn.executor,
                 &hello,
@@ -773,14 +653,27 @@ fn soak_connect_run_disconnect_cycles_leave_the_server_as_it_was() {
 
 #[test]
 fn tcp_is_loopback_only_and_a_token_is_checked_before_any_capability() {
+    let state = scratch("tcp-state");
+    let log = Served::try_start_with(
+        &["--listen", "tls:0.0.0.0:0", "--allow-remote"],
+        &[("XDG_STATE_HOME", state.to_str().unwrap())],
+    )
+    .err()
+    .unwrap();
+    assert!(log.contains("needs --token-file"), "{log}");
     let log = Served::try_start(&["--listen", "tcp:0.0.0.0:0"])
         .err()
         .unwrap();
     assert!(log.contains("not a loopback address"), "{log}");
+    // Plain TCP is never remote: the token would cross the network in
+    // clear text. The refusal names the fix.
     let log = Served::try_start(&["--listen", "tcp:0.0.0.0:0", "--allow-remote"])
         .err()
         .unwrap();
-    assert!(log.contains("needs --token-file"), "{log}");
+    assert!(
+        log.contains("--allow-remote needs a TLS listener (--listen tls:0.0.0.0:0)"),
+        "{log}"
+    );
 
     let dir = scratch("token");
     let token_file = dir.join("token");
@@ -793,22 +686,12 @@ fn tcp_is_loopback_only_and_a_token_is_checked_before_any_capability() {
     assert!(log.contains("readable by others"), "{log}");
     std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
 
-    // Remote allowed with a token; clients reach it on loopback here.
-    let served = Served::start(&[
-        "--listen",
-        "tcp:0.0.0.0:0",
-        "--allow-remote",
-        "--token-file",
-        tf,
-    ]);
-    let port = match &served.address {
-        Address::Tcp(a) => a.rsplit_once(':').unwrap().1.to_string(),
-        _ => unreachable!(),
-    };
-    let address: Address = format!("tcp:127.0.0.1:{port}").parse().unwrap();
+    // A token on loopback TCP (other users of this machine).
+    let served = Served::start(&["--listen", "tcp:127.0.0.1:0", "--token-file", tf]);
+    let address = served.address.clone();
     local(async {
         let wrong = Token::new("not-the-right-token-at-all").unwrap();
-        let exec = serve::connect(&address, Some(&wrong))
+        let exec = serve::connect(&address, Some(&wrong), None)
             .await
             .unwrap()
             .executor;
@@ -818,7 +701,7 @@ fn tcp_is_loopback_only_and_a_token_is_checked_before_any_capability() {
         assert!(refused.is_err(), "{refused:?}");
 
         let right = Token::from_file(&token_file).unwrap();
-        let exec = serve::connect(&address, Some(&right))
+        let exec = serve::connect(&address, Some(&right), None)
             .await
             .unwrap()
             .executor;
@@ -853,8 +736,14 @@ fn pid0_on_one_host_runs_children_on_another() {
     let a = Served::start(&["--listen", "tcp:127.0.0.1:0", "-v"]);
     let b = Served::start(&["--listen", "tcp:127.0.0.1:0", "-v"]);
     let status = local(async {
-        let exec_a = serve::connect(&a.address, None).await.unwrap().executor;
-        let exec_b = serve::connect(&b.address, None).await.unwrap().executor;
+        let exec_a = serve::connect(&a.address, None, None)
+            .await
+            .unwrap()
+            .executor;
+        let exec_b = serve::connect(&b.address, None, None)
+            .await
+            .unwrap()
+            .executor;
         let mut req = exec_a.run_bytes_request();
         req.get().set_bytes(&guest("pid0"));
         let mut o = req.get().init_options();
