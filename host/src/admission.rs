@@ -388,10 +388,16 @@ mod tests {
             .collect();
         // Full: each newcomer pushes out the oldest silent peer, never
         // the older client that has spoken.
-        for i in 0..10 {
-            let _newcomer = Pending::admit(&pending, v4(201), None);
-            assert!(dropped(&mut idle[i]), "{i}");
+        let mut newcomers = Vec::new();
+        for (i, older) in idle.iter_mut().enumerate().take(10) {
+            newcomers.push(Pending::admit(
+                &pending,
+                Source::V4([10, 0, 1, i as u8]),
+                None,
+            ));
+            assert!(dropped(older), "{i}");
         }
+        assert!(newcomers.iter_mut().all(|t| !dropped(t)));
         assert!(!dropped(&mut client));
     }
 
