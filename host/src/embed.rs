@@ -74,7 +74,7 @@ pub fn start(config: HostConfig) -> Result<Embedded, HostError> {
             {
                 Ok(rt) => rt,
                 Err(e) => {
-                    let _ = ready_tx.send(Err(HostError(format!("tokio runtime: {e}"))));
+                    let _ = ready_tx.send(Err(HostError::Thread(format!("tokio runtime: {e}"))));
                     return;
                 }
             };
@@ -104,7 +104,7 @@ pub fn start(config: HostConfig) -> Result<Embedded, HostError> {
                 }
             });
         })
-        .map_err(|e| HostError(format!("cannot start the host thread: {e}")))?;
+        .map_err(|e| HostError::Thread(e.to_string()))?;
     match ready_rx.recv() {
         Ok(Ok(())) => Ok(Embedded {
             connect: Some(connect),
@@ -116,7 +116,7 @@ pub fn start(config: HostConfig) -> Result<Embedded, HostError> {
         }
         Err(_) => {
             let _ = thread.join();
-            Err(HostError("the host thread ended while starting".into()))
+            Err(HostError::Thread("it ended while starting".into()))
         }
     }
 }

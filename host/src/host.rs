@@ -149,8 +149,24 @@ impl Drop for VmMemory {
 
 /// Why a host could not be created.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot set up the WebAssembly engine: {0}")]
-pub struct HostError(pub(crate) String);
+pub enum HostError {
+    /// wasmtime refused the engine's configuration, or the machine cannot
+    /// hold as many guests as asked.
+    #[error("cannot set up the WebAssembly engine: {0}")]
+    Engine(String),
+    /// A directory the embedder granted cannot be opened.
+    #[error("cannot grant {}: {error}", path.display())]
+    Grant {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
+    /// A grant's guest path cannot be a preopen.
+    #[error("cannot grant {path:?}: {why}")]
+    GuestPath { path: String, why: String },
+    /// The thread or runtime an embedded host runs on could not start.
+    #[error("cannot start the host's thread: {0}")]
+    Thread(String),
+}
 
 impl Host {
     pub fn new(config: HostConfig) -> Result<Host, HostError> {
@@ -159,16 +175,22 @@ impl Host {
             config.max_cells,
             config.compile_cache.clone(),
         )
-        .map_err(|e| HostError(format!("{e:#}")))?;
+        .map_err(|e| HostError::Engine(format!("{e:#}")))?;
         let config_budget = config.compile_cache.memory_bytes;
         let directories = Directories::default();
         let mut granted = Vec::new();
         let mut preopens = Vec::new();
         for grant in &config.directories {
-            let (client, server) = crate::directory::open(&directories, grant).map_err(|e| {
-                HostError(format!("cannot grant {}: {e}", grant.host_path.display()))
+            let (client, server) =
+                crate::directory::open(&directories, grant).map_err(|error| HostError::Grant {
+                    path: grant.host_path.clone(),
+                    error,
+                })?;
+            let preopen = Preopen::of(&server, &grant.path).map_err(|e| HostError::GuestPath {
+                path: grant.path.clone(),
+                why: e.to_string(),
             })?;
-            preopens.push(Preopen::of(&server, &grant.path).map_err(|e| HostError(e.to_string()))?);
+            preopens.push(preopen);
             granted.push((grant.path.clone(), client));
         }
         Ok(Host(Rc::new(Inner {

@@ -174,6 +174,20 @@ fn exec_grants_directories_of_its_own_host() {
         std::fs::read_to_string(mine.join("log")).unwrap(),
         "written in place\n"
     );
+    // A directory that is not there: said as such.
+    let out = exec(tmp.path())
+        .arg("--dir")
+        .arg(tmp.path().join("missing"))
+        .arg(guest_path("files"))
+        .output()
+        .unwrap();
+    assert_exit(&out, 125);
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("cannot grant") && stderr.contains("missing"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("WebAssembly engine"), "{stderr}");
     // Without a grant, nothing.
     let out = exec(tmp.path())
         .arg(guest_path("files"))
