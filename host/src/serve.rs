@@ -543,8 +543,11 @@ impl Gate {
                     let _ = stream.shutdown().await;
                     return Err(ConnectionError::NotTls);
                 }
-                let (read, write) = tokio::io::split(stream);
-                let replayed = tokio::io::join((&FIRST_TLS_BYTE[..]).chain(read), write);
+                let replayed = FirstBytes {
+                    inner: stream,
+                    replay: Some(first[0]),
+                    refuse_tls: false,
+                };
                 Box::new(
                     acceptor
                         .accept(replayed)
@@ -596,7 +599,71 @@ impl Gate {
 
 /// The first byte of every TLS client's first record (a handshake).
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
-const FIRST_TLS_BYTE: [u8; 1] = [TLS_HANDSHAKE_RECORD];
+
+/// A stream whose first bytes get special care: one already read to look
+/// at is handed back (`replay`, the server's TLS sniffing), or a TLS
+/// record where Cap'n Proto was expected fails the read (`refuse_tls`, a
+/// plain client that reached a `tls:` listener), saying so instead of
+/// Cap'n Proto choking on it. A Cap'n Proto stream never starts so: its
+/// first word counts segments, and no message has 22 or 23.
+struct FirstBytes<S> {
+    inner: S,
+    replay: Option<u8>,
+    refuse_tls: bool,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FirstBytes<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Some(byte) = self.replay {
+            if buf.remaining() > 0 {
+                buf.put_slice(&[byte]);
+                self.replay = None;
+            }
+            return std::task::Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if self.refuse_tls && buf.filled().len() > before {
+            self.refuse_tls = false;
+            if let [0x15 | 0x16, 0x03, ..] = &buf.filled()[before..] {
+                return std::task::Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "the server speaks TLS: connect with tls:HOST:PORT",
+                )));
+            }
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FirstBytes<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// A fatal `unexpected_message` alert record (TLS 1.2 framing, which TLS
 /// 1.3 keeps for alerts sent in clear).
 const TLS_ALERT_UNEXPECTED_MESSAGE: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x0a];
@@ -843,60 +910,6 @@ pub async fn connect(
     }
 }
 
-/// A plain TCP client's stream: if the server's first bytes are a TLS
-/// record (a `tls:` listener reached at `tcp:`), reading fails saying so,
-/// instead of Cap'n Proto choking on them. A Cap'n Proto stream never
-/// starts so: its first word counts segments, and no message has 22 or 23.
-struct PlainGuard<S> {
-    inner: S,
-    checked: bool,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for PlainGuard<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if !self.checked && buf.filled().len() > before {
-            self.checked = true;
-            if let [0x15 | 0x16, 0x03, ..] = &buf.filled()[before..] {
-                return std::task::Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "the server speaks TLS: connect with tls:HOST:PORT",
-                )));
-            }
-        }
-        polled
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for PlainGuard<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        data: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 /// As [`connect`], over a stream already connected to `address` (a
 /// socket bound to an address of the caller's choosing, say).
 pub async fn connect_over(
@@ -918,9 +931,10 @@ pub async fn connect_over(
                     })?);
                 stream
             }
-            (Address::Tcp(_), None) => Box::new(PlainGuard {
+            (Address::Tcp(_), None) => Box::new(FirstBytes {
                 inner: stream,
-                checked: false,
+                replay: None,
+                refuse_tls: true,
             }),
             (Address::Tls(_), None) => invalid!(
                 "{address}: say how to trust the server: --tls-ca FILE (its CA) or \
