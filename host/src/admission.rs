@@ -75,7 +75,15 @@ pub struct Pending {
     queue: BTreeMap<u64, Entry>,
     per_source: HashMap<Source, usize>,
     next: u64,
+    /// Sources whose handshakes failed or were dropped lately, and when:
+    /// theirs go first when room is needed, so a flood's own addresses
+    /// make room for each other, not for a client that authenticates.
+    flagged: HashMap<Source, Instant>,
 }
+
+/// How long a failed or dropped handshake puts its source first in line
+/// to be dropped.
+pub const FLAGGED_FOR: Duration = Duration::from_secs(60);
 
 struct Entry {
     source: Source,
@@ -158,18 +166,47 @@ impl Pending {
         self.queue.is_empty()
     }
 
-    /// Which of the entries `among` to drop for room: the oldest silent
-    /// one, else the oldest.
+    /// Which of the entries `among` to drop for room: the oldest from a
+    /// flagged source, else the oldest silent one, else the oldest.
     fn first_to_go(&self, among: impl Fn(&Entry) -> bool) -> Option<u64> {
-        let mut candidates = self.queue.iter().filter(|(_, e)| among(e));
+        let now = Instant::now();
+        let flagged = |source: &Source| {
+            self.flagged
+                .get(source)
+                .is_some_and(|at| now.saturating_duration_since(*at) < FLAGGED_FOR)
+        };
         let mut oldest = None;
-        for (id, entry) in &mut candidates {
-            if !entry.has_spoken() {
+        let mut oldest_silent = None;
+        for (id, entry) in self.queue.iter().filter(|(_, e)| among(e)) {
+            if flagged(&entry.source) {
                 return Some(*id);
             }
             oldest.get_or_insert(*id);
+            if oldest_silent.is_none() && !entry.has_spoken() {
+                oldest_silent = Some(*id);
+            }
         }
-        oldest
+        oldest_silent.or(oldest)
+    }
+
+    /// Puts `source` first in line to be dropped for a while: one of its
+    /// handshakes failed, timed out or was dropped for room. The local
+    /// socket's peers are all this user, and never flagged.
+    pub fn flag(&mut self, source: Source) {
+        if source == Source::Local {
+            return;
+        }
+        if !self.flagged.contains_key(&source) && self.flagged.len() >= MAX_REMEMBERED {
+            let forget = self
+                .flagged
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(source, _)| *source);
+            if let Some(forget) = forget {
+                self.flagged.remove(&forget);
+            }
+        }
+        self.flagged.insert(source, Instant::now());
     }
 
     /// Removes `id`, telling its holder if it is being dropped for room.
@@ -179,6 +216,7 @@ impl Pending {
                 "pending handshake from {:?} dropped to make room",
                 entry.source
             );
+            self.flag(entry.source);
             let _ = entry.drop.send(());
         }
     }
@@ -399,6 +437,29 @@ mod tests {
         }
         assert!(newcomers.iter_mut().all(|t| !dropped(t)));
         assert!(!dropped(&mut client));
+    }
+
+    #[test]
+    fn flagged_sources_go_first_even_when_they_spoke() {
+        let pending = Rc::new(RefCell::new(Pending::default()));
+        let mut client = Pending::admit(&pending, v4(200), None);
+        let mut flood: Vec<Ticket> = (1..MAX_PENDING)
+            .map(|i| Pending::admit(&pending, v4((i % 199) as u8), None))
+            .collect();
+        for ticket in &flood {
+            ticket.spoke().now();
+        }
+        for i in 1..199 {
+            pending.borrow_mut().flag(v4(i));
+        }
+        // The client is the oldest and silent, yet the flood's flagged
+        // sources make room first.
+        let _newcomer = Pending::admit(&pending, v4(201), None);
+        assert!(dropped(&mut flood[0]));
+        assert!(!dropped(&mut client));
+        // The local socket is never flagged.
+        pending.borrow_mut().flag(Source::Local);
+        assert!(!pending.borrow().flagged.contains_key(&Source::Local));
     }
 
     #[test]

@@ -466,6 +466,7 @@ impl Server {
                     Ok(stream) => stream,
                     Err(e) => {
                         tracing::debug!("connection {id} from {peer} not admitted: {e}");
+                        gate.pending.borrow_mut().flag(source);
                         return;
                     }
                 };

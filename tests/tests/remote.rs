@@ -145,8 +145,18 @@ fn serve_with_ca(dir: &Path) -> (Served, PathBuf) {
 
 const CLIENT: Ipv4Addr = Ipv4Addr::LOCALHOST;
 
+/// The tests of this file one at a time: the flood measures a client's
+/// wait, and other servers starting beside it are load it did not ask
+/// for (with them, two runs in about ten saw one client's handshake
+/// closed by the server; PLAN.md, Known broken).
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn tls_clients_are_served_only_when_they_trust_the_server() {
+    let _alone = alone();
     let dir = scratch("tls-trust");
     let (pinned_server, fingerprint) = serve_tls(&dir, &[]);
     let pinned = pinned_server.address.clone();
@@ -254,6 +264,7 @@ fn tcp_at(address: &Address) -> Address {
 /// `--allow-remote` takes only a TLS listener, and names the fix.
 #[test]
 fn allow_remote_needs_tls() {
+    let _alone = alone();
     let dir = scratch("allow-remote");
     let tf = token_file(&dir);
     let log = Served::try_start(&[
@@ -299,6 +310,7 @@ fn allow_remote_needs_tls() {
 #[test]
 fn unauthenticated_peers_cannot_lock_a_client_out() {
     let dir = scratch("lockout");
+    let _alone = alone();
     let (served, fingerprint) = serve_tls(&dir, &["--max-connections", "4"]);
     let address = served.address.clone();
     let to = socket_addr(&address);
@@ -318,7 +330,16 @@ fn unauthenticated_peers_cannot_lock_a_client_out() {
             let t = Instant::now();
             let reply = echo_from(CLIENT, &address, TOKEN, Some(&pin)).await;
             times.push(t.elapsed());
-            assert_eq!(reply.as_deref(), Ok("hi"), "after {:?}", start.elapsed());
+            if reply.as_deref() != Ok("hi") {
+                // What the server said of this client's connections.
+                let log = served.log();
+                let ours: Vec<&str> = log.lines().filter(|l| l.contains("127.0.0.1:")).collect();
+                panic!(
+                    "after {:?}: {reply:?}; the server on 127.0.0.1's connections:\n{}",
+                    start.elapsed(),
+                    ours[ours.len().saturating_sub(6)..].join("\n")
+                );
+            }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         times.sort();
@@ -397,6 +418,7 @@ async fn attack(
 /// longer and longer), and no other.
 #[test]
 fn wrong_tokens_slow_their_address_and_no_other() {
+    let _alone = alone();
     let dir = scratch("slowed");
     let tf = token_file(&dir);
     let served = Served::start(&[
@@ -441,6 +463,7 @@ fn wrong_tokens_slow_their_address_and_no_other() {
 /// and refusing a wrong fingerprint before it sends the token.
 #[test]
 fn the_python_example_connects_over_tls() {
+    let _alone = alone();
     let python = std::env::var_os("CAPSA_PYTHON").unwrap_or_else(|| {
         panic!(
             "CAPSA_PYTHON is not set: it names a Python with pycapnp installed; \
