@@ -37,7 +37,13 @@ fn serve_tls(dir: &Path, extra: &[&str]) -> (Served, Fingerprint) {
         tf.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    let served = Served::try_start_with(&args, &[("XDG_STATE_HOME", state.to_str().unwrap())])
+    // Connections opened and closed are logged: what a failed client's
+    // report quotes.
+    let env = [
+        ("XDG_STATE_HOME", state.to_str().unwrap()),
+        ("CAPSA_LOG", "warn,capsa::serve=info"),
+    ];
+    let served = Served::try_start_with(&args, &env)
         .unwrap_or_else(|log| panic!("capsa serve did not start: {log}"));
     let log = served.log();
     let printed = log
