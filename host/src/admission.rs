@@ -4,12 +4,13 @@
 //! one of the served slots (`--max-connections`): an unauthenticated peer
 //! can never keep an authenticated client out. Pending slots are bounded
 //! overall and per source address; when either bound is reached, the
-//! oldest pending handshake whose peer has sent nothing yet (of that
-//! address, or overall) is dropped, else the oldest, never the newcomer,
-//! who may be the legitimate client (sshd's `MaxStartups` drops at random;
-//! a client that means to authenticate speaks at once, so an idle flood
-//! only ever pushes out itself). Every pending slot is also bounded in
-//! time by the handshake deadline.
+//! oldest pending handshake of a source whose handshake failed, timed out
+//! or was dropped in the last minute goes first, then the oldest whose
+//! peer has sent nothing yet (of that address, or overall), else the
+//! oldest, never the newcomer, who may be the legitimate client (sshd's
+//! `MaxStartups` drops at random; a client that means to authenticate
+//! speaks at once and succeeds, so a flood only ever pushes out itself).
+//! Every pending slot is also bounded in time by the handshake deadline.
 //!
 //! Failed tokens (and garbage where a token belongs) slow their address
 //! down: after each failure that address's next token is checked no
