@@ -430,15 +430,6 @@ fn run(command: Command) -> anyhow::Result<i32> {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let own_host = match connect {
-                Some(_) => None,
-                // The grants are the host's own: the program gets them as
-                // preopens, no copy.
-                None => Some(HostConfig {
-                    directories: dirs.clone(),
-                    ..host.config(&limits)?
-                }),
-            };
             let (memory_limit, deadline_ms, cpu_ms) = limits.per_process()?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -458,8 +449,8 @@ fn run(command: Command) -> anyhow::Result<i32> {
                     dirs,
                     ..Spawn::default()
                 };
-                match (connect, own_host) {
-                    (Some(connect), _) => {
+                match connect {
+                    Some(connect) => {
                         let connection =
                             capsa::serve::connect(&connect, token.as_ref(), trust.as_ref()).await?;
                         // Served from this process, for as long as the program runs.
@@ -478,8 +469,13 @@ fn run(command: Command) -> anyhow::Result<i32> {
                             capsa::exec::run(&connection.executor, &bytes, spawn(&grants)).await?;
                         anyhow::Ok(status)
                     }
-                    (None, Some(config)) => {
-                        let host = Host::new(config)?;
+                    None => {
+                        // The grants are the host's own: the program gets
+                        // them as preopens, no copy.
+                        let host = Host::new(HostConfig {
+                            directories: dirs,
+                            ..host.config(&limits)?
+                        })?;
                         let executor = host.root_executor();
                         let grants = capsa::client::directories(&executor).await?;
                         let grants: Vec<(&str, &_)> =
@@ -488,7 +484,6 @@ fn run(command: Command) -> anyhow::Result<i32> {
                         host.shutdown().await;
                         Ok(status?)
                     }
-                    (None, None) => unreachable!("a host of our own without --connect"),
                 }
             });
             drop(local);
