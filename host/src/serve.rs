@@ -64,6 +64,9 @@ pub const TOKEN_PREFIX: &str = "CAPSA-TOKEN ";
 /// How long a client may take from connecting to being authenticated (TLS
 /// handshake and token line): short, so a pending slot turns over.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections the kernel may hold for a TCP listener before it accepts
+/// them (capped by `net.core.somaxconn`).
+const LISTEN_BACKLOG: i32 = 4096;
 /// Default of `--max-connections`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
 /// Longest token accepted.
@@ -371,6 +374,12 @@ impl Server {
                     );
                 }
                 let std = std::net::TcpListener::bind(addr).doing(|| format!("binding {addr}"))?;
+                // std listens with a backlog of 128: under a connection
+                // flood the kernel then drops a client's SYN and the
+                // client waits a second to retry, whatever admission does.
+                rustix::net::listen(&std, LISTEN_BACKLOG)
+                    .map_err(std::io::Error::from)
+                    .doing(|| format!("listening on {addr}"))?;
                 let bound = std
                     .local_addr()
                     .doing(|| format!("binding {addr}"))?
