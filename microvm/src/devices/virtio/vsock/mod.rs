@@ -618,6 +618,41 @@ mod tests {
     }
 
     #[test]
+    fn a_reply_queued_before_a_reset_does_not_hide_the_same_reply_after_it() {
+        let mut d = Driver::bare(VsockMuxer::new(GUEST_CID, None));
+        let (tx, _rx) = futures::channel::mpsc::unbounded();
+        d.muxer().listen(52, tx);
+        // A driver that has posted no RX buffer yet asks to connect: the
+        // RESPONSE waits in the device.
+        d.negotiate(1 << VIRTIO_F_VERSION_1);
+        d.setup_queues();
+        let st = d.r32(0x70);
+        d.w32(0x70, st | status::DRIVER_OK);
+        d.send(d.hdr(1000, 52, OP_REQUEST), &[]);
+        assert!(d.recv().is_empty());
+        // The driver resets the device and starts over, as a guest
+        // kernel does when it rebinds the driver.
+        d.w32(0x70, 0);
+        d.queues = (0..3)
+            .map(|i| TestQueue::new(&d.mem, GuestAddress(0x1000 + 0x2000 * i), QSIZE))
+            .collect();
+        d.rx_bufs.clear();
+        d.negotiate(1 << VIRTIO_F_VERSION_1);
+        d.setup_queues();
+        let st = d.r32(0x70);
+        d.w32(0x70, st | status::DRIVER_OK);
+        for _ in 0..8 {
+            d.post_rx();
+        }
+        d.notify(RXQ as u32);
+        // Nothing from before the reset comes through...
+        assert!(d.recv().is_empty());
+        // ...and the same request is answered.
+        d.send(d.hdr(1000, 52, OP_REQUEST), &[]);
+        assert_eq!(d.recv_ops(), vec![OP_RESPONSE]);
+    }
+
+    #[test]
     fn legacy_driver_cannot_set_features_ok() {
         let mut d = Driver::bare(VsockMuxer::new(GUEST_CID, None));
         d.negotiate(0);

@@ -398,6 +398,10 @@ impl VsockMuxer {
             c.refuse();
         }
         self.rst_queue.clear();
+        // All three together: a key left in `rx_queued` would make
+        // `queue_rx` skip the same connection's next packet forever.
         self.rx_ready.clear();
+        self.rx_queued.clear();
+        self.rx_overflowed = false;
     }
 }
