@@ -10,11 +10,11 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 
-use crate::arch::x86_64::cpuid::{filter_cpuid, CpuProfile};
+use crate::arch::x86_64::cpuid::{filter_cpuid, CpuProfile, HostCaps};
 use crate::arch::x86_64::msr::boot_msrs;
 use crate::arch::x86_64::regs::{boot_fpu, boot_regs, set_lint, setup_sregs, RegsError};
 use crate::boot::BootEntry;
@@ -126,7 +126,10 @@ impl Vcpu {
         let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(cfg("KVM_GET_SUPPORTED_CPUID"))?;
-        filter_cpuid(&mut cpuid, self.id, vcpu_count, profile);
+        let caps = HostCaps {
+            tsc_deadline_timer: kvm.check_extension(Cap::TscDeadlineTimer),
+        };
+        filter_cpuid(&mut cpuid, self.id, vcpu_count, profile, caps);
         self.fd.set_cpuid2(&cpuid).map_err(cfg("KVM_SET_CPUID2"))?;
         let msrs = boot_msrs().map_err(VcpuError::Msrs)?;
         let n = self.fd.set_msrs(&msrs).map_err(cfg("KVM_SET_MSRS"))?;

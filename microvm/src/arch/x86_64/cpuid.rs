@@ -1,8 +1,14 @@
 //! CPUID set-up.
 //!
 //! Starts from `KVM_GET_SUPPORTED_CPUID` and applies the usual fixups: the
-//! vCPU's APIC id in leaves 1 and 0xb, the logical-processor count, and the
-//! hypervisor bit. [`CpuProfile::Compat`] additionally hides the features an
+//! vCPU's APIC id in leaves 1 and 0xb, the logical-processor count, the
+//! hypervisor bit, and the TSC-deadline timer where KVM emulates one (it
+//! does not always list it as supported). What the guest is not given, on
+//! every profile: a performance-monitoring unit (KVM does not virtualise one
+//! under every host, and a guest that finds counters advertised and absent
+//! logs unhandled MSR writes), and KVM's asynchronous page faults (see
+//! [`KVM_FEATURES_WITHHELD`]); `docs/microvm.md` says why for each.
+//! [`CpuProfile::Compat`] additionally hides the features an
 //! instruction-emulating KVM backend cannot run (XSAVE and its state leaf,
 //! AVX*, POPCNT, SMAP/SMEP and friends); [`compat_kernel_args`] gives the
 //! matching kernel parameters, since Linux probes some of these directly.
@@ -21,6 +27,7 @@ pub enum CpuProfile {
 }
 
 // Leaf 1, ECX.
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_PCLMUL: u32 = 1 << 1;
 const ECX_FMA: u32 = 1 << 12;
 const ECX_MOVBE: u32 = 1 << 22;
@@ -59,6 +66,20 @@ const ECX7_MASK: u32 = (1 << 1)
     | (1 << 14);
 // Leaf 0x8000_0001, ECX: LZCNT/ABM.
 const ECX81_ABM: u32 = 1 << 5;
+/// Leaf 0x8000_0001, ECX: the AMD core, northbridge and last-level-cache
+/// performance counter extensions.
+const ECX81_PERFCTR: u32 = (1 << 23) | (1 << 24) | (1 << 28);
+
+/// KVM's paravirtual feature leaf (EAX) and the features of it withheld:
+/// asynchronous page faults in all three forms (`ASYNC_PF`, `ASYNC_PF_VMEXIT`,
+/// `ASYNC_PF_INT`). They let the host park a guest task while it swaps a
+/// page of guest memory in; a capsa machine runs one agent and its
+/// children for seconds, so there is nothing to gain, and a "page ready"
+/// notification lost on the way would leave exactly the faulting task asleep
+/// while the rest of the kernel runs on. The paravirtual clock, EOI, TLB
+/// flush, IPIs and steal time stay.
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+pub const KVM_FEATURES_WITHHELD: u32 = (1 << 4) | (1 << 10) | (1 << 14);
 
 const COMPAT_ECX1: u32 = ECX_PCLMUL
     | ECX_FMA
@@ -81,14 +102,35 @@ const COMPAT_EBX7: u32 = EBX7_BMI1
     | EBX7_SHA
     | EBX7_AVX512;
 
+/// What the host's KVM offers beyond its supported-CPUID list.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostCaps {
+    /// `KVM_CAP_TSC_DEADLINE_TIMER`: KVM emulates the local APIC's
+    /// TSC-deadline mode (Linux 6.1's KVM has it without listing the CPUID
+    /// bit as supported).
+    pub tsc_deadline_timer: bool,
+}
+
 /// Adjusts `cpuid` for vCPU `vcpu_id` of `vcpu_count`.
-pub fn filter_cpuid(cpuid: &mut CpuId, vcpu_id: u8, vcpu_count: u8, profile: CpuProfile) {
+pub fn filter_cpuid(
+    cpuid: &mut CpuId,
+    vcpu_id: u8,
+    vcpu_count: u8,
+    profile: CpuProfile,
+    caps: HostCaps,
+) {
     for e in cpuid.as_mut_slice() {
-        filter_entry(e, vcpu_id, vcpu_count, profile);
+        filter_entry(e, vcpu_id, vcpu_count, profile, caps);
     }
 }
 
-fn filter_entry(e: &mut kvm_cpuid_entry2, vcpu_id: u8, vcpu_count: u8, profile: CpuProfile) {
+fn filter_entry(
+    e: &mut kvm_cpuid_entry2,
+    vcpu_id: u8,
+    vcpu_count: u8,
+    profile: CpuProfile,
+    caps: HostCaps,
+) {
     let compat = profile == CpuProfile::Compat;
     match e.function {
         1 => {
@@ -97,6 +139,9 @@ fn filter_entry(e: &mut kvm_cpuid_entry2, vcpu_id: u8, vcpu_count: u8, profile: 
                 | (u32::from(vcpu_id) << 24)
                 | (u32::from(vcpu_count.max(1)) << 16);
             e.ecx |= ECX_HYPERVISOR;
+            if caps.tsc_deadline_timer {
+                e.ecx |= ECX_TSC_DEADLINE;
+            }
             if vcpu_count > 1 {
                 e.edx |= 1 << 28; // HTT: the count above is meaningful.
             }
@@ -107,6 +152,14 @@ fn filter_entry(e: &mut kvm_cpuid_entry2, vcpu_id: u8, vcpu_count: u8, profile: 
         7 if e.index == 0 && compat => {
             e.ebx &= !COMPAT_EBX7;
             e.ecx &= !ECX7_MASK;
+            e.edx = 0;
+        }
+        0xa | 0x8000_0022 => {
+            // Architectural performance monitoring (Intel) and PerfMonV2
+            // (AMD): none.
+            e.eax = 0;
+            e.ebx = 0;
+            e.ecx = 0;
             e.edx = 0;
         }
         0xb => {
@@ -120,8 +173,14 @@ fn filter_entry(e: &mut kvm_cpuid_entry2, vcpu_id: u8, vcpu_count: u8, profile: 
             e.ecx = 0;
             e.edx = 0;
         }
-        0x8000_0001 if compat => {
-            e.ecx &= !ECX81_ABM;
+        0x8000_0001 => {
+            e.ecx &= !ECX81_PERFCTR;
+            if compat {
+                e.ecx &= !ECX81_ABM;
+            }
+        }
+        KVM_CPUID_FEATURES => {
+            e.eax &= !KVM_FEATURES_WITHHELD;
         }
         _ => {}
     }
@@ -175,26 +234,61 @@ mod tests {
     fn apic_id_and_hypervisor_bit() {
         let mut e = entry(1, 0);
         e.ecx = 0;
-        filter_entry(&mut e, 3, 4, CpuProfile::Native);
+        filter_entry(&mut e, 3, 4, CpuProfile::Native, HostCaps::default());
         assert_eq!(e.ebx >> 24, 3);
         assert_eq!((e.ebx >> 16) & 0xff, 4);
         assert_ne!(e.ecx & ECX_HYPERVISOR, 0);
         let mut b = entry(0xb, 0);
-        filter_entry(&mut b, 2, 4, CpuProfile::Native);
+        filter_entry(&mut b, 2, 4, CpuProfile::Native, HostCaps::default());
         assert_eq!(b.edx, 2);
     }
 
     #[test]
     fn compat_masks_features() {
         let mut e = entry(1, 0);
-        filter_entry(&mut e, 0, 1, CpuProfile::Compat);
+        filter_entry(&mut e, 0, 1, CpuProfile::Compat, HostCaps::default());
         assert_eq!(e.ecx & (ECX_XSAVE | ECX_AVX | ECX_POPCNT), 0);
         let mut s = entry(7, 0);
-        filter_entry(&mut s, 0, 1, CpuProfile::Compat);
+        filter_entry(&mut s, 0, 1, CpuProfile::Compat, HostCaps::default());
         assert_eq!(s.ebx & (EBX7_SMAP | EBX7_SMEP | EBX7_AVX2 | (1 << 16)), 0);
         let mut n = entry(7, 0);
-        filter_entry(&mut n, 0, 1, CpuProfile::Native);
+        filter_entry(&mut n, 0, 1, CpuProfile::Native, HostCaps::default());
         assert_eq!(n.ebx, u32::MAX);
+    }
+
+    #[test]
+    fn tsc_deadline_follows_kvm_not_the_supported_list() {
+        let caps = HostCaps {
+            tsc_deadline_timer: true,
+        };
+        for profile in [CpuProfile::Native, CpuProfile::Compat] {
+            let mut e = entry(1, 0);
+            e.ecx = 0;
+            filter_entry(&mut e, 0, 1, profile, caps);
+            assert_ne!(e.ecx & ECX_TSC_DEADLINE, 0, "{profile:?}");
+        }
+        let mut e = entry(1, 0);
+        e.ecx = 0;
+        filter_entry(&mut e, 0, 1, CpuProfile::Native, HostCaps::default());
+        assert_eq!(e.ecx & ECX_TSC_DEADLINE, 0);
+    }
+
+    #[test]
+    fn no_pmu_and_no_async_page_faults() {
+        for profile in [CpuProfile::Native, CpuProfile::Compat] {
+            let mut pmu = entry(0xa, 0);
+            filter_entry(&mut pmu, 0, 1, profile, HostCaps::default());
+            assert_eq!((pmu.eax, pmu.ebx, pmu.ecx, pmu.edx), (0, 0, 0, 0));
+            let mut ext = entry(0x8000_0001, 0);
+            filter_entry(&mut ext, 0, 1, profile, HostCaps::default());
+            assert_eq!(ext.ecx & ECX81_PERFCTR, 0);
+            let mut kvm = entry(KVM_CPUID_FEATURES, 0);
+            kvm.eax = 0x0100_7efb; // Linux 6.1's KVM, nested here.
+            filter_entry(&mut kvm, 0, 1, profile, HostCaps::default());
+            assert_eq!(kvm.eax & KVM_FEATURES_WITHHELD, 0);
+            // The clock (bits 0 and 3) and PV EOI (6) stay.
+            assert_eq!(kvm.eax & 0b100_1001, 0b100_1001);
+        }
     }
 
     #[test]
