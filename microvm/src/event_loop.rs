@@ -8,6 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::channel::{mpsc, oneshot};
 use vmm_sys_util::eventfd::EventFd;
@@ -51,6 +52,12 @@ pub enum Command {
     },
 }
 
+/// How long the vsock device's interrupt may stay pending and unacknowledged
+/// before the device thread raises it again (see
+/// [`Interrupt::reraise_if_unacknowledged`](crate::devices::virtio::Interrupt::reraise_if_unacknowledged)); the thread wakes at least this
+/// often.
+const REMIND_AFTER: Duration = Duration::from_millis(500);
+
 /// Everything the device thread works with.
 pub struct DeviceThread {
     /// The vsock device behind its transport, shared with vCPU threads.
@@ -90,14 +97,24 @@ impl DeviceThread {
                 t.device_mut().process();
                 t.device_mut().fill_pollfds(&mut fds);
             }
-            if let Err(e) = poll(&mut fds, 500) {
+            if let Err(e) = poll(&mut fds, REMIND_AFTER.as_millis() as i32) {
                 tracing::error!("device thread: poll failed: {e}");
                 break;
             }
             if fds[0].revents != 0 {
                 let _ = self.wake.read();
             }
-            lock(&self.vsock).device_mut().on_ready(&fds[1..]);
+            let mut t = lock(&self.vsock);
+            t.device_mut().on_ready(&fds[1..]);
+            if t.interrupt().reraise_if_unacknowledged(REMIND_AFTER) {
+                tracing::warn!(
+                    "vsock: interrupt status {:#x} unacknowledged for {} ms; raised again \
+                     ({} time(s) so far)",
+                    t.interrupt().status(),
+                    REMIND_AFTER.as_millis(),
+                    t.interrupt().reraised()
+                );
+            }
         }
     }
 }

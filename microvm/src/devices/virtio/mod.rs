@@ -8,7 +8,8 @@ pub mod vsock;
 #[cfg(test)]
 pub(crate) mod test_utils;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -45,6 +46,11 @@ pub mod status {
 pub struct Interrupt {
     status: AtomicU32,
     evt: EventFd,
+    /// When the IRQ was last raised, in milliseconds since `epoch`.
+    raised_ms: AtomicU64,
+    epoch: Instant,
+    /// How often a pending status was raised again.
+    reraised: AtomicU64,
 }
 
 impl Interrupt {
@@ -53,15 +59,54 @@ impl Interrupt {
         Self {
             status: AtomicU32::new(0),
             evt,
+            raised_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            reraised: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn raise(&self) {
+        self.raised_ms.store(self.now_ms(), Ordering::SeqCst);
+        if let Err(e) = self.evt.write(1) {
+            tracing::warn!("failed to signal virtio interrupt: {e}");
         }
     }
 
     /// Sets `bits` in `InterruptStatus` and raises the IRQ.
     pub fn trigger(&self, bits: u32) {
         self.status.fetch_or(bits, Ordering::SeqCst);
-        if let Err(e) = self.evt.write(1) {
-            tracing::warn!("failed to signal virtio interrupt: {e}");
+        self.raise();
+    }
+
+    /// Raises the IRQ again if `InterruptStatus` has been set and
+    /// unacknowledged for `after` since it was last raised; returns whether
+    /// it did. The line is edge-triggered and raised only when new work
+    /// appears, so an edge the guest missed would otherwise leave the
+    /// driver waiting for work that is already there. A guest that reads
+    /// the status finds it set and handles it; one that has acknowledged is
+    /// not raised again.
+    pub fn reraise_if_unacknowledged(&self, after: Duration) -> bool {
+        if self.status() == 0 {
+            return false;
         }
+        let since = self
+            .now_ms()
+            .saturating_sub(self.raised_ms.load(Ordering::SeqCst));
+        if u128::from(since) < after.as_millis() {
+            return false;
+        }
+        self.reraised.fetch_add(1, Ordering::Relaxed);
+        self.raise();
+        true
+    }
+
+    /// How many times [`Interrupt::reraise_if_unacknowledged`] raised it.
+    pub fn reraised(&self) -> u64 {
+        self.reraised.load(Ordering::Relaxed)
     }
 
     /// Current `InterruptStatus`.
@@ -117,5 +162,39 @@ pub trait VirtioDevice: Send {
     /// Whether the device hit a guest error and waits for a reset.
     fn needs_reset(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn edges(evt: &EventFd) -> u64 {
+        evt.read().unwrap_or(0)
+    }
+
+    #[test]
+    fn an_unacknowledged_interrupt_is_raised_again_and_an_acknowledged_one_is_not() {
+        let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let evt = irq.eventfd().try_clone().unwrap();
+        // Nothing pending: nothing to raise.
+        assert!(!irq.reraise_if_unacknowledged(Duration::ZERO));
+        irq.trigger(INT_VRING);
+        assert_eq!(edges(&evt), 1);
+        // Pending, but raised a moment ago.
+        assert!(!irq.reraise_if_unacknowledged(Duration::from_secs(60)));
+        assert_eq!(edges(&evt), 0);
+        // Pending for longer than asked: a second edge, status untouched.
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(irq.reraise_if_unacknowledged(Duration::from_millis(10)));
+        assert_eq!(
+            (edges(&evt), irq.status(), irq.reraised()),
+            (1, INT_VRING, 1)
+        );
+        // The driver acknowledged: never again.
+        irq.ack(INT_VRING);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!irq.reraise_if_unacknowledged(Duration::from_millis(10)));
+        assert_eq!(edges(&evt), 0);
     }
 }
