@@ -36,6 +36,13 @@ use crate::transport::{self, FlowLimits};
 /// The vsock port the agent serves its Executor on.
 pub const AGENT_PORT: u32 = 1024;
 
+/// How long one connection request to a booting machine's agent may go
+/// unanswered before it is asked again. Once the guest's vsock driver is
+/// up its kernel answers in milliseconds; the bound is generous because an
+/// abandoned request the agent did accept would end the machine (the agent
+/// stops when its last connection closes).
+const CONNECT_ATTEMPT: Duration = Duration::from_secs(5);
+
 /// How ELF payloads are run.
 #[derive(Clone, Debug)]
 pub struct VmSettings {
@@ -443,10 +450,15 @@ async fn boot(
             loop {
                 let vm = booting.vm()?;
                 // Until the guest's driver is up a connection request gets
-                // no answer at all, so each attempt is bounded too, and a
-                // machine that stops (a kernel panic) ends the wait at once.
+                // no answer at all; after that the guest's kernel answers
+                // at once (a RESPONSE if the agent listens, else an RST). So
+                // an attempt is bounded by CONNECT_ATTEMPT, and a request
+                // that got lost is asked again instead of waiting out the
+                // whole deadline; a machine that stops (a kernel panic)
+                // ends the wait at once.
                 let left = deadline.saturating_duration_since(Instant::now());
-                let attempt = tokio::time::timeout(left, vm.connect(AGENT_PORT));
+                let attempt =
+                    tokio::time::timeout(left.min(CONNECT_ATTEMPT), vm.connect(AGENT_PORT));
                 let attempt = async {
                     tokio::select! {
                         r = attempt => Some(r),
