@@ -12,6 +12,7 @@ mod kernel;
 mod nested;
 mod python;
 mod tools;
+mod triage;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -298,7 +299,7 @@ fn run_where_kvm_is_native(
                 dir: root.to_path_buf(),
                 argv,
             }];
-            let code = machine.run(&nested_env, &jobs, NESTED_DEADLINE)?;
+            let code = machine.run(&nested_env, &jobs, NESTED_DEADLINE)?.code;
             eprintln!(
                 "==> {what} in the nested machine: exit code {code} ({} including its boot)",
                 cmd::human(start.elapsed())
@@ -318,7 +319,7 @@ fn nested_command(root: &Path, argv: &[String]) -> Result<ExitCode> {
         dir: std::env::current_dir()?,
         argv: argv.to_vec(),
     }];
-    let code = machine.run(&assets.env(root), &jobs, NESTED_DEADLINE)?;
+    let code = machine.run(&assets.env(root), &jobs, NESTED_DEADLINE)?.code;
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }
 
@@ -425,12 +426,12 @@ fn test(root: &Path, skip_native_kvm: bool, test_args: &[String]) -> Result<()> 
     env.extend(std::env::vars().filter(|(k, _)| k.starts_with("CAPSA_SOAK_")));
     // The machine is QEMU's emulation of a CPU with SVM, and it fails on
     // its own now and then: it froze, its kernel died (a page fault taken
-    // with a nested guest's GS base loaded), and once a microVM
-    // triple-faulted before printing anything in a run where the same
-    // boot had just passed eleven times. So a failed nested run goes
-    // once more, in a fresh machine, and a second failure fails `cargo
-    // xtask test`; a pass on the second run is reported as FLAKY with the
-    // first run's failure above it, never silently.
+    // with a nested guest's GS base loaded), and microVM guests
+    // triple-faulted where the emulated CPU lost their state across a VM
+    // exit. A failed nested run goes once more, in a fresh machine, only
+    // when the evidence says so (`triage.rs` has the rule for guests'
+    // triple faults); any other failure fails `cargo xtask test` at once,
+    // and a pass on the second run is reported as FLAKY with the evidence.
     let mut first_failure = None;
     for attempt in 1..=2 {
         let outcome = step(
@@ -443,10 +444,20 @@ fn test(root: &Path, skip_native_kvm: bool, test_args: &[String]) -> Result<()> 
                 Err(e) if e.downcast_ref::<nested::MachineFailed>().is_some() => {
                     Ok(Err(format!("the nested machine itself failed: {e:#}")))
                 }
-                Ok(0) => Ok(Ok(())),
-                Ok(code) => Ok(Err(format!(
-                    "tests failed in the nested test machine (exit code {code})"
-                ))),
+                Ok(finished) if finished.code == 0 => Ok(Ok(())),
+                Ok(finished) => {
+                    let failed = format!(
+                        "tests failed in the nested test machine (exit code {})",
+                        finished.code
+                    );
+                    match triage::rerun_evidence(&finished.transcript) {
+                        Ok(evidence) => Ok(Err(format!("{failed}; {evidence}"))),
+                        Err(why) => Err(anyhow::anyhow!(
+                            "{failed}; not run again: {why} (a failure the test machine is \
+                             not shown to have caused is capsa's)"
+                        )),
+                    }
+                }
                 Err(e) => Err(e),
             },
         )?;

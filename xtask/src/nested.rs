@@ -172,9 +172,15 @@ impl NestedMachine {
 
     /// Boots the machine, runs `jobs` one after another with `env` set
     /// (stopping at the first failure), streams their output, powers off.
-    /// Returns the exit code of the last job run; fails if the machine
+    /// Returns the exit code of the last job run and what the jobs printed;
+    /// fails if the machine
     /// did not finish within `deadline` or stopped without an exit code.
-    pub fn run(&self, env: &[(String, String)], jobs: &[Job], deadline: Duration) -> Result<i32> {
+    pub fn run(
+        &self,
+        env: &[(String, String)],
+        jobs: &[Job],
+        deadline: Duration,
+    ) -> Result<Finished> {
         let scratch = self.runs.join(std::process::id().to_string());
         if scratch.exists() {
             fs::remove_dir_all(&scratch)?;
@@ -192,7 +198,7 @@ impl NestedMachine {
         env: &[(String, String)],
         jobs: &[Job],
         deadline: Duration,
-    ) -> Result<i32> {
+    ) -> Result<Finished> {
         let scratch = scratch
             .canonicalize()
             .with_context(|| format!("{}", scratch.display()))?;
@@ -269,6 +275,8 @@ impl NestedMachine {
             // The console's last lines once jobs run: where a dying kernel
             // prints its oops.
             let mut tail = std::collections::VecDeque::new();
+            // Everything the jobs printed, for the triage of a failure.
+            let mut transcript = String::new();
             for line in BufReader::new(stdout).split(b'\n') {
                 let Ok(line) = line else { break };
                 let text = String::from_utf8_lossy(&line);
@@ -276,6 +284,8 @@ impl NestedMachine {
                 if ready {
                     let _ = writeln!(stdout_lock, "{text}");
                     seen.lock().unwrap_or_else(|e| e.into_inner()).saw(text);
+                    transcript.push_str(text);
+                    transcript.push('\n');
                     if tail.len() == 200 {
                         tail.pop_front();
                     }
@@ -287,7 +297,7 @@ impl NestedMachine {
                     boot_log.push(text.to_string());
                 }
             }
-            (boot_log, tail)
+            (boot_log, tail, transcript)
         });
 
         let mut announced = false;
@@ -325,7 +335,7 @@ impl NestedMachine {
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        let (boot_log, console_tail) = reader.join().unwrap_or_default();
+        let (boot_log, console_tail, transcript) = reader.join().unwrap_or_default();
         let tail = || {
             let from = boot_log.len().saturating_sub(30);
             boot_log[from..].join("\n")
@@ -360,10 +370,13 @@ impl NestedMachine {
             );
         };
         match fs::read_to_string(scratch.join("status")) {
-            Ok(code) => code
-                .trim()
-                .parse::<i32>()
-                .with_context(|| format!("unreadable exit status {code:?}")),
+            Ok(code) => Ok(Finished {
+                code: code
+                    .trim()
+                    .parse::<i32>()
+                    .with_context(|| format!("unreadable exit status {code:?}"))?,
+                transcript,
+            }),
             Err(_) => {
                 let l1 = fs::read_to_string(&l1_log).unwrap_or_default();
                 let console = Vec::from(console_tail).join("\n");
@@ -390,6 +403,14 @@ impl NestedMachine {
             }
         }
     }
+}
+
+/// How the machine's jobs ended.
+pub struct Finished {
+    /// The exit code of the last job run.
+    pub code: i32,
+    /// Everything the jobs printed on the console.
+    pub transcript: String,
 }
 
 /// What the console last said: the job running and its last whole line (a
