@@ -23,12 +23,13 @@ pub mod vstate;
 
 use std::io;
 use std::os::unix::net::UnixStream;
+use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
@@ -142,6 +143,8 @@ pub struct Vm {
     wake: EventFd,
     commands: Mutex<Sender<Command>>,
     vcpu_threads: Vec<JoinHandle<()>>,
+    /// vCPU threads that have not ended yet.
+    running_vcpus: Arc<AtomicUsize>,
     /// Where each vCPU left the guest, written by its thread as it ends.
     whereabouts: Arc<Mutex<Vec<String>>>,
     device_thread: Option<JoinHandle<()>>,
@@ -241,6 +244,7 @@ impl Vm {
             wake: wake.try_clone().map_err(io_err("eventfd"))?,
             commands: Mutex::new(cmd_tx),
             vcpu_threads: Vec::new(),
+            running_vcpus: Arc::new(AtomicUsize::new(usize::from(config.vcpus))),
             whereabouts: Arc::new(Mutex::new(Vec::new())),
             device_thread: None,
             exit,
@@ -282,7 +286,9 @@ impl Vm {
         );
         // Every vCPU thread runs the guest's exits under this filter.
         let filter = seccomp::vcpu_filter().map_err(|e| VmError::Seccomp(e.to_string()))?;
+        let siblings: Arc<OnceLock<Vec<libc::pthread_t>>> = Arc::new(OnceLock::new());
         for mut v in vcpus {
+            let siblings = siblings.clone();
             let filter = filter.clone();
             let bus = bus.clone();
             let stop = stop.clone();
@@ -290,6 +296,7 @@ impl Vm {
             let log = serial_log.clone();
             let wake = this.wake.try_clone().map_err(io_err("eventfd"))?;
             let whereabouts = this.whereabouts.clone();
+            let running = this.running_vcpus.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{}", v.id))
                 .spawn(move || {
@@ -311,12 +318,28 @@ impl Vm {
                         });
                         stop.store(true, Ordering::Release);
                         let _ = wake.write(1);
+                        running.fetch_sub(1, Ordering::AcqRel);
+                        kick_siblings(&siblings, &running);
+                    } else {
+                        running.fetch_sub(1, Ordering::AcqRel);
                     }
                 })
                 .map_err(io_err("spawning vCPU thread"))?;
             this.vcpu_threads.push(t);
         }
+        let _ = siblings.set(
+            this.vcpu_threads
+                .iter()
+                .map(JoinHandleExt::as_pthread_t)
+                .collect(),
+        );
         Ok(this)
+    }
+
+    /// vCPU threads still running: 0 soon after the guest stops, whichever
+    /// vCPU stopped it.
+    pub fn running_vcpus(&self) -> usize {
+        self.running_vcpus.load(Ordering::Acquire)
     }
 
     /// Where each vCPU left the guest, filled by the vCPU threads as they
@@ -411,16 +434,46 @@ impl Vm {
     }
 }
 
+/// How long a vCPU that stopped the guest kicks its siblings before leaving
+/// the rest to [`Vm`]'s drop.
+const SIBLINGS_GRACE: Duration = Duration::from_secs(5);
+
+/// Kicks the other vCPU threads of a machine out of `KVM_RUN` (a secondary
+/// vCPU waiting for a start-up IPI, or one halted in the in-kernel APIC,
+/// would never leave it on its own) until every one has ended, or
+/// [`SIBLINGS_GRACE`] has passed. `running` no longer counts the caller.
+fn kick_siblings(siblings: &OnceLock<Vec<libc::pthread_t>>, running: &AtomicUsize) {
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() };
+    let start = Instant::now();
+    while running.load(Ordering::Acquire) > 0 && start.elapsed() < SIBLINGS_GRACE {
+        for &t in siblings.get().into_iter().flatten() {
+            if t != me {
+                // SAFETY: `t` is a vCPU thread of this machine, and none of
+                // them is joined while any still runs (see `Vm`'s drop), so
+                // it names a thread that has not been joined: pthread_kill
+                // on a thread that has ended and not been joined is defined.
+                unsafe { libc::pthread_kill(t, kick_signal()) };
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 impl Drop for Vm {
     fn drop(&mut self) {
         self.shutdown();
-        // Kick until every vCPU is out of KVM_RUN: a signal can land just
-        // before a thread re-enters the guest.
-        for t in self.vcpu_threads.drain(..) {
-            while !t.is_finished() {
+        // Kick until every vCPU is out of KVM_RUN (a signal can land just
+        // before a thread re-enters the guest), and join none before all
+        // have ended: a vCPU that stopped the guest may still be kicking
+        // its siblings by their pthread ids.
+        while self.vcpu_threads.iter().any(|t| !t.is_finished()) {
+            for t in self.vcpu_threads.iter().filter(|t| !t.is_finished()) {
                 let _ = t.kill(kick_signal());
-                std::thread::sleep(Duration::from_millis(1));
             }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for t in self.vcpu_threads.drain(..) {
             let _ = t.join();
         }
         if let Some(t) = self.device_thread.take() {

@@ -11,7 +11,9 @@
 //! The lists were taken from the threads' own system calls (`strace -f`
 //! over the VMM's tests and a real boot): the allocator's (`mmap`,
 //! `munmap`, `madvise`, `brk`), locks (`futex`), the KVM ioctls, eventfd
-//! and log writes, signal returns for the vCPU kick, and thread exit.
+//! and log writes, signal returns for the vCPU kick, and thread exit; a
+//! vCPU thread may also send the kick signal to the threads of its own
+//! process (a vCPU that stops the guest stops its siblings).
 //!
 //! The device thread reads and writes guest memory and the vsock
 //! connections' host ends: besides the common calls it polls, makes Unix
@@ -119,6 +121,21 @@ pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
     rules.insert(
         libc::SYS_ioctl,
         rule(1, SeccompCmpOp::MaskedEq(0xff00), KVMIO << 8)?,
+    );
+    // A vCPU that stops the guest kicks its siblings out of KVM_RUN: the
+    // kick signal, to threads of this process only (`pthread_kill` asks
+    // `getpid` first).
+    rules.insert(libc::SYS_getpid, Vec::new());
+    let condition = |arg, value| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value).map_err(fail)
+    };
+    rules.insert(
+        libc::SYS_tgkill,
+        vec![SeccompRule::new(vec![
+            condition(0, u64::from(std::process::id()))?,
+            condition(2, crate::vstate::vcpu::kick_signal() as u64)?,
+        ])
+        .map_err(fail)?],
     );
     compile(rules)
 }

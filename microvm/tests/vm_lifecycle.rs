@@ -76,6 +76,7 @@ fn count(dir: &str) -> usize {
 
 #[test]
 fn boot_reset_and_teardown_leave_nothing_behind() {
+    let _alone = ALONE.lock().unwrap_or_else(|e| e.into_inner());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -133,4 +134,40 @@ fn boot_reset_and_teardown_leave_nothing_behind() {
     drop(vm);
     assert!(!sock.exists());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The tests of this file count the process's threads and fds: one at a
+/// time.
+static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Tests that mean something only where KVM runs guests natively (an
+/// emulating KVM lets a waiting secondary vCPU out of `KVM_RUN` on its own).
+mod native_kvm {
+    use super::*;
+
+    #[test]
+    fn a_vcpu_that_stops_the_guest_stops_its_siblings() {
+        let _alone = ALONE.lock().unwrap_or_else(|e| e.into_inner());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // vCPU 0 resets the machine; vCPU 1 waits for a start-up IPI that never
+        // comes, inside KVM_RUN, where no exit of its own would end it.
+        let vm = Vm::start(config(RESET_GUEST, false, 2)).unwrap();
+        let exit = rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(60), vm.wait()).await })
+            .expect("guest ends within a minute");
+        assert_eq!(exit, VmExit::Shutdown("i8042 reset"));
+        let start = std::time::Instant::now();
+        while vm.running_vcpus() > 0 && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            vm.running_vcpus(),
+            0,
+            "a vCPU still runs {:?} after the guest stopped, with the VM alive",
+            start.elapsed()
+        );
+    }
 }
