@@ -668,6 +668,13 @@ pub(crate) async fn start(
         o.set_stdio(StdioMode::Data);
         o.set_name(req.argv0.as_str());
         o.set_memory_limit_bytes(req.limits.memory_bytes);
+        // The agent counts CPU time in milliseconds, the host in ticks.
+        let tick_ms = u64::try_from(crate::engine::EPOCH_TICK.as_millis()).unwrap_or(1);
+        o.set_cpu_budget_millis(
+            req.limits
+                .cpu_ticks
+                .map_or(0, |ticks| ticks.saturating_mul(tick_ms).max(1)),
+        );
         let mut dirs = o.init_directories(req.directories.len() as u32);
         for (i, (path, dir)) in req.directories.iter().enumerate() {
             let mut grant = dirs.reborrow().get(i as u32);

@@ -282,6 +282,59 @@ fn kill_drop_and_deadline_tear_the_machine_down() {
     });
 }
 
+/// `cpuBudgetMillis` holds for an ELF as for a WASM guest: a loop that
+/// burns its budget ends with `cpuBudgetExceeded`; a program that waits
+/// longer than its budget without using the CPU is not touched.
+#[test]
+fn an_elf_that_spends_its_cpu_budget_ends_with_that_status() {
+    let _serial = serial();
+    with_host(config(), |host| async move {
+        let root = host.root_executor();
+        let spinner = run(
+            &root,
+            &elf("/bin/sh"),
+            Run {
+                args: &["-c", "while :; do :; done"],
+                cpu_ms: 300,
+                deadline_ms: 60_000,
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(wait(&spinner).await, ExitStatus::CpuBudgetExceeded);
+        // The same budget, spent by a child of the shell: the budget is
+        // the process group's.
+        let forked = run(
+            &root,
+            &elf("/bin/sh"),
+            Run {
+                args: &["-c", "sh -c 'while :; do :; done' & wait"],
+                cpu_ms: 300,
+                deadline_ms: 60_000,
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(wait(&forked).await, ExitStatus::CpuBudgetExceeded);
+        let sleeper = run(
+            &root,
+            &elf("/bin/sleep"),
+            Run {
+                args: &["1"],
+                cpu_ms: 300,
+                ..Run::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(wait(&sleeper).await, ExitStatus::Exited(0));
+        drop((spinner, forked, sleeper));
+        until_nothing_runs(&host, "machines survived their Process").await;
+    });
+}
+
 /// Hole 6 of the robustness issue: a process an ELF leaves running in the
 /// background (`sleep &` in a shell) ends with its machine, whether the
 /// Process is killed or dropped, although the agent is killed before it

@@ -113,31 +113,36 @@ impl ExecutorImpl {
         // connection of its own, so `options.stdio` and `options.bootstrap`
         // do not apply.
         let mut pushed = Pushed::default();
-        let (name, deadline, memory_limit, granted) = if let Some(options) = params.options {
-            pushed = Pushed::from_options(options)?;
-            let name = if options.has_name() {
-                text(options.get_name()?, "options.name")?
+        let (name, deadline, cpu_budget, memory_limit, granted) =
+            if let Some(options) = params.options {
+                pushed = Pushed::from_options(options)?;
+                let name = if options.has_name() {
+                    text(options.get_name()?, "options.name")?
+                } else {
+                    String::new()
+                };
+                let deadline = match options.get_deadline_millis() {
+                    0 => None,
+                    ms => Some(Duration::from_millis(ms)),
+                };
+                let cpu_budget = match options.get_cpu_budget_millis() {
+                    0 => None,
+                    ms => Some(Duration::from_millis(ms)),
+                };
+                let memory = match options.get_memory_limit_bytes() {
+                    0 => None,
+                    b => Some(b),
+                };
+                let granted = grants::copy_in(
+                    &self.runner.root,
+                    options.get_directories()?,
+                    &self.runner.in_use,
+                )
+                .await?;
+                (name, deadline, cpu_budget, memory, granted)
             } else {
-                String::new()
+                (String::new(), None, None, None, Vec::new())
             };
-            let deadline = match options.get_deadline_millis() {
-                0 => None,
-                ms => Some(Duration::from_millis(ms)),
-            };
-            let memory = match options.get_memory_limit_bytes() {
-                0 => None,
-                b => Some(b),
-            };
-            let granted = grants::copy_in(
-                &self.runner.root,
-                options.get_directories()?,
-                &self.runner.in_use,
-            )
-            .await?;
-            (name, deadline, memory, granted)
-        } else {
-            (String::new(), None, None, Vec::new())
-        };
         // The caller's name is argv[0] as well; without one, argv[0] is the
         // default every backend shares and the log label is generated.
         let argv0 = argv::argv0(&name).to_string();
@@ -158,6 +163,7 @@ impl ExecutorImpl {
                 args,
                 env,
                 deadline,
+                cpu_budget,
                 memory_limit,
                 cwd: &self.runner.root,
                 granted,

@@ -11,6 +11,7 @@
 //! KVM cannot run a guest's user space.
 
 mod confine;
+mod cpu;
 mod executor;
 mod format;
 mod grants;

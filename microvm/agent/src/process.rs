@@ -54,6 +54,8 @@ pub struct Spec<'a> {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub deadline: Option<Duration>,
+    /// CPU time the process group may use (see [`crate::cpu`]).
+    pub cpu_budget: Option<Duration>,
     pub memory_limit: Option<u64>,
     /// The program's working directory: the machine's root.
     pub cwd: &'a Path,
@@ -118,6 +120,7 @@ pub fn spawn(
         .stderr(Stdio::piped())
         .process_group(0);
     let memory_limit = spec.memory_limit;
+    let cpu_seconds = spec.cpu_budget.map(crate::cpu::rlimit_seconds);
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls (prctl, setrlimit); it allocates nothing
     // and touches no lock.
@@ -130,6 +133,14 @@ pub fn spawn(
                     nix::sys::resource::Resource::RLIMIT_AS,
                     limit,
                     limit,
+                )?;
+            }
+            if let Some(seconds) = cpu_seconds {
+                // SIGXCPU at the soft limit, SIGKILL a second later.
+                nix::sys::resource::setrlimit(
+                    nix::sys::resource::Resource::RLIMIT_CPU,
+                    seconds,
+                    seconds.saturating_add(1),
                 )?;
             }
             Ok(())
@@ -190,12 +201,19 @@ pub fn spawn(
 
     let task_child = child.clone();
     let deadline = spec.deadline;
+    let cpu_budget = spec.cpu_budget;
     let granted = spec.granted;
     tokio::task::spawn_local(async move {
         let child = task_child;
         let deadline = async {
             match deadline {
                 Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let over_budget = async {
+            match cpu_budget {
+                Some(budget) => crate::cpu::exceeded(pid, budget).await,
                 None => std::future::pending().await,
             }
         };
@@ -206,9 +224,13 @@ pub fn spawn(
                 child.kill(KillReason::DeadlineExceeded);
                 exited.await
             }
+            () = over_budget => {
+                child.kill(KillReason::CpuBudgetExceeded);
+                exited.await
+            }
         };
         let status = match wait_status {
-            Ok(ws) => from_wait(ws, child.kill_reason.get())
+            Ok(ws) => from_wait(ws, child.kill_reason.get(), cpu_budget.is_some())
                 .unwrap_or_else(|| ExitStatus::Failed(format!("unexpected wait status {ws:?}"))),
             Err(_) => ExitStatus::Failed("the agent lost track of the process".into()),
         };
