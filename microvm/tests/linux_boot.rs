@@ -2,7 +2,7 @@
 //! `cargo xtask`, paths in `CAPSA_KERNEL` and `CAPSA_INITRAMFS`) under
 //! capsa's VMM.
 //!
-//! Both tests need KVM that runs guests natively (`cargo xtask test` runs
+//! The tests need KVM that runs guests natively (`cargo xtask test` runs
 //! them in its nested test machine where KVM here is emulated):
 //!
 //! - under the compatibility CPU profile (the one the host picks where
@@ -11,6 +11,8 @@
 //!   reaches `Run /init as init process`, and the vsock device saw the
 //!   kernel's virtio-vsock driver negotiate features, set DRIVER_OK and
 //!   post RX buffers;
+//! - the same kernel as a `bzImage`, through the bzImage loader, up to the
+//!   agent running busybox;
 //! - the full path: the agent comes up on vsock port 1024, `Executor.echo`
 //!   and `runBytes(busybox echo ...)` go through it over Cap'n Proto, the VM
 //!   shuts down, and three more boots show that threads, fds and RSS return
@@ -193,6 +195,28 @@ mod native_kvm {
         );
         assert_vsock_driver_up(&vm);
         vm.shutdown();
+    }
+
+    /// The same kernel as a `bzImage` (the format distributions ship),
+    /// through the VMM's bzImage loader and the 64-bit boot protocol, up
+    /// to the agent running busybox.
+    #[test]
+    fn the_bzimage_boots_to_the_agent_too() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let probe = native_probe();
+        let (kernel, initramfs) = kernel_and_initramfs();
+        // The kernel build keeps both images side by side.
+        let bzimage = kernel.with_file_name("bzImage");
+        assert!(bzimage.is_file(), "{}: no bzImage", bzimage.display());
+        let busybox_path = env_path("CAPSA_BUSYBOX");
+        let busybox = std::fs::read(&busybox_path)
+            .unwrap_or_else(|e| panic!("{}: {e}", busybox_path.display()));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, one_vm(&bzimage, &initramfs, &probe, &busybox));
     }
 
     /// The agent answers over vsock and runs busybox; boots leave nothing
