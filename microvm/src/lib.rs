@@ -37,7 +37,7 @@ use vmm_sys_util::signal::Killable;
 
 pub use arch::x86_64::cpuid::{compat_kernel_args, CpuProfile};
 pub use boot::KernelImage;
-pub use devices::virtio::vsock::{VsockDeviceState, VsockListener, VsockStream};
+pub use devices::virtio::vsock::{QueueIndices, VsockDeviceState, VsockListener, VsockStream};
 pub use probe::{probe, Probe, ProbeError};
 
 use arch::x86_64::layout::{SERIAL_IRQ, VIRTIO_IRQ, VIRTIO_MMIO_START};
@@ -395,6 +395,8 @@ impl Vm {
         let t = lock(&self.vsock);
         let mut s = t.device().state();
         s.device_status = t.status();
+        s.interrupt_status = t.interrupt().status();
+        s.interrupts_reraised = t.interrupt().reraised();
         s
     }
 

@@ -581,7 +581,8 @@ stty -F /dev/console -onlcr 2>/dev/null
 ( while :; do echo "capsa-nested: alive $(cut -d' ' -f1 /proc/uptime)"; sleep 5; done ) > /dev/ttyS1 2>&1 &
 cat /proc/kmsg > /dev/ttyS1 2>&1 &
 # A microVM that triple-faults is reset by KVM before its VMM can read its
-# registers; KVM's trace still has them. Every guest exit goes to a small
+# registers; KVM's trace still has them. Every guest exit (and every
+# exception, interrupt and asynchronous page fault KVM gives a guest) goes to a small
 # ring, which stops at the first SHUTDOWN exit (0x7f on SVM: a triple
 # fault) so the exits before it stay; a second instance keeps every
 # shutdown. Both are printed after the jobs if any guest shut down. A
@@ -592,6 +593,8 @@ if mount -t tracefs tracefs $t 2>/dev/null && [ -d $t/events/kvm/kvm_exit ]; the
   echo 256 > $t/buffer_size_kb
   echo 1 > $t/events/kvm/kvm_exit/enable
   echo 1 > $t/events/kvm/kvm_inj_exception/enable
+  echo 1 > $t/events/kvm/kvm_inj_virq/enable
+  for e in $t/events/kvm/kvm_async_pf_*; do echo 1 > $e/enable; done
   echo 'traceoff if exit_reason == 0x7f' > $t/events/kvm/kvm_exit/trigger
   mkdir $t/instances/shutdown
   echo 'exit_reason == 0x7f' > $t/instances/shutdown/events/kvm/kvm_exit/filter
@@ -606,7 +609,7 @@ if [ -n "$traced" ] && grep -q kvm_exit $t/instances/shutdown/trace; then
   echo "capsa-nested: microVM guests that shut down (triple fault), as KVM saw them:"
   grep -v '^#' $t/instances/shutdown/trace
   echo "capsa-nested: the last guest exits before the first of them:"
-  grep -v '^#' $t/trace | tail -n 60
+  grep -v '^#' $t/trace | tail -n 80
 fi
 echo $code > "/host$capsa_scratch/status"
 sync

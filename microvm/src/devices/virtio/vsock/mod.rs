@@ -53,6 +53,23 @@ pub struct VsockDeviceState {
     pub tx_packets: u64,
     /// Live connections.
     pub connections: usize,
+    /// `InterruptStatus` as the driver would read it now (filled by the
+    /// transport).
+    pub interrupt_status: u32,
+    /// How often the device thread raised a pending interrupt again (see
+    /// [`Interrupt::reraise_if_unacknowledged`](crate::devices::virtio::Interrupt::reraise_if_unacknowledged)).
+    pub interrupts_reraised: u64,
+    /// Per queue (RX, TX, event): the driver's avail index, the device's
+    /// next avail position and the used index it last published.
+    pub queues: [QueueIndices; 3],
+}
+
+/// Where one virtqueue's rings stand.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueIndices {
+    pub avail: u16,
+    pub next_avail: u16,
+    pub used: u16,
 }
 
 /// The vsock device.
@@ -114,7 +131,22 @@ impl Vsock {
                     .map(|idx| (idx - std::num::Wrapping(q.next_avail())).0)
             })
             .unwrap_or(0);
+        let mut queues = [QueueIndices::default(); 3];
+        if let Some(a) = &self.active {
+            for (out, q) in queues.iter_mut().zip(&a.queues) {
+                *out = QueueIndices {
+                    avail: q
+                        .avail_idx(&a.mem, std::sync::atomic::Ordering::Acquire)
+                        .map_or(0, |i| i.0),
+                    next_avail: q.next_avail(),
+                    used: q.next_used(),
+                };
+            }
+        }
         VsockDeviceState {
+            queues,
+            interrupt_status: 0,
+            interrupts_reraised: 0,
             acked_features: self.acked_features,
             device_status: 0,
             activated: self.active.is_some(),
@@ -610,6 +642,14 @@ mod tests {
         assert!(st.activated && !st.needs_reset);
         assert_eq!(st.acked_features, 1 << VIRTIO_F_VERSION_1);
         assert_eq!(st.rx_buffers_available, 8);
+        assert_eq!(
+            st.queues[RXQ],
+            QueueIndices {
+                avail: 8,
+                next_avail: 0,
+                used: 0
+            }
+        );
         assert_eq!(d.r32(0x70) & status::DRIVER_OK, status::DRIVER_OK);
         // Reset returns the device to its initial state.
         d.w32(0x70, 0);
