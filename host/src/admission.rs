@@ -159,10 +159,12 @@ impl Pending {
     }
 
     /// Handshakes pending now.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.queue.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
@@ -365,10 +367,12 @@ impl Penalties {
     }
 
     /// Sources remembered for their failures.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.by_source.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.by_source.is_empty()
     }

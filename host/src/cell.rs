@@ -23,8 +23,8 @@ use crate::directory::Preopen;
 use crate::engine::{CellState, Compiled, CpuBudgetExceeded, MemoryLimiter, P2Wasi, Runtime};
 use crate::error::SpawnError;
 use crate::pipe::{self, GuestInput, GuestOutput, PipeReader, PipeWriter};
-use crate::scope::MemoryShare;
-use crate::status::{ExitStatus, Limits};
+use crate::quota::MemoryShare;
+use crate::status::{wait_status, ExitStatus, KillSwitch, Limits};
 use crate::transport::{self, FlowLimits};
 
 /// How a child's stdin/stdout are wired.
@@ -70,7 +70,6 @@ pub struct DataStdio {
 /// The handle on a running (or finished) cell. Dropping it does not kill the
 /// cell; the Process capability does that in its own `Drop`.
 pub struct Cell {
-    pub id: u64,
     pub name: String,
     kill: Rc<KillSwitch>,
     status: watch::Receiver<Option<ExitStatus>>,
@@ -104,34 +103,6 @@ impl Cell {
 
     pub(crate) fn kill_switch(&self) -> Rc<KillSwitch> {
         self.kill.clone()
-    }
-}
-
-pub async fn wait_status(mut rx: watch::Receiver<Option<ExitStatus>>) -> ExitStatus {
-    match rx.wait_for(Option::is_some).await {
-        Ok(s) => s.clone().unwrap_or(ExitStatus::Killed),
-        // The task is gone without a word: it was dropped with the runtime.
-        Err(_) => ExitStatus::Killed,
-    }
-}
-
-/// Ends a cell from outside its task.
-pub struct KillSwitch(watch::Sender<Option<ExitStatus>>);
-
-impl KillSwitch {
-    pub(crate) fn new(tx: watch::Sender<Option<ExitStatus>>) -> Self {
-        KillSwitch(tx)
-    }
-
-    pub fn fire(&self, reason: ExitStatus) {
-        self.0.send_if_modified(|r| {
-            if r.is_none() {
-                *r = Some(reason);
-                true
-            } else {
-                false
-            }
-        });
     }
 }
 
@@ -231,7 +202,7 @@ pub fn spawn(
         }
     }
 
-    let kill = Rc::new(KillSwitch(kill_tx));
+    let kill = Rc::new(KillSwitch::new(kill_tx));
     if let (Some(rpc), Some(outcome)) = (rpc_task, outcome) {
         // A guest that breaks its connection (garbage on stdout, a bad
         // message) is ended with the reason: it can no longer be reached.
@@ -281,7 +252,6 @@ pub fn spawn(
     tokio::task::spawn_local(driven.instrument(span));
 
     Ok(Rc::new(Cell {
-        id,
         name: spec.name,
         kill,
         status: status_rx,

@@ -27,7 +27,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::cache::{self, DiskCache};
 use crate::format::{self, Format};
-use crate::scope::MemoryShare;
+use crate::quota::MemoryShare;
 use crate::{world, SpawnError};
 
 /// How often the engine's epoch advances. A running guest yields to the host

@@ -2,7 +2,7 @@
 
 use capsa_schema::ErrorKind;
 
-use crate::format::FormatError;
+use capsa_schema::format::FormatError;
 
 /// Why a guest could not be started. Reaches the caller as a Cap'n Proto
 /// exception whose description is "<kind>: <this text>".

@@ -1,5 +1,7 @@
-//! The `Executor` capability: `runBytes`, `load`, `program`, `directories`
-//! and `echo`.
+//! The `Executor` capability (`runBytes`, `load`, `program`, `directories`
+//! and `echo`) and the `Program` capability, which runs a loaded program
+//! through the Executor that loaded or found it: its processes have that
+//! Executor's limits, quotas and scope, whoever calls `run`.
 //!
 //! Every Executor carries the nesting depth of the children it starts and the
 //! limits they inherit. The default bootstrap of a child is a new Executor one
@@ -21,10 +23,11 @@ use crate::directory::{Grants, Preopen};
 use crate::engine::EPOCH_TICK;
 use crate::error::SpawnError;
 use crate::format::{self, Format};
-use crate::host::Host;
 use crate::process::ProcessImpl;
-use crate::program::{Loaded, Payload, ProgramImpl};
-use crate::scope::{MemoryShare, Scope, Seat};
+use crate::program::{Loaded, Payload};
+use crate::quota::Slot;
+use crate::scope::Scope;
+use crate::spawner::Spawner;
 use crate::status::Limits;
 use crate::vm::VmRequest;
 use capsa_client::Pushed;
@@ -32,7 +35,7 @@ use capsa_directory::mirror::{Folder, Mirror};
 use futures::future::LocalBoxFuture;
 
 pub struct ExecutorImpl {
-    host: Host,
+    host: Spawner,
     /// Nesting level of the children this Executor starts (PID0's are 1).
     depth: u32,
     limits: Limits,
@@ -49,7 +52,13 @@ pub struct ExecutorImpl {
 impl ExecutorImpl {
     /// An Executor whose processes (and their descendants) join `scope`,
     /// held by a grantee of `grants`.
-    pub fn scoped(host: Host, depth: u32, limits: Limits, scope: Scope, grants: Grants) -> Self {
+    pub(crate) fn scoped(
+        host: Spawner,
+        depth: u32,
+        limits: Limits,
+        scope: Scope,
+        grants: Grants,
+    ) -> Self {
         ExecutorImpl {
             host,
             depth,
@@ -102,12 +111,7 @@ impl ExecutorImpl {
         if self.live.get() >= config.max_children {
             return Err(SpawnError::Children(config.max_children));
         }
-        let seat = Some(self.scope.seat()?);
-        self.live.set(self.live.get() + 1);
-        Ok(Slot {
-            live: self.live.clone(),
-            seat,
-        })
+        Ok(Slot::new(self.live.clone(), self.scope.seat()?))
     }
 }
 
@@ -165,30 +169,6 @@ async fn copied(
 }
 
 pub use capsa_directory::MAX_GRANTS;
-
-/// One live child counted against its Executor and its client's share;
-/// released when dropped.
-pub(crate) struct Slot {
-    live: Rc<Counter<u32>>,
-    seat: Option<Seat>,
-}
-
-impl Slot {
-    /// Takes a machine's RAM from the client's memory share.
-    fn take_memory(&mut self, bytes: u64) -> Result<(), SpawnError> {
-        self.seat.as_mut().map_or(Ok(()), |s| s.take_memory(bytes))
-    }
-
-    fn memory_share(&self) -> Option<Arc<MemoryShare>> {
-        self.seat.as_ref().and_then(Seat::memory_share)
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.live.set(self.live.get().saturating_sub(1));
-    }
-}
 
 fn text_list(list: capnp::text_list::Reader<'_>, what: &str) -> capnp::Result<Vec<String>> {
     list.iter()
@@ -448,12 +428,53 @@ impl executor::Server for ExecutorImpl {
     }
 }
 
+/// A loaded program, bound to the Executor that runs it.
+pub(crate) struct ProgramImpl {
+    pub(crate) executor: Rc<ExecutorImpl>,
+    pub(crate) loaded: Rc<Loaded>,
+}
+
+impl program::Server for ProgramImpl {
+    async fn run(
+        self: Rc<Self>,
+        params: program::RunParams,
+        mut results: program::RunResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let process = self
+            .executor
+            .run(
+                Payload::Loaded(self.loaded.clone()),
+                p.get_args()?,
+                p.get_env()?,
+                p.get_options()?,
+            )
+            .await?;
+        results.get().set_process(process);
+        Ok(())
+    }
+
+    async fn info(
+        self: Rc<Self>,
+        _: program::InfoParams,
+        mut results: program::InfoResults,
+    ) -> Result<(), capnp::Error> {
+        capsa_schema::program::set_info(
+            results.get(),
+            &self.loaded.hash,
+            self.loaded.bytes.len(),
+            self.loaded.format.name(),
+        );
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use capsa_schema::argv::DEFAULT_ARGV0;
 
     use super::*;
-    use crate::host::HostConfig;
+    use crate::host::{Host, HostConfig};
 
     #[test]
     fn cpu_budgets_never_wrap() {

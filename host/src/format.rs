@@ -2,7 +2,7 @@
 //! with the agent (`capsa_schema::format`), and the check that a WASM guest
 //! is a program this host can run, made before anything is compiled.
 
-pub use capsa_schema::format::{detect, Format, FormatError};
+pub use capsa_schema::format::{detect, Format};
 
 use crate::SpawnError;
 

@@ -31,28 +31,31 @@
 //! - [`embed`]: a host on its own thread inside another program, for test
 //!   harnesses.
 
-pub mod admission;
+pub(crate) mod admission;
 pub mod cache;
-pub mod cell;
+pub(crate) mod cell;
 pub mod directory;
 pub mod embed;
 pub mod engine;
-pub mod error;
+pub(crate) mod error;
 pub mod exec;
 pub mod executor;
-pub mod format;
-pub mod host;
+pub(crate) mod format;
+pub(crate) mod host;
 pub mod pipe;
-pub mod process;
-pub mod program;
+pub(crate) mod process;
+pub(crate) mod program;
+pub(crate) mod quota;
+pub(crate) mod registry;
 pub mod scope;
 pub mod serve;
-pub mod status;
-pub mod stream;
+pub(crate) mod spawner;
+pub(crate) mod status;
+pub(crate) mod stream;
 pub mod tls;
-pub mod transport;
-pub mod vm;
-pub mod world;
+pub(crate) mod transport;
+pub(crate) mod vm;
+pub(crate) mod world;
 
 pub use capsa_client as client;
 pub use capsa_directory::mirror;

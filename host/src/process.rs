@@ -15,8 +15,8 @@ use capsa_schema::capsa_capnp::{byte_sink, byte_source, process};
 use capsa_schema::error::error;
 use capsa_schema::ErrorKind;
 
-use crate::cell::{wait_status, Cell, DataStdio};
-use crate::status::ExitStatus;
+use crate::cell::{Cell, DataStdio};
+use crate::status::{wait_status, ExitStatus};
 use crate::stream::{push, ByteSinkImpl, ByteSourceImpl, Source};
 use crate::vm::VmProcess;
 

@@ -1,21 +1,17 @@
-//! The `Program` capability: bytes loaded once by an Executor, run any
-//! number of times without sending them again, and found again by their
-//! content hash.
+//! Programs: bytes loaded once by an Executor, run any number of times
+//! without sending them again, and found again by their content hash.
 //!
-//! A Program runs through the Executor that loaded it (or that found it by
-//! hash): its processes have that Executor's limits, quotas and scope,
-//! whoever calls `run`. The bytes live in the host's [`ProgramTable`],
-//! bounded in bytes and least recently used first, so a client that knows
-//! a program's SHA-256 can skip the upload on a later connection.
+//! The bytes live in the host's [`ProgramTable`], bounded in bytes and least
+//! recently used first, so a client that knows a program's SHA-256 can skip
+//! the upload on a later connection. The `Program` capability on a loaded
+//! program is the Executor's (`crate::executor`): it runs through the
+//! Executor that loaded or found it.
 
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use capsa_schema::capsa_capnp::program;
-
 use crate::engine::Compiled;
-use crate::executor::ExecutorImpl;
 use crate::format::Format;
 
 pub use capsa_schema::program::Hash;
@@ -102,47 +98,6 @@ impl ProgramTable {
             }
         }
         loaded
-    }
-}
-
-/// A loaded program, bound to the Executor that runs it.
-pub struct ProgramImpl {
-    pub(crate) executor: Rc<ExecutorImpl>,
-    pub(crate) loaded: Rc<Loaded>,
-}
-
-impl program::Server for ProgramImpl {
-    async fn run(
-        self: Rc<Self>,
-        params: program::RunParams,
-        mut results: program::RunResults,
-    ) -> Result<(), capnp::Error> {
-        let p = params.get()?;
-        let process = self
-            .executor
-            .run(
-                Payload::Loaded(self.loaded.clone()),
-                p.get_args()?,
-                p.get_env()?,
-                p.get_options()?,
-            )
-            .await?;
-        results.get().set_process(process);
-        Ok(())
-    }
-
-    async fn info(
-        self: Rc<Self>,
-        _: program::InfoParams,
-        mut results: program::InfoResults,
-    ) -> Result<(), capnp::Error> {
-        capsa_schema::program::set_info(
-            results.get(),
-            &self.loaded.hash,
-            self.loaded.bytes.len(),
-            self.loaded.format.name(),
-        );
-        Ok(())
     }
 }
 

@@ -252,25 +252,11 @@ pub fn fair_share(host: &Host, max_connections: usize) -> Share {
     let n = u64::try_from(max_connections.max(1)).unwrap_or(u64::MAX);
     let config = host.config();
     let cells = u64::from(config.max_cells) / n;
-    let memory = machine_memory_bytes().map_or(u64::MAX, |m| m / n);
+    let memory = crate::quota::machine_memory_bytes().map_or(u64::MAX, |m| m / n);
     Share {
         cells: u32::try_from(cells).unwrap_or(u32::MAX).max(1),
         memory_bytes: memory.max(config.limits.memory_bytes),
     }
-}
-
-/// This machine's RAM, from `/proc/meminfo`.
-pub(crate) fn machine_memory_bytes() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse::<u64>()
-        .ok()?;
-    kib.checked_mul(1024)
 }
 
 /// A bound socket, before the runtime takes it over.
@@ -832,7 +818,10 @@ async fn serve_authenticated(
         host.config().flow,
     );
     let outcome = network.outcome();
-    let rpc = RpcSystem::new(Box::new(network), Some(scope.root_executor(host).client));
+    let rpc = RpcSystem::new(
+        Box::new(network),
+        Some(host.root_executor_in(&scope).client),
+    );
     let result = outcome.of(rpc.await);
     // The connection's capabilities are gone with it; whatever still runs
     // (a Process passed on elsewhere) ends here.

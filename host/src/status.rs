@@ -1,7 +1,9 @@
-//! The limits a process runs under, and how it ended (the schema crate's
-//! [`ExitStatus`]).
+//! The limits a process runs under, how it ended (the schema crate's
+//! [`ExitStatus`]), and the switch that ends it.
 
 use std::time::Duration;
+
+use tokio::sync::watch;
 
 /// Resource limits of one process. Children inherit their parent's limits
 /// and may only tighten them.
@@ -53,3 +55,34 @@ impl Limits {
 }
 
 pub use capsa_schema::status::ExitStatus;
+
+/// Waits until the process behind `rx` has ended; a task that went away
+/// without a word (dropped with its runtime) counts as killed.
+pub async fn wait_status(mut rx: watch::Receiver<Option<ExitStatus>>) -> ExitStatus {
+    match rx.wait_for(Option::is_some).await {
+        Ok(s) => s.clone().unwrap_or(ExitStatus::Killed),
+        // The task is gone without a word: it was dropped with the runtime.
+        Err(_) => ExitStatus::Killed,
+    }
+}
+
+/// Ends a process (a cell or a machine) from outside the task that runs it:
+/// the first reason fired is the status it ends with.
+pub struct KillSwitch(watch::Sender<Option<ExitStatus>>);
+
+impl KillSwitch {
+    pub fn new(tx: watch::Sender<Option<ExitStatus>>) -> Self {
+        KillSwitch(tx)
+    }
+
+    pub fn fire(&self, reason: ExitStatus) {
+        self.0.send_if_modified(|r| {
+            if r.is_none() {
+                *r = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}

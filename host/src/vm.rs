@@ -28,9 +28,8 @@ use capsa_schema::ErrorKind;
 use futures::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
-use crate::cell::{wait_status, KillSwitch};
 use crate::error::SpawnError;
-use crate::status::{ExitStatus, Limits};
+use crate::status::{wait_status, ExitStatus, KillSwitch, Limits};
 use crate::transport::{self, FlowLimits};
 
 /// The vsock port the agent serves its Executor on.
@@ -600,7 +599,6 @@ async fn boot(
 
 /// A process running in a machine, as the host tracks it.
 pub struct VmProcess {
-    pub name: String,
     pub agent: executor::Client,
     pub process: process::Client,
     kill: Rc<KillSwitch>,
@@ -636,7 +634,14 @@ pub(crate) async fn start(
     flow: FlowLimits,
     on_exit: impl FnOnce() + 'static,
 ) -> Result<VmProcess, SpawnError> {
+    tracing::debug!(
+        "{}: booting a machine of {} MiB and {} vCPU(s)",
+        req.name,
+        req.memory_mib,
+        req.vcpus
+    );
     let (mut machine, stream) = boot(settings, probed, &req).await?;
+    tracing::debug!("{}: the machine's agent answered", req.name);
     let stream = Rc::new(std::cell::RefCell::new(stream));
     // The agent runs inside the machine: the guest's kernel is as
     // untrusted as any guest, so its connection is bounded like theirs.
@@ -776,7 +781,6 @@ pub(crate) async fn start(
     });
 
     Ok(VmProcess {
-        name: req.name,
         agent,
         process,
         kill: Rc::new(KillSwitch::new(kill_tx)),
