@@ -427,7 +427,7 @@ fn build(
             // folder is named by its compatibility hash), and its key and
             // checksum were checked by `load`; wasmtime checks the header
             // against the engine again. See `crate::cache`.
-            #[allow(unsafe_code)]
+            #[expect(unsafe_code, reason = "wasmtime's deserialize trusts its input")]
             let loaded = unsafe {
                 match kind {
                     Format::Module => Module::deserialize(engine, &code).map(Artifact::Module),

@@ -268,7 +268,10 @@ enum Bound {
 
 enum Listener {
     /// The socket file goes with the listener.
-    Unix(UnixListener, #[allow(dead_code)] OwnedSocket),
+    Unix(
+        UnixListener,
+        #[expect(dead_code, reason = "held for its Drop, which removes the file")] OwnedSocket,
+    ),
     Tcp(TcpListener),
 }
 

@@ -524,7 +524,7 @@ async fn boot(
             // SAFETY: the closure runs in the forked child before exec and
             // makes only two system calls; it allocates nothing and takes
             // no lock.
-            #[allow(unsafe_code)]
+            #[expect(unsafe_code, reason = "pre_exec runs code between fork and exec")]
             unsafe {
                 command.pre_exec(|| {
                     // A session of its own, for `end_session`.
@@ -830,7 +830,7 @@ mod tests {
             .args(["-c", "sleep 1000 & sleep 1000 & echo started; wait"])
             .stdout(std::process::Stdio::piped());
         // SAFETY: one system call between fork and exec.
-        #[allow(unsafe_code)]
+        #[expect(unsafe_code, reason = "pre_exec runs code between fork and exec")]
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut command, || {
                 rustix::process::setsid()?;

@@ -13,6 +13,12 @@
 //! virtio devices), `event_loop.rs` (the device thread), `probe.rs` (is KVM
 //! native or emulated?).
 
+#![expect(
+    unsafe_code,
+    reason = "a VMM calls KVM's ioctls, maps guest memory and kicks vCPU threads with \
+              signals; each unsafe block says why it is sound"
+)]
+
 pub mod arch;
 pub mod boot;
 pub mod devices;

@@ -178,7 +178,7 @@ pub fn rss_kib() -> u64 {
 /// This process's resident memory in KiB once the allocator has given
 /// back the free memory it keeps (glibc's `malloc_trim`): memory still in
 /// use, for leak checks across many short-lived hosts.
-#[allow(unsafe_code)]
+#[expect(unsafe_code, reason = "malloc_trim is a C function")]
 pub fn trimmed_rss_kib() -> u64 {
     // SAFETY: malloc_trim only releases free heap memory; it takes no
     // pointer and is safe to call at any time.

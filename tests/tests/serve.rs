@@ -1,11 +1,10 @@
 //! `capsa serve`, `capsa exec`, the embedding API and the Python client:
 //! capsa reached from outside any guest.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use capsa::schema::StdioMode;

@@ -353,6 +353,12 @@ fn test(root: &Path, skip_native_kvm: bool, test_args: &[String]) -> Result<()> 
     // The initramfs writer's test reads its archive back with GNU cpio.
     tools::ensure_deb("cpio", "the initramfs test")?;
     build_host(root)?;
+    step("linting (clippy, warnings are errors)", || {
+        tools::ensure_clippy()?;
+        run(cargo(root).args(["clippy", "--all-targets", "--", "-D", "warnings"])).context(
+            "clippy found something; fix it (or say in an `#[expect(..., reason)]` why not)",
+        )
+    })?;
     let microvm = MicrovmAssets::prepare(root)?;
     let python = step(
         "preparing the Python client (virtualenv with pycapnp)",

@@ -312,6 +312,17 @@ fn debian_mirror(text: &str) -> Option<String> {
 }
 
 /// rustfmt ships with rustup's default profile but not its minimal one.
+/// Installs clippy if cargo lacks it: the tests lint the code.
+pub fn ensure_clippy() -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    if succeeds(Command::new(cargo).args(["clippy", "--version"])) {
+        return Ok(());
+    }
+    eprintln!("==> installing clippy: the tests lint the code");
+    run(Command::new("rustup").args(["component", "add", "clippy"]))
+        .context("could not install clippy; run `rustup component add clippy` yourself")
+}
+
 pub fn ensure_rustfmt() -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     if succeeds(Command::new(cargo).args(["fmt", "--version"])) {

@@ -217,7 +217,10 @@ fn any_of(arg: u8, values: &[u64]) -> io::Result<Vec<SeccompRule>> {
 
 /// An `ioctl` request as the filter compares it: `Ioctl` is an `int` in
 /// musl and an `unsigned long` in glibc.
-#[allow(clippy::unnecessary_cast)]
+#[allow(
+    clippy::unnecessary_cast,
+    reason = "needed where `Ioctl` is not already u64 (musl), needless where it is"
+)]
 fn request(r: libc::Ioctl) -> u64 {
     r as u64
 }

@@ -10,6 +10,13 @@
 //! loopback TCP or vsock socket, which is how it is tested on machines whose
 //! KVM cannot run a guest's user space.
 
+#![expect(
+    unsafe_code,
+    reason = "PID 1 of a VM: mounting, powering off, raw vsock sockets and the seccomp \
+              filter need system calls without safe wrappers; each unsafe block says why \
+              it is sound"
+)]
+
 mod confine;
 mod cpu;
 mod executor;

@@ -209,6 +209,7 @@ fn echo_returns_the_message() {
 /// listening, even when it inherited SIGTERM ignored (as children of some
 /// supervisors and shells do): it must already be watching for the signal.
 #[test]
+#[expect(unsafe_code, reason = "pre_exec runs code between fork and exec")]
 fn sigterm_right_after_listening_stops_the_agent() {
     use std::os::unix::process::CommandExt;
     for _ in 0..20 {
