@@ -8,7 +8,7 @@
 //! scope is the guarantee that holds even when a capability was passed
 //! somewhere that outlives the connection.
 
-use std::cell::Cell as Flag;
+use std::cell::Cell;
 use std::rc::Rc;
 
 use tokio::sync::watch;
@@ -28,8 +28,8 @@ pub struct Scope(Rc<Inner>);
 struct Inner {
     processes: ProcessSet,
     /// Keys for `processes`.
-    next_key: Flag<u64>,
-    closed: Flag<bool>,
+    next_key: Cell<u64>,
+    closed: Cell<bool>,
     /// The guests and memory of this client, at every nesting level.
     quota: Rc<ClientQuota>,
 }

@@ -89,7 +89,7 @@ struct Inner {
     next_id: Counter<u64>,
     /// Every guest running, by id.
     cells: ProcessSet,
-    closed: Counter<bool>,
+    closed: std::cell::Cell<bool>,
     probed: Probed,
     directories: Directories,
     /// MiB of memory the host's running machines hold.
@@ -153,7 +153,7 @@ impl Spawner {
             config,
             next_id: Counter::new(0),
             cells: ProcessSet::default(),
-            closed: Counter::new(false),
+            closed: std::cell::Cell::new(false),
             probed: Probed::default(),
             directories,
             vm_memory_mib: Rc::new(Counter::new(0)),

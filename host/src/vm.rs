@@ -865,8 +865,8 @@ mod tests {
         })
     }
 
-    /// Hole 6 of the robustness issue: the probe runs a guest for a while;
-    /// on the host's thread it would stall every guest meanwhile.
+    /// The probe runs a guest for a while; on the host's thread it would
+    /// stall every guest meanwhile.
     #[test]
     fn the_kvm_probe_runs_off_the_host_thread_once() {
         let probed = Probed {

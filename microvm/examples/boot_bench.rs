@@ -43,9 +43,9 @@
 //!   QEMU spends about 3.3 s there (its own start-up and firmware);
 //! - user space, from init to the agent listening: about 0.15 s.
 //!
-//! The i8042 keyboard controller driver used to be the biggest gap, 1.6 to
-//! 2.8 s: capsa's i8042 is only a reset line and reads as an idle
-//! controller, so the driver polled its status port 10,000 times, 50 µs
+//! The guest kernel has no i8042 keyboard controller driver: with one, the
+//! biggest gap was 1.6 to 2.8 s, since capsa's i8042 is only a reset line
+//! and reads as an idle controller, so the driver polled its status port 10,000 times, 50 µs
 //! apart, each poll a VM exit, before giving up (QEMU's microvm has no
 //! i8042: its ports read 0xff and the driver gives up at once). No
 //! `i8042.*` parameter skips that read, so the guest kernel is built

@@ -18,11 +18,12 @@
 //!   shuts down, and three more boots show that threads, fds and RSS return
 //!   to where they were.
 //!
-//! The compatibility profile used to be booted on the emulating KVM itself.
-//! That boot measured the emulator, not capsa: 70 s to 3 minutes on a quiet
-//! machine, and past 8 and 17 minutes without reaching init where the
-//! emulator ran 2.1-2.4 times slower (a CI runner, a busy machine), the
-//! guest's jiffies advancing 135 times slower than the wall clock.
+//! The compatibility profile is booted here too, not on the emulating KVM it
+//! is meant for: a boot there measures the emulator, not capsa (70 s to 3
+//! minutes on a quiet machine, and past 8 and 17 minutes without reaching
+//! init where the emulator ran 2.1-2.4 times slower, a CI runner and a busy
+//! machine, the guest's jiffies advancing 135 times slower than the wall
+//! clock).
 //!
 //! The tests take turns, so nothing else runs in the process while one
 //! counts threads and fds.

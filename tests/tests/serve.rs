@@ -279,7 +279,7 @@ fn mutated_rpc_streams_never_break_the_host() {
     });
 }
 
-/// Hole 7 of the robustness issue: each connection holds at most its share
+/// Each connection holds at most its share
 /// of guests (at every nesting level together) and of guest memory, so one
 /// client cannot lock the others out; what a guest held goes back to the
 /// share when it ends.
@@ -541,10 +541,10 @@ fn rss_mib(pid: u32) -> u64 {
     rss_kib_of(&pid.to_string()) / 1024
 }
 
-/// Hole 1 of the robustness issue over a socket: a client that pipelines
-/// 20,000 `echo` calls of 64 KiB and never reads a reply grew the server by
-/// more than a GiB. The server now stops reading that client once 4 MiB of
-/// replies wait, and keeps serving the others.
+/// Over a socket: a client that pipelines 20,000 `echo` calls of 64 KiB and
+/// never reads a reply would grow the server by more than a GiB; the server
+/// stops reading that client once 4 MiB of replies wait, and keeps serving
+/// the others.
 #[test]
 fn a_client_that_never_reads_its_replies_is_held_back() {
     let dir = scratch("flood");

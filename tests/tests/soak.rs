@@ -89,10 +89,10 @@ async fn flood(
     (p, grown)
 }
 
-/// Hole 1 of the robustness issue: a guest that pipelines calls and never
-/// reads the replies is held back (the host stops reading it once 4 MiB of
-/// replies wait), instead of the host queueing every reply. 20,000 calls of
-/// 64 KiB grew the host by more than a GiB before.
+/// A guest that pipelines calls and never reads the replies is held back
+/// (the host stops reading it once 4 MiB of replies wait) instead of the
+/// host queueing every reply: 20,000 calls of 64 KiB would otherwise grow
+/// the host by more than a GiB.
 #[test]
 fn a_guest_that_never_reads_its_replies_is_held_back() {
     let _alone = alone();

@@ -335,8 +335,7 @@ fn an_elf_that_spends_its_cpu_budget_ends_with_that_status() {
     });
 }
 
-/// Hole 6 of the robustness issue: a process an ELF leaves running in the
-/// background (`sleep &` in a shell) ends with its machine, whether the
+/// A process an ELF leaves running in the background (`sleep &` in a shell) ends with its machine, whether the
 /// Process is killed or dropped, although the agent is killed before it
 /// can end anything itself.
 #[test]

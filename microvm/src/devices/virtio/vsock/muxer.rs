@@ -118,8 +118,8 @@ impl VsockMuxer {
     }
 
     /// Marks `key` as having something for the guest: queued once, however
-    /// often the guest asks (a flood of CREDIT_REQUESTs without RX buffers
-    /// used to queue a key per packet).
+    /// often the guest asks, so a flood of CREDIT_REQUESTs without RX
+    /// buffers cannot grow the queue by a key per packet.
     fn queue_rx(&mut self, key: ConnKey) {
         if self.rx_queued.contains(&key) {
             return;
