@@ -18,6 +18,9 @@ pub enum SpawnError {
     VmDisabled,
     #[error("microVM: {0}")]
     Vm(String),
+    /// The VMM could not create or start the machine.
+    #[error("microVM: {0}")]
+    VmStart(#[from] capsa_microvm::VmError),
     /// The machine's agent refused the request, for a reason of this kind.
     #[error("microVM: {1}")]
     Refused(ErrorKind, String),
@@ -41,13 +44,25 @@ pub enum SpawnError {
     #[error("the host's microVMs hold {in_use} of {total} MiB; {asked} MiB more do not fit")]
     VmMemoryFull { asked: u64, in_use: u64, total: u64 },
     /// The client's share of the host is in use (see `scope::Share`).
-    #[error("{0}")]
-    Share(String),
+    #[error(transparent)]
+    Share(#[from] ShareExceeded),
     #[error("the host is shutting down")]
     ShuttingDown,
     /// A granted directory that cannot be given to the child.
     #[error("granted directory {0}")]
     Grant(String),
+}
+
+/// What of a client's share a new guest would exceed.
+#[derive(Debug, thiserror::Error)]
+pub enum ShareExceeded {
+    #[error("this client already runs its share of {0} guests")]
+    Guests(u32),
+    #[error(
+        "a machine of {asked_mib} MiB does not fit in what is left of this client's memory \
+         share of {limit_mib} MiB"
+    )]
+    Memory { asked_mib: u64, limit_mib: u64 },
 }
 
 impl SpawnError {
@@ -58,7 +73,7 @@ impl SpawnError {
                 ErrorKind::BadPayload
             }
             SpawnError::VmDisabled => ErrorKind::VmDisabled,
-            SpawnError::Vm(_) => ErrorKind::Vm,
+            SpawnError::Vm(_) | SpawnError::VmStart(_) => ErrorKind::Vm,
             SpawnError::Refused(kind, _) => *kind,
             SpawnError::VmTooLarge(_) => ErrorKind::TooLarge,
             SpawnError::Link(_) => ErrorKind::Link,

@@ -17,7 +17,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::error::SpawnError;
+use crate::error::{ShareExceeded, SpawnError};
 
 /// What one client may hold of the host at once, all its processes at every
 /// nesting level together, so that one client cannot lock the others out.
@@ -92,9 +92,7 @@ impl ClientQuota {
     pub(crate) fn seat(self: &Rc<Self>) -> Result<Seat, SpawnError> {
         if let Some((cells, _)) = &self.share {
             if self.guests.get() >= *cells {
-                return Err(SpawnError::Share(format!(
-                    "this client already runs its share of {cells} guests"
-                )));
+                return Err(ShareExceeded::Guests(*cells).into());
             }
         }
         self.guests.set(self.guests.get() + 1);
@@ -117,12 +115,11 @@ impl Seat {
     pub(crate) fn take_memory(&mut self, bytes: u64) -> Result<(), SpawnError> {
         if let Some((_, memory)) = &self.quota.share {
             if !memory.take(bytes) {
-                return Err(SpawnError::Share(format!(
-                    "a machine of {} MiB does not fit in what is left of this client's \
-                     memory share of {} MiB",
-                    bytes >> 20,
-                    memory.limit() >> 20
-                )));
+                return Err(ShareExceeded::Memory {
+                    asked_mib: bytes >> 20,
+                    limit_mib: memory.limit() >> 20,
+                }
+                .into());
             }
             self.memory = self.memory.saturating_add(bytes);
         }

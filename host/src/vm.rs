@@ -443,8 +443,7 @@ async fn boot(
             };
             let vm = tokio::task::spawn_blocking(move || Vm::start(config))
                 .await
-                .map_err(|e| SpawnError::Vm(e.to_string()))?
-                .map_err(|e| SpawnError::Vm(e.to_string()))?;
+                .map_err(|e| SpawnError::Vm(format!("the thread starting the machine: {e}")))??;
             let booting = Booting(Some(vm));
             loop {
                 let vm = booting.vm()?;

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::chain::ParsedChain;
+use super::chain::{ChainError, ParsedChain};
 use super::{ActivateError, Interrupt, VirtioDevice, INT_CONFIG, INT_VRING, VIRTIO_F_VERSION_1};
 use muxer::VsockMuxer;
-use packet::{PacketHeader, HDR_SIZE, MAX_PKT_DATA};
+use packet::{PacketError, PacketHeader, HDR_SIZE, MAX_PKT_DATA};
 
 pub use stream::{VsockListener, VsockStream};
 
@@ -215,7 +215,7 @@ impl Vsock {
             };
             let head = chain.head_index();
             let pkt = ParsedChain::parse(chain)
-                .map_err(|e| e.to_string())
+                .map_err(TxPacketError::from)
                 .and_then(|c| read_tx_packet(&a.mem, &c, self.cid));
             if let Err(e) = a.queues[TXQ].add_used(&a.mem, head, 0) {
                 self.fail(&format!("TX used ring: {e}"));
@@ -279,25 +279,33 @@ impl Vsock {
     }
 }
 
+/// Why a TX chain was dropped instead of sent on.
+#[derive(Debug, thiserror::Error)]
+pub enum TxPacketError {
+    /// The descriptor chain is malformed or reaches outside guest memory.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    /// The header is short, malformed, or not a packet this guest may send.
+    #[error(transparent)]
+    Packet(#[from] PacketError),
+}
+
 /// Reads one TX packet (header, then exactly `len` payload bytes) from a
 /// validated chain.
 pub fn read_tx_packet(
     mem: &GuestMemoryMmap,
     chain: &ParsedChain,
     guest_cid: u64,
-) -> Result<(PacketHeader, Vec<u8>), String> {
+) -> Result<(PacketHeader, Vec<u8>), TxPacketError> {
     let mut raw = [0u8; HDR_SIZE];
-    let n = chain.read_at(mem, 0, &mut raw).map_err(|e| e.to_string())?;
-    let hdr = PacketHeader::parse(&raw[..n]).map_err(|e| e.to_string())?;
+    let n = chain.read_at(mem, 0, &mut raw)?;
+    let hdr = PacketHeader::parse(&raw[..n])?;
     hdr.validate_tx(
         guest_cid,
         chain.readable_len.saturating_sub(HDR_SIZE as u64),
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     let mut data = vec![0u8; hdr.len as usize];
-    chain
-        .read_at(mem, HDR_SIZE as u64, &mut data)
-        .map_err(|e| e.to_string())?;
+    chain.read_at(mem, HDR_SIZE as u64, &mut data)?;
     Ok((hdr, data))
 }
 
