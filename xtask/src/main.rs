@@ -452,6 +452,10 @@ fn test(root: &Path, skip_native_kvm: bool, test_args: &[String]) -> Result<()> 
                 }
                 Ok(finished) if finished.code == 0 => Ok(Ok(())),
                 Ok(finished) => {
+                    if let Some(symbols) = triage::symbolize(&finished.transcript, &microvm.kernel)
+                    {
+                        eprintln!("==> guest kernel addresses above, by symbol:\n{symbols}");
+                    }
                     let failed = format!(
                         "tests failed in the nested test machine (exit code {})",
                         finished.code

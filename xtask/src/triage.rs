@@ -36,6 +36,8 @@
 //! guest down at an arbitrary point instead, failing the rule.
 
 use std::fmt;
+use std::path::Path;
+use std::process::Command;
 
 /// One `kvm_exit` or `kvm_inj_exception` line of the trace.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -261,6 +263,58 @@ fn failed_tests(transcript: &str) -> Vec<(String, String)> {
     out
 }
 
+/// The guest kernel addresses `rip 0x...` in `transcript` (exit traces,
+/// vCPU whereabouts), each with the kernel symbol it falls in, read from
+/// `vmlinux` with `nm`; `None` when there are none or `nm` cannot say.
+pub fn symbolize(transcript: &str, vmlinux: &Path) -> Option<String> {
+    let mut rips: Vec<u64> = transcript
+        .split("rip ")
+        .skip(1)
+        .filter_map(|rest| hex(rest.split_whitespace().next()?))
+        .filter(|rip| *rip >= KERNEL_HALF)
+        .collect();
+    rips.sort_unstable();
+    rips.dedup();
+    if rips.is_empty() {
+        return None;
+    }
+    let out = Command::new("nm").arg("-n").arg(vmlinux).output().ok()?;
+    let symbols = parse_nm(&String::from_utf8_lossy(&out.stdout));
+    if symbols.is_empty() {
+        return None;
+    }
+    let lines: Vec<String> = rips
+        .iter()
+        .map(|rip| match lookup(&symbols, *rip) {
+            Some((name, offset)) => format!("{rip:#x} = {name}+{offset:#x}"),
+            None => format!("{rip:#x} = ?"),
+        })
+        .collect();
+    Some(lines.join("\n"))
+}
+
+/// Text symbols of `nm -n` output, by address.
+fn parse_nm(out: &str) -> Vec<(u64, String)> {
+    out.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let address = u64::from_str_radix(words.next()?, 16).ok()?;
+            let kind = words.next()?;
+            let name = words.next()?;
+            matches!(kind, "T" | "t" | "W" | "w").then(|| (address, name.to_string()))
+        })
+        .collect()
+}
+
+/// The symbol `address` falls in, and how far into it.
+fn lookup(symbols: &[(u64, String)], address: u64) -> Option<(&str, u64)> {
+    let at = symbols
+        .partition_point(|(a, _)| *a <= address)
+        .checked_sub(1)?;
+    let (start, name) = &symbols[at];
+    Some((name, address - start))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,6 +369,24 @@ mod tests {
             "intr_info 0x80000b0e error_code 0x00000011",
         );
         assert!(rerun_evidence(&present).is_err());
+    }
+
+    #[test]
+    fn addresses_find_their_symbols() {
+        let symbols = parse_nm(
+            "ffffffff81000000 T _text\nffffffff810b26da T vma_merge\n\
+             ffffffff81149f98 t io_serial_out\nffffffff81200000 D some_data\n",
+        );
+        assert_eq!(symbols.len(), 3);
+        assert_eq!(
+            lookup(&symbols, 0xffffffff810b2887),
+            Some(("vma_merge", 0x1ad))
+        );
+        assert_eq!(
+            lookup(&symbols, 0xffffffff81149fa9),
+            Some(("io_serial_out", 0x11))
+        );
+        assert_eq!(lookup(&symbols, 0x1000), None);
     }
 
     #[test]
