@@ -8,6 +8,7 @@ pub mod error;
 pub mod format;
 pub mod hostile;
 pub mod program;
+pub mod request;
 pub mod rpc;
 pub mod status;
 pub mod stream;

@@ -170,15 +170,6 @@ async fn copied(
 
 pub use capsa_directory::MAX_GRANTS;
 
-fn text_list(list: capnp::text_list::Reader<'_>, what: &str) -> capnp::Result<Vec<String>> {
-    list.iter()
-        .map(|t| {
-            t?.to_string()
-                .map_err(|_| error(ErrorKind::BadRequest, format!("{what} must be UTF-8")))
-        })
-        .collect()
-}
-
 /// A CPU budget in milliseconds as epoch ticks, saturating: a budget too
 /// large to count is as good as none, never a small wrapped one.
 pub fn cpu_ticks(millis: u64) -> u64 {
@@ -227,21 +218,8 @@ impl ExecutorImpl {
         env_list: capnp::struct_list::Reader<'_, env_var::Owned>,
         opts: options::Reader<'_>,
     ) -> Result<process::Client, capnp::Error> {
-        let args = text_list(args, "arguments")?;
-        let mut env = Vec::new();
-        for var in env_list {
-            let name = var.get_name()?.to_string();
-            let value = var.get_value()?.to_string();
-            match (name, value) {
-                (Ok(n), Ok(v)) if !n.is_empty() && !n.contains('=') => env.push((n, v)),
-                _ => {
-                    return Err(error(
-                        ErrorKind::BadRequest,
-                        "environment variables need a UTF-8 name without '=' and a UTF-8 value",
-                    ))
-                }
-            }
-        }
+        let args = capsa_schema::request::args(args)?;
+        let env = capsa_schema::request::env(env_list)?;
         let format = match &payload {
             Payload::Loaded(loaded) => loaded.format,
             Payload::Bytes(bytes) => format::detect(bytes).map_err(SpawnError::from)?,

@@ -52,6 +52,39 @@ fn child_makes_concurrent_calls_and_spawns_a_grandchild() {
     });
 }
 
+/// Arguments and environment become the program's C strings: a NUL byte
+/// would cut one short, so it is refused, as the microVM agent refuses it
+/// (one parser, `capsa_schema::request`, serves both).
+#[test]
+fn nul_bytes_in_arguments_or_environment_are_refused() {
+    host(|host| async move {
+        let root = host.root_executor();
+        let with = |args, env| Run {
+            args,
+            env,
+            stdio: StdioMode::Data,
+            ..Run::default()
+        };
+        let err = run(&root, &guest("hello"), with(&["cut\0short"], &[]))
+            .await
+            .err()
+            .expect("an argument with a NUL");
+        assert_kind(&err, ErrorKind::BadRequest, "argument 0 contains a NUL");
+        let err = run(&root, &guest("hello"), with(&[], &[("A", "b\0c")]))
+            .await
+            .err()
+            .expect("a value with a NUL");
+        assert_kind(&err, ErrorKind::BadRequest, "variable A contains a NUL");
+        // The host goes on serving.
+        let p = run(&root, &guest("hello"), with(&["fine"], &[]))
+            .await
+            .unwrap();
+        assert_eq!(wait(&p).await, ExitStatus::Exited(0));
+        drop(p);
+        until_nothing_runs(&host, "a child survived").await;
+    });
+}
+
 #[test]
 fn data_mode_runs_plain_wasi_programs_p2_and_p1() {
     host(|host| async move {

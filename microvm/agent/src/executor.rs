@@ -91,21 +91,8 @@ impl ExecutorImpl {
     ) -> Result<process::Client, capnp::Error> {
         check_elf(bytes).map_err(|e| error(ErrorKind::BadPayload, e.to_string()))?;
 
-        let mut args = Vec::new();
-        for (i, arg) in params.args.iter().enumerate() {
-            args.push(text(arg?, &format!("argument {i}"))?);
-        }
-        let mut env = Vec::new();
-        for (i, var) in params.env.iter().enumerate() {
-            let name = text(var.get_name()?, &format!("environment variable {i}'s name"))?;
-            if name.is_empty() || name.contains('=') {
-                return Err(invalid(format!(
-                    "environment variable name {name:?} is empty or contains '='"
-                )));
-            }
-            let value = text(var.get_value()?, &format!("environment variable {name}"))?;
-            env.push((name, value));
-        }
+        let args = capsa_schema::request::args(params.args)?;
+        let env = capsa_schema::request::env(params.env)?;
 
         let serial = self.runner.serial.get() + 1;
         self.runner.serial.set(serial);
