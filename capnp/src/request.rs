@@ -60,14 +60,13 @@ mod tests {
     use super::*;
     use crate::capsa_capnp::executor;
 
-    /// Builds a runBytes request with `args` and `env` and reads them back.
-    fn parsed(
-        args_in: &[&[u8]],
-        env_in: &[(&[u8], &[u8])],
-    ) -> (
+    type Parsed = (
         capnp::Result<Vec<String>>,
         capnp::Result<Vec<(String, String)>>,
-    ) {
+    );
+
+    /// Builds a runBytes request with `args` and `env` and reads them back.
+    fn parsed(args_in: &[&[u8]], env_in: &[(&[u8], &[u8])]) -> Parsed {
         let mut message = capnp::message::Builder::new_default();
         let mut p = message.init_root::<executor::run_bytes_params::Builder<'_>>();
         let mut a = p.reborrow().init_args(args_in.len() as u32);
