@@ -654,38 +654,35 @@ pub(crate) async fn start(
     let agent: executor::Client = rpc.bootstrap(Side::Server);
     let rpc = tokio::task::spawn_local(rpc);
 
-    let mut run = agent.run_bytes_request();
-    {
-        let mut p = run.get();
-        p.set_bytes(&req.bytes);
-        let mut args = p.reborrow().init_args(req.args.len() as u32);
-        for (i, a) in req.args.iter().enumerate() {
-            args.set(i as u32, a.as_str());
-        }
-        let mut env = p.reborrow().init_env(req.env.len() as u32);
-        for (i, (n, v)) in req.env.iter().enumerate() {
-            let mut e = env.reborrow().get(i as u32);
-            e.set_name(n.as_str());
-            e.set_value(v.as_str());
-        }
-        let mut o = p.init_options();
-        o.set_stdio(StdioMode::Data);
-        o.set_name(req.argv0.as_str());
-        o.set_memory_limit_bytes(req.limits.memory_bytes);
-        // The agent counts CPU time in milliseconds, the host in ticks.
-        let tick_ms = u64::try_from(crate::engine::EPOCH_TICK.as_millis()).unwrap_or(1);
-        o.set_cpu_budget_millis(
-            req.limits
-                .cpu_ticks
-                .map_or(0, |ticks| ticks.saturating_mul(tick_ms).max(1)),
-        );
-        let mut dirs = o.init_directories(req.directories.len() as u32);
-        for (i, (path, dir)) in req.directories.iter().enumerate() {
-            let mut grant = dirs.reborrow().get(i as u32);
-            grant.set_path(path.as_str());
-            grant.set_directory(dir.clone());
-        }
+    // The agent counts CPU time in milliseconds, the host in ticks.
+    let tick_ms = u64::try_from(crate::engine::EPOCH_TICK.as_millis()).unwrap_or(1);
+    let args: Vec<&str> = req.args.iter().map(String::as_str).collect();
+    let env: Vec<(&str, &str)> = req
+        .env
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .collect();
+    let dirs: Vec<(&str, &directory::Client)> = req
+        .directories
+        .iter()
+        .map(|(path, dir)| (path.as_str(), dir))
+        .collect();
+    // The deadline is the host's to keep (it tears the machine down);
+    // the agent keeps the memory limit and the CPU budget.
+    let run = capsa_client::Spawn {
+        args: &args,
+        env: &env,
+        stdio: StdioMode::Data,
+        name: &req.argv0,
+        memory_limit: req.limits.memory_bytes,
+        cpu_ms: req
+            .limits
+            .cpu_ticks
+            .map_or(0, |ticks| ticks.saturating_mul(tick_ms).max(1)),
+        dirs: &dirs,
+        ..capsa_client::Spawn::default()
     }
+    .run_bytes(&agent, &req.bytes);
     // The machine can stop after its agent answered the connection and
     // before it answers the call (a guest that resets, a vCPU that fails):
     // its connection does not close while the machine's handle lives, so
