@@ -29,6 +29,57 @@ use capsa_schema::error::error;
 use capsa_schema::ErrorKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// What a write-back could not do, path by path; everything else was
+/// written.
+#[derive(Debug)]
+pub struct WriteBackError {
+    pub failures: Vec<(String, WriteBackFailure)>,
+}
+
+/// Why one path was not written back.
+#[derive(Debug)]
+pub enum WriteBackFailure {
+    /// Reading the local copy failed.
+    Local(std::io::Error),
+    /// The Directory refused or did not answer.
+    Remote(capnp::Error),
+}
+
+impl From<std::io::Error> for WriteBackFailure {
+    fn from(e: std::io::Error) -> Self {
+        WriteBackFailure::Local(e)
+    }
+}
+
+impl From<capnp::Error> for WriteBackFailure {
+    fn from(e: capnp::Error) -> Self {
+        WriteBackFailure::Remote(e)
+    }
+}
+
+impl std::fmt::Display for WriteBackFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteBackFailure::Local(e) => e.fmt(f),
+            WriteBackFailure::Remote(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::fmt::Display for WriteBackError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (path, why)) in self.failures.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{path}: {why}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for WriteBackError {}
+
 /// Most bytes copied in for one grant.
 pub const MAX_BYTES: u64 = 256 << 20;
 /// Most files and directories copied in for one grant.
@@ -233,7 +284,7 @@ impl Mirror {
 
     /// Writes back what the child changed. Returns what failed, if
     /// anything did (the rest is still written).
-    pub async fn write_back(&self) -> Result<(), String> {
+    pub async fn write_back(&self) -> Result<(), WriteBackError> {
         let mut failures = Vec::new();
         let mut seen_files = HashSet::new();
         let mut seen_dirs = HashSet::new();
@@ -243,7 +294,7 @@ impl Mirror {
             let mut entries = match tokio::fs::read_dir(&at).await {
                 Ok(entries) => entries,
                 Err(e) => {
-                    failures.push(format!("{}: {e}", at.display()));
+                    failures.push((at.display().to_string(), e.into()));
                     continue;
                 }
             };
@@ -252,7 +303,7 @@ impl Mirror {
                     Ok(Some(entry)) => entry,
                     Ok(None) => break,
                     Err(e) => {
-                        failures.push(format!("{}: {e}", at.display()));
+                        failures.push((at.display().to_string(), e.into()));
                         break;
                     }
                 };
@@ -266,7 +317,7 @@ impl Mirror {
                 if meta.is_dir() {
                     if !self.dirs.contains(&path) {
                         if let Err(e) = self.mkdir(&path).await {
-                            failures.push(format!("{path}: {e}"));
+                            failures.push((path, e.into()));
                             continue;
                         }
                     }
@@ -276,7 +327,7 @@ impl Mirror {
                     let stamp = (meta.len(), meta.modified().ok());
                     if self.files.get(&path) != Some(&stamp) {
                         if let Err(e) = self.put(&path).await {
-                            failures.push(format!("{path}: {e}"));
+                            failures.push((path.clone(), e.into()));
                         }
                     }
                     seen_files.insert(path);
@@ -303,13 +354,13 @@ impl Mirror {
             match call(self.timeout, "remove", req.send().promise).await {
                 // Already gone there too is as good.
                 Err(e) if capsa_schema::error::kind(&e) == ErrorKind::NotFound => {}
-                Err(e) => failures.push(format!("{path}: {e}")),
+                Err(e) => failures.push((path.clone(), e.into())),
                 Ok(_) => {}
             }
         }
         match failures.is_empty() {
             true => Ok(()),
-            false => Err(failures.join("; ")),
+            false => Err(WriteBackError { failures }),
         }
     }
 
