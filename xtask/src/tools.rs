@@ -311,24 +311,26 @@ fn debian_mirror(text: &str) -> Option<String> {
         .map(|w| w.trim_end_matches('/').to_string())
 }
 
-/// rustfmt ships with rustup's default profile but not its minimal one.
-/// Installs clippy if cargo lacks it: the tests lint the code.
-pub fn ensure_clippy() -> Result<()> {
+/// Installs rustup component `component` (whose cargo subcommand is
+/// `subcommand`) if cargo lacks it, saying `why` it is needed: rustfmt and
+/// clippy ship with rustup's default profile but not its minimal one.
+fn ensure_component(component: &str, subcommand: &str, why: &str) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    if succeeds(Command::new(cargo).args(["clippy", "--version"])) {
+    if succeeds(Command::new(cargo).args([subcommand, "--version"])) {
         return Ok(());
     }
-    eprintln!("==> installing clippy: the tests lint the code");
-    run(Command::new("rustup").args(["component", "add", "clippy"]))
-        .context("could not install clippy; run `rustup component add clippy` yourself")
+    eprintln!("==> installing {component}: {why}");
+    run(Command::new("rustup").args(["component", "add", component])).with_context(|| {
+        format!("could not install {component}; run `rustup component add {component}` yourself")
+    })
 }
 
+/// Installs clippy if cargo lacks it.
+pub fn ensure_clippy() -> Result<()> {
+    ensure_component("clippy", "clippy", "the tests lint the code")
+}
+
+/// Installs rustfmt if cargo lacks it.
 pub fn ensure_rustfmt() -> Result<()> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    if succeeds(Command::new(cargo).args(["fmt", "--version"])) {
-        return Ok(());
-    }
-    eprintln!("==> installing rustfmt: the tests start with a format check");
-    run(Command::new("rustup").args(["component", "add", "rustfmt"]))
-        .context("could not install rustfmt; run `rustup component add rustfmt` yourself")
+    ensure_component("rustfmt", "fmt", "the tests start with a format check")
 }
