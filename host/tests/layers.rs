@@ -5,7 +5,9 @@
 //! The check reads the sources: every `crate::NAME` path and `use crate::{..}`
 //! group outside comments and outside the `#[cfg(test)] mod tests` block
 //! (tests may reach anywhere), with the crate root's re-exports
-//! (`crate::SpawnError` is `error`'s) resolved through `lib.rs`.
+//! (`crate::SpawnError` is `error`'s) resolved through `lib.rs`. A module
+//! that is a folder (`vm/`) is one module: its submodules' files count as
+//! its own.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -89,6 +91,21 @@ fn root_reexports(lib: &str) -> BTreeMap<String, String> {
     map
 }
 
+/// Every `.rs` file of a module that is a folder (`vm/mod.rs`, `vm/kvm.rs`,
+/// ...): its submodules are part of it.
+fn sources_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(sources_under(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            files.push(path);
+        }
+    }
+    files
+}
+
 /// The crate-level names `code` uses: `crate::NAME` and `use crate::{A, B}`.
 fn crate_names(code: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
@@ -135,7 +152,14 @@ fn no_module_imports_one_above_or_beside_it() {
         let Some(module) = path.file_stem().and_then(|s| s.to_str()) else {
             continue;
         };
-        if path.extension().is_none_or(|e| e != "rs") || module == "lib" || module == "main" {
+        let files = if path.join("mod.rs").is_file() {
+            sources_under(&path)
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            vec![path.clone()]
+        } else {
+            continue;
+        };
+        if module == "lib" || module == "main" {
             continue;
         }
         seen.insert(module.to_string());
@@ -143,7 +167,10 @@ fn no_module_imports_one_above_or_beside_it() {
             problems.push(format!("{module}: in no layer (add it to LAYERS)"));
             continue;
         };
-        let code = code_of(&std::fs::read_to_string(&path).unwrap());
+        let code: String = files
+            .iter()
+            .map(|file| code_of(&std::fs::read_to_string(file).unwrap()))
+            .collect();
         for name in crate_names(&code) {
             let target = match layer_of.get(name.as_str()) {
                 Some(_) => name.clone(),

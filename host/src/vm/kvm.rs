@@ -1,0 +1,246 @@
+//! The machine as a KVM microVM, booted by capsa's own VMM
+//! (`capsa-microvm`) from a kernel and an initramfs whose `/init` is the
+//! agent; the agent answers on a virtio-vsock port.
+//!
+//! Dropping a [`Vm`] joins its vCPU and device threads, which can take a
+//! while, so a machine is always dropped on a blocking thread, never on the
+//! thread that serves every guest.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use capsa_microvm::{CpuProfile, KernelImage, Vm, VmConfig, VmExit};
+
+use super::probe::Probed;
+use super::{AgentStream, VmRequest};
+use crate::error::SpawnError;
+
+/// The vsock port the agent serves its Executor on.
+pub const AGENT_PORT: u32 = 1024;
+
+/// How long one connection request to a booting machine's agent may go
+/// unanswered before it is asked again. Once the guest's vsock driver is
+/// up its kernel answers in milliseconds; the bound is generous because an
+/// abandoned request the agent did accept would end the machine (the agent
+/// stops when its last connection closes).
+const CONNECT_ATTEMPT: Duration = Duration::from_secs(5);
+
+/// A running microVM.
+pub(super) struct KvmMachine(Vm);
+
+impl KvmMachine {
+    /// Resolves when the VM stops on its own, with a description.
+    pub(super) async fn stopped(&mut self) -> String {
+        match self.0.wait().await {
+            VmExit::Panic(lines) => format!("kernel panicked: {lines}"),
+            VmExit::Error(e) => format!("the VMM stopped the VM: {e}"),
+            VmExit::Shutdown(how) => format!("the VM shut down ({how})"),
+            VmExit::Stopped => "the VM was stopped".into(),
+        }
+    }
+
+    /// Stops the VM and waits until its threads are joined, its fds closed
+    /// and its memory unmapped.
+    pub(super) async fn tear_down(self) {
+        let vm = self.0;
+        vm.shutdown();
+        let _ = vm.wait().await;
+        let _ = tokio::task::spawn_blocking(move || drop(vm)).await;
+    }
+
+    /// Tears the VM down and says where its vCPUs left the guest (once
+    /// they are out of it) and what its vsock device saw before: for a
+    /// guest that never answered.
+    pub(super) async fn tear_down_reporting(self) -> String {
+        let whereabouts = self.0.whereabouts();
+        let vsock = self.0.vsock_state();
+        self.tear_down().await;
+        let vcpus = whereabouts.lock().map(|w| w.join("; ")).unwrap_or_default();
+        format!("; vCPUs: {vcpus}; vsock: {vsock:?}")
+    }
+
+    /// The console's last lines.
+    pub(super) fn console_tail(&self) -> String {
+        let log = self.0.serial_log();
+        let lines: Vec<&str> = log.lines().rev().take(5).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+}
+
+/// Drops `value` on a blocking thread when called inside a runtime: for
+/// values whose drop waits (a machine joining its vCPU threads), which must
+/// not stall the one thread that serves every guest.
+fn drop_off_thread<T: Send + 'static>(value: T) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(move || drop(value))),
+        Err(_) => drop(value),
+    }
+}
+
+fn gone() -> SpawnError {
+    SpawnError::Vm("the machine is gone".into())
+}
+
+/// A machine still booting. If the boot is abandoned (its future dropped:
+/// the caller went away), the machine is ended off the host's thread.
+struct Booting(Option<Vm>);
+
+impl Booting {
+    fn vm(&self) -> Result<&Vm, SpawnError> {
+        self.0.as_ref().ok_or_else(gone)
+    }
+
+    /// The machine, now the host's to tear down.
+    fn machine(mut self) -> Option<KvmMachine> {
+        self.0.take().map(KvmMachine)
+    }
+}
+
+impl Drop for Booting {
+    fn drop(&mut self) {
+        if let Some(vm) = self.0.take() {
+            vm.shutdown();
+            drop_off_thread(vm);
+        }
+    }
+}
+
+/// Boots a microVM of `kernel` and `initramfs` (or the request's own) and
+/// returns it with a stream to its agent, once the agent answers, by
+/// `deadline` (`ready_timeout` from the start).
+pub(super) async fn boot(
+    kernel: &Path,
+    initramfs: &Path,
+    probed: &Probed,
+    req: &VmRequest,
+    deadline: Instant,
+    ready_timeout: Duration,
+) -> Result<(KvmMachine, AgentStream), SpawnError> {
+    let boot_started = Instant::now();
+    let kernel = match &req.kernel {
+        Some(bytes) => KernelImage::Bytes(bytes.clone()),
+        None => KernelImage::Path(kernel.to_path_buf()),
+    };
+    let initramfs = match &req.initramfs {
+        Some(bytes) => bytes.clone(),
+        None => std::fs::read(initramfs).map_err(|e| {
+            SpawnError::Vm(format!(
+                "reading the initramfs {}: {e}",
+                initramfs.display()
+            ))
+        })?,
+    };
+    let mut cmdline = String::from("console=ttyS0 reboot=k panic=-1 quiet");
+    let mut profile = CpuProfile::Native;
+    if let Some(p) = probed.get().await.filter(|p| p.emulated) {
+        profile = CpuProfile::Compat;
+        cmdline.push(' ');
+        cmdline.push_str(&capsa_microvm::compat_kernel_args(Some(p.ns_per_iteration)));
+        cmdline.push_str(" no_int3_selftest");
+    }
+    let config = VmConfig {
+        vcpus: u8::try_from(req.vcpus).unwrap_or(u8::MAX).max(1),
+        memory_mib: req.memory_mib,
+        kernel,
+        initramfs: Some(initramfs),
+        cmdline,
+        cid: 3,
+        vsock_uds: None,
+        profile,
+    };
+    let vm = tokio::task::spawn_blocking(move || Vm::start(config))
+        .await
+        .map_err(|e| SpawnError::Vm(format!("the thread starting the machine: {e}")))??;
+    let booting = Booting(Some(vm));
+    loop {
+        let vm = booting.vm()?;
+        // Until the guest's driver is up a connection request gets no
+        // answer at all; after that the guest's kernel answers at once (a
+        // RESPONSE if the agent listens, else an RST). So an attempt is
+        // bounded by CONNECT_ATTEMPT, and a request that got lost is asked
+        // again instead of waiting out the whole deadline; a machine that
+        // stops (a kernel panic) ends the wait at once.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let attempt = tokio::time::timeout(left.min(CONNECT_ATTEMPT), vm.connect(AGENT_PORT));
+        let attempt = async {
+            tokio::select! {
+                r = attempt => Some(r),
+                _ = vm.wait() => None,
+            }
+        };
+        let why = match attempt.await {
+            None => "the VM stopped".to_string(),
+            Some(r) => match r {
+                Ok(Ok(stream)) => {
+                    tracing::debug!(
+                        "the agent answered {:.2} s after the VM started",
+                        boot_started.elapsed().as_secs_f64()
+                    );
+                    let machine = booting.machine().ok_or_else(gone)?;
+                    return Ok((machine, Box::pin(stream)));
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer".to_string(),
+            },
+        };
+        if let Some(exit) = vm.exit_status() {
+            let why = match exit {
+                VmExit::Panic(lines) => format!("the kernel panicked: {lines}"),
+                VmExit::Shutdown(how) => format!("the guest shut down ({how})"),
+                other => format!("{other:?}"),
+            };
+            let machine = booting.machine().ok_or_else(gone)?;
+            let tail = machine.console_tail();
+            machine.tear_down().await;
+            return Err(SpawnError::Vm(format!(
+                "the VM stopped while booting: {why}; console: {tail}"
+            )));
+        }
+        if Instant::now() >= deadline {
+            let machine = booting.machine().ok_or_else(gone)?;
+            let tail = machine.console_tail();
+            let state = machine.tear_down_reporting().await;
+            return Err(SpawnError::Vm(format!(
+                "the agent did not answer within {ready_timeout:?} ({why}); \
+                 console: {tail}{state}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::thread::ThreadId;
+
+    use super::*;
+    use crate::vm::tests::on_this_thread;
+
+    struct Recorder(Arc<Mutex<Option<ThreadId>>>);
+
+    impl Drop for Recorder {
+        fn drop(&mut self) {
+            *self.0.lock().unwrap() = Some(std::thread::current().id());
+        }
+    }
+
+    /// What a machine abandoned mid-boot is dropped with: joining its
+    /// threads must not happen on the host's thread.
+    #[test]
+    fn values_dropped_off_thread_are_dropped_elsewhere() {
+        let dropped_on = Arc::new(Mutex::new(None));
+        let host_thread = std::thread::current().id();
+        on_this_thread(async {
+            drop_off_thread(Recorder(dropped_on.clone()));
+            while dropped_on.lock().unwrap().is_none() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        let thread = dropped_on.lock().unwrap().take();
+        assert!(thread.is_some_and(|t| t != host_thread), "{thread:?}");
+        // Outside a runtime there is no other thread to use.
+        drop_off_thread(Recorder(dropped_on.clone()));
+        assert_eq!(dropped_on.lock().unwrap().take(), Some(host_thread));
+    }
+}
