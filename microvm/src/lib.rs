@@ -23,6 +23,7 @@ pub mod arch;
 pub mod boot;
 pub mod devices;
 pub mod event_loop;
+pub mod kernel_log;
 pub mod probe;
 pub mod seccomp;
 pub mod vstate;
@@ -56,7 +57,8 @@ use devices::virtio::vsock::unix::HybridListener;
 use devices::virtio::vsock::Vsock;
 use devices::virtio::Interrupt;
 use event_loop::{lock, Command, DeviceThread};
-use vstate::vcpu::{kick_signal, register_kick_signal, Vcpu, VcpuStop};
+pub use vstate::vcpu::VcpuSample;
+use vstate::vcpu::{kick_signal, register_kick_signal, SampleSlot, Vcpu, VcpuStop};
 use vstate::vm::KvmVm;
 
 /// How many console lines a panic report carries.
@@ -153,6 +155,12 @@ pub struct Vm {
     running_vcpus: Arc<AtomicUsize>,
     /// Where each vCPU left the guest, written by its thread as it ends.
     whereabouts: Arc<Mutex<Vec<String>>>,
+    /// Each vCPU's requests for samples of where its guest is.
+    samples: Vec<Arc<SampleSlot>>,
+    /// The kernel file, for its symbols, and the address of its log's
+    /// ring once looked up (at start for a kernel given in memory).
+    kernel_path: Option<PathBuf>,
+    log_ring: OnceLock<Result<u64, kernel_log::KernelLogError>>,
     device_thread: Option<JoinHandle<()>>,
     exit: tokio::sync::watch::Receiver<Option<VmExit>>,
     exit_tx: Arc<tokio::sync::watch::Sender<Option<VmExit>>>,
@@ -161,7 +169,7 @@ pub struct Vm {
     bus: Arc<DeviceBus>,
     // Dropped after every thread is joined: the VM fd before the memory it maps.
     vm: KvmVm,
-    _memory: vm_memory::GuestMemoryMmap,
+    memory: vm_memory::GuestMemoryMmap,
 }
 
 impl std::fmt::Debug for Vm {
@@ -201,6 +209,12 @@ impl Vm {
             cmdline.push_str(&format!(
                 " virtio_mmio.device=4K@{VIRTIO_MMIO_START:#x}:{VIRTIO_IRQ}"
             ));
+        }
+        // A kernel given in memory is not kept: its log's address is looked
+        // up now.
+        let log_ring = OnceLock::new();
+        if let KernelImage::Bytes(_) = &config.kernel {
+            let _ = log_ring.set(kernel_log::kernel_symbol(&config.kernel, "prb"));
         }
         let entry = boot::load_kernel(
             &memory,
@@ -252,6 +266,12 @@ impl Vm {
             vcpu_threads: Vec::new(),
             running_vcpus: Arc::new(AtomicUsize::new(usize::from(config.vcpus))),
             whereabouts: Arc::new(Mutex::new(Vec::new())),
+            samples: Vec::new(),
+            kernel_path: match &config.kernel {
+                KernelImage::Path(p) => Some(p.clone()),
+                KernelImage::Bytes(_) => None,
+            },
+            log_ring,
             device_thread: None,
             exit,
             exit_tx: exit_tx.clone(),
@@ -259,7 +279,7 @@ impl Vm {
             vsock: vsock.clone(),
             bus: bus.clone(),
             vm,
-            _memory: memory,
+            memory,
         };
         let dt = DeviceThread {
             vsock,
@@ -303,11 +323,13 @@ impl Vm {
             let wake = this.wake.try_clone().map_err(io_err("eventfd"))?;
             let whereabouts = this.whereabouts.clone();
             let running = this.running_vcpus.clone();
+            let slot = Arc::new(SampleSlot::default());
+            this.samples.push(slot.clone());
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{}", v.id))
                 .spawn(move || {
                     let why = match seccomp::apply(&filter) {
-                        Ok(()) => v.run(&*bus, &stop),
+                        Ok(()) => v.run_sampled(&*bus, &stop, &slot),
                         Err(e) => VcpuStop::Error(e.to_string()),
                     };
                     let at = format!("vcpu{}:{}", v.id, v.whereabouts());
@@ -353,6 +375,53 @@ impl Vm {
     /// that stopped answering.
     pub fn whereabouts(&self) -> Arc<Mutex<Vec<String>>> {
         self.whereabouts.clone()
+    }
+
+    /// Where each running vCPU's guest is now: each vCPU thread is kicked
+    /// out of `KVM_RUN` and answers before it enters the guest again. A
+    /// vCPU that has ended, or does not answer within 100 ms, is left out.
+    /// For reports of a guest that stopped answering: samples a second
+    /// apart tell a guest spinning in one place from one making progress.
+    pub fn sample_vcpus(&self) -> Vec<VcpuSample> {
+        const ANSWER_WITHIN: Duration = Duration::from_millis(100);
+        let mut out = Vec::new();
+        for (slot, thread) in self.samples.iter().zip(&self.vcpu_threads) {
+            if thread.is_finished() {
+                continue;
+            }
+            slot.request();
+            let start = Instant::now();
+            // A kick that lands just before the thread enters the guest is
+            // lost: kick again until it answers.
+            let sample = loop {
+                let _ = thread.kill(kick_signal());
+                if let Some(s) = slot.wait(Duration::from_millis(2)) {
+                    break Some(s);
+                }
+                if thread.is_finished() || start.elapsed() > ANSWER_WITHIN {
+                    break None;
+                }
+            };
+            out.extend(sample);
+        }
+        out
+    }
+
+    /// The newest `max` records of the guest kernel's log, read from guest
+    /// memory (see [`kernel_log`]): what `quiet` kept off the console, and
+    /// readable while the guest is stalled.
+    pub fn kernel_log(
+        &self,
+        max: usize,
+    ) -> Result<Vec<kernel_log::Record>, kernel_log::KernelLogError> {
+        let prb = self
+            .log_ring
+            .get_or_init(|| match &self.kernel_path {
+                Some(p) => kernel_log::kernel_symbol(&KernelImage::Path(p.clone()), "prb"),
+                None => Err(kernel_log::KernelLogError::NoSymbol),
+            })
+            .clone()?;
+        kernel_log::read(&self.memory, prb, max)
     }
 
     /// Everything the guest wrote to its console (the most recent 256 KiB).

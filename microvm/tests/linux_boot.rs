@@ -220,6 +220,66 @@ mod native_kvm {
         local.block_on(&rt, one_vm(&bzimage, &initramfs, &probe, &busybox));
     }
 
+    /// A `quiet` kernel's log, which its console does not show, is read
+    /// from guest memory while it runs, and each vCPU says where it is.
+    #[test]
+    fn the_kernel_log_and_the_vcpus_are_read_from_a_running_guest() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let probe = native_probe();
+        let (kernel, initramfs) = kernel_and_initramfs();
+        let mut config = config(&kernel, &initramfs, &probe, CpuProfile::Native);
+        config.cmdline.push_str(" quiet");
+        config.vcpus = 2;
+        let start = Instant::now();
+        let vm = Vm::start(config).expect("Vm::start");
+        // "Run /init" is an info message: `quiet` keeps it off the console.
+        let log = loop {
+            let log = vm.kernel_log(10_000).expect("the kernel log");
+            if log.iter().any(|r| r.text.contains(INIT_LINE)) {
+                break log;
+            }
+            if let Some(exit) = vm.exit_status() {
+                panic!(
+                    "the VM ended before init ran: {exit:?}\n{}",
+                    vm.serial_log()
+                );
+            }
+            assert!(
+                start.elapsed() < BOOT_DEADLINE,
+                "no \"{INIT_LINE}\" in the kernel log within {BOOT_DEADLINE:?}: {log:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert!(!vm.serial_log().contains(INIT_LINE), "{}", vm.serial_log());
+        let version = log
+            .iter()
+            .find(|r| r.text.starts_with(VERSION_LINE))
+            .unwrap_or_else(|| panic!("no \"{VERSION_LINE}\" record: {log:#?}"));
+        assert_eq!(version.level, 5, "the banner is a notice: {version:?}");
+        eprintln!("{} kernel log records, newest {:?}", log.len(), log.last());
+        // Both vCPUs answer, three times.
+        for _ in 0..3 {
+            let samples = vm.sample_vcpus();
+            eprintln!("{samples:?}");
+            assert_eq!(
+                samples.iter().map(|s| s.vcpu).collect::<Vec<_>>(),
+                [0, 1],
+                "{samples:?}"
+            );
+            assert!(
+                samples.iter().all(|s| s.rip != 0 && s.cpl <= 3),
+                "{samples:?}"
+            );
+        }
+        vm.shutdown();
+        // A machine that has stopped has no vCPU to sample.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while vm.running_vcpus() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(vm.sample_vcpus(), []);
+    }
+
     /// The agent answers over vsock and runs busybox; boots leave nothing
     /// behind.
     #[test]

@@ -8,6 +8,7 @@
 //! is not lost for long, because the kicker repeats until the thread exits.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
 
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
@@ -91,6 +92,73 @@ pub fn kick_signal() -> libc::c_int {
 pub fn register_kick_signal() -> Result<(), VcpuError> {
     vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
         .map_err(VcpuError::Signal)
+}
+
+/// Where a vCPU's guest was at one moment: taken by its own thread between
+/// two runs, on request (see [`SampleSlot`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VcpuSample {
+    /// The vCPU's index.
+    pub vcpu: u8,
+    /// The instruction pointer.
+    pub rip: u64,
+    /// Whether the guest takes interrupts (`rflags.IF`).
+    pub interrupts: bool,
+    /// The privilege level: 0 for the kernel, 3 for user space.
+    pub cpl: u8,
+    /// Halted in the in-kernel APIC, waiting for an interrupt.
+    pub halted: bool,
+}
+
+impl std::fmt::Display for VcpuSample {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "vcpu{} rip {:#x} IF {} CPL {}{}",
+            self.vcpu,
+            self.rip,
+            u8::from(self.interrupts),
+            self.cpl,
+            if self.halted { " halted" } else { "" }
+        )
+    }
+}
+
+/// A request for a [`VcpuSample`] and its answer, shared between a vCPU's
+/// thread and whoever asks. Registers can only be read by the thread that
+/// runs the vCPU (KVM holds the vCPU while it is in `KVM_RUN`), so the
+/// asker sets the request, kicks the thread out of `KVM_RUN`, and the
+/// thread answers before it enters the guest again.
+#[derive(Debug, Default)]
+pub struct SampleSlot {
+    requested: AtomicBool,
+    answer: Mutex<Option<VcpuSample>>,
+    answered: Condvar,
+}
+
+impl SampleSlot {
+    /// Asks for a sample; the vCPU thread must then be kicked.
+    pub fn request(&self) {
+        *self.answer.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.requested.store(true, Ordering::Release);
+    }
+
+    /// Waits up to `timeout` for the answer to the last request.
+    pub fn wait(&self, timeout: std::time::Duration) -> Option<VcpuSample> {
+        let answer = self.answer.lock().unwrap_or_else(|e| e.into_inner());
+        let (answer, _) = self
+            .answered
+            .wait_timeout_while(answer, timeout, |a| a.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        *answer
+    }
+
+    fn answer_if_asked(&self, vcpu: &Vcpu) {
+        if self.requested.swap(false, Ordering::AcqRel) {
+            *self.answer.lock().unwrap_or_else(|e| e.into_inner()) = Some(vcpu.sample());
+            self.answered.notify_all();
+        }
+    }
 }
 
 /// One vCPU.
@@ -206,12 +274,37 @@ impl Vcpu {
         s
     }
 
+    /// Where the guest is now (call on the vCPU's own thread, between
+    /// runs); fields KVM does not give read as zero.
+    pub fn sample(&self) -> VcpuSample {
+        let regs = self.fd.get_regs().unwrap_or_default();
+        let sregs = self.fd.get_sregs().unwrap_or_default();
+        let halted = self
+            .fd
+            .get_mp_state()
+            .is_ok_and(|mp| mp.mp_state == kvm_bindings::KVM_MP_STATE_HALTED);
+        VcpuSample {
+            vcpu: self.id,
+            rip: regs.rip,
+            interrupts: regs.rflags & (1 << 9) != 0,
+            cpl: (sregs.cs.selector & 3) as u8,
+            halted,
+        }
+    }
+
     /// Runs the guest until it shuts down, fails, or `stop` is set.
     pub fn run(&mut self, bus: &dyn Bus, stop: &AtomicBool) -> VcpuStop {
+        self.run_sampled(bus, stop, &SampleSlot::default())
+    }
+
+    /// [`Vcpu::run`], answering requests for samples in `slot` between
+    /// runs.
+    pub fn run_sampled(&mut self, bus: &dyn Bus, stop: &AtomicBool, slot: &SampleSlot) -> VcpuStop {
         loop {
             if stop.load(Ordering::Acquire) {
                 return VcpuStop::Stopped;
             }
+            slot.answer_if_asked(self);
             match self.fd.run() {
                 Ok(exit) => match exit {
                     VcpuExit::IoIn(port, data) => bus.pio_read(port, data),
@@ -389,5 +482,43 @@ mod tests {
         // halted.
         assert!(at.contains(" runnable"), "{at}");
         assert!(at.contains(" rip 0x"), "{at}");
+    }
+
+    #[test]
+    fn a_spinning_vcpu_answers_a_sample_and_goes_on() {
+        use vmm_sys_util::signal::Killable;
+        register_kick_signal().unwrap();
+        let code = [0xeb, 0xfe]; // jmp $
+        let (_vm, _mem, mut vcpu) = real_mode_vcpu(&code);
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let slot = std::sync::Arc::new(SampleSlot::default());
+        let (s, sl) = (stop.clone(), slot.clone());
+        let t = std::thread::spawn(move || vcpu.run_sampled(&RecordingBus::default(), &s, &sl));
+        for _ in 0..3 {
+            slot.request();
+            let sample = loop {
+                let _ = t.kill(kick_signal());
+                if let Some(s) = slot.wait(std::time::Duration::from_millis(5)) {
+                    break s;
+                }
+            };
+            assert_eq!(
+                sample,
+                VcpuSample {
+                    vcpu: 0,
+                    rip: 0x1000,
+                    interrupts: false,
+                    cpl: 0,
+                    halted: false
+                }
+            );
+            assert!(!t.is_finished(), "the sample stopped the vCPU");
+        }
+        stop.store(true, Ordering::Release);
+        while !t.is_finished() {
+            let _ = t.kill(kick_signal());
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(t.join().unwrap(), VcpuStop::Stopped);
     }
 }
