@@ -17,7 +17,9 @@ use capsa_schema::ErrorKind;
 
 use crate::cell::{Cell, DataStdio};
 use crate::status::{wait_status, ExitStatus};
-use crate::stream::{push, ByteSinkImpl, ByteSourceImpl, Source};
+use capsa_schema::stream::{push, ByteSourceServer};
+
+use crate::stream::{ByteSinkImpl, Source};
 use crate::vm::VmProcess;
 
 /// What a Process stands for.
@@ -90,7 +92,7 @@ impl ProcessImpl {
             };
             let (done, closed) = futures::channel::oneshot::channel::<()>();
             tokio::task::spawn_local(async move {
-                push(from, sink).await;
+                push(from, &sink).await;
                 drop(done);
             });
             process.pushing.push(closed.shared());
@@ -137,12 +139,12 @@ impl ProcessImpl {
 
     fn new_source(&self, which: Stdio) -> Result<byte_source::Client, capnp::Error> {
         Ok(match (&self.target, which) {
-            (Target::Cell(cell), Stdio::Stdout) => capnp_rpc::new_client(ByteSourceImpl::new(
-                Self::data(cell, "stdout")?.stdout.clone(),
-            )),
-            (Target::Cell(cell), Stdio::Stderr) => capnp_rpc::new_client(ByteSourceImpl::new(
-                Self::data(cell, "stderr")?.stderr.clone(),
-            )),
+            (Target::Cell(cell), Stdio::Stdout) => {
+                ByteSourceServer::client(Self::data(cell, "stdout")?.stdout.clone())
+            }
+            (Target::Cell(cell), Stdio::Stderr) => {
+                ByteSourceServer::client(Self::data(cell, "stderr")?.stderr.clone())
+            }
             // The agent's streams, proxied: flow control is end to end.
             (Target::Vm(vm), Stdio::Stdout) => {
                 vm.process.stdout_request().send().pipeline.get_source()

@@ -3,12 +3,16 @@
 //! Both sit on the bounded pipes of [`crate::pipe`], so a slow reader holds
 //! back the writer instead of growing host memory: `ByteSink.write` is a
 //! Cap'n Proto `-> stream` method that completes only once the bytes are in
-//! the pipe, and `ByteSource.read` drains at most what was asked.
+//! the pipe, and `ByteSource.read` drains at most what was asked (the
+//! schema crate's [`ByteSourceServer`](capsa_schema::stream::ByteSourceServer)
+//! over the pipe's [`ByteStream`]). A pushed stream (`Options.stdoutTo`)
+//! is a [`Source`], pushed by [`capsa_schema::stream::push`].
 
 use std::rc::Rc;
 
 use bytes::Bytes;
 use capsa_schema::capsa_capnp::{byte_sink, byte_source};
+use capsa_schema::stream::ByteStream;
 
 use crate::pipe::{PipeReader, PipeWriter};
 
@@ -51,33 +55,13 @@ impl byte_sink::Server for ByteSinkImpl {
     }
 }
 
-pub struct ByteSourceImpl {
-    pipe: Rc<PipeReader>,
-    turn: tokio::sync::Mutex<()>,
-}
+/// A cell's stdout or stderr, read as it is written.
+impl ByteStream for PipeReader {
+    const MAX_READ: usize = MAX_READ;
+    type Chunk = Bytes;
 
-impl ByteSourceImpl {
-    pub fn new(pipe: Rc<PipeReader>) -> Self {
-        ByteSourceImpl {
-            pipe,
-            turn: tokio::sync::Mutex::new(()),
-        }
-    }
-}
-
-impl byte_source::Server for ByteSourceImpl {
-    async fn read(
-        self: Rc<Self>,
-        params: byte_source::ReadParams,
-        mut results: byte_source::ReadResults,
-    ) -> Result<(), capnp::Error> {
-        let max = capsa_schema::stream::read_size(params.get()?.get_max_bytes(), MAX_READ);
-        let _turn = self.turn.lock().await;
-        let (chunk, ended) = self.pipe.read_with_end(max).await;
-        let mut r = results.get();
-        r.set_eof(ended);
-        r.set_data(&chunk);
-        Ok(())
+    async fn read(&self, max: usize) -> capnp::Result<(Bytes, bool)> {
+        Ok(self.read_with_end(max).await)
     }
 }
 
@@ -89,29 +73,17 @@ pub enum Source {
     Remote(byte_source::Client),
 }
 
-impl Source {
-    /// The next chunk; empty at the end of the stream (or when a remote
-    /// source fails: there is nothing more to push either way).
-    async fn next(&self) -> Bytes {
+impl ByteStream for Source {
+    const MAX_READ: usize = MAX_READ;
+    type Chunk = Bytes;
+
+    async fn read(&self, max: usize) -> capnp::Result<(Bytes, bool)> {
         match self {
-            Source::Pipe(pipe) => pipe.read_chunk(MAX_READ).await,
-            Source::Remote(source) => {
-                let mut request = source.read_request();
-                request.get().set_max_bytes(MAX_READ as u32);
-                let Ok(response) = request.send().promise.await else {
-                    return Bytes::new();
-                };
-                match response.get().and_then(|r| r.get_data()) {
-                    Ok(data) => Bytes::copy_from_slice(data),
-                    Err(_) => Bytes::new(),
-                }
-            }
+            Source::Pipe(pipe) => pipe.read(max).await,
+            Source::Remote(source) => source
+                .read(max)
+                .await
+                .map(|(chunk, ended)| (Bytes::from(chunk), ended)),
         }
     }
-}
-
-/// Pushes `from` into the caller's `sink` until the stream ends, then
-/// closes it (`Options.stdoutTo`; see [`capsa_client::push`]).
-pub async fn push(from: Source, sink: byte_sink::Client) {
-    capsa_client::push(|| from.next(), &sink).await;
 }

@@ -283,37 +283,6 @@ impl Pushed {
     }
 }
 
-/// Pushes a stream into `sink`: writes each chunk `next` yields until it
-/// yields an empty one, then closes the sink. Each write waits for the
-/// sink's flow control, which holds the producer back. Once a write fails
-/// the rest is still taken from `next` and dropped, so the producer is never
-/// stuck on a sink that went away. What `Options.stdoutTo` does, in the
-/// host and in the agent.
-pub async fn push<F, Fut, B>(mut next: F, sink: &byte_sink::Client)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = B>,
-    B: AsRef<[u8]>,
-{
-    let mut broken = false;
-    loop {
-        let chunk = next().await;
-        let chunk = chunk.as_ref();
-        if chunk.is_empty() {
-            break;
-        }
-        if broken {
-            continue;
-        }
-        let mut write = sink.write_request();
-        write.get().set_data(chunk);
-        broken = write.send().await.is_err();
-    }
-    if !broken {
-        let _ = sink.close_request().send().promise.await;
-    }
-}
-
 /// The directories granted to whoever holds `executor`
 /// (`Executor.directories`), each at its path.
 pub async fn directories(

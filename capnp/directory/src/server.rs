@@ -22,8 +22,9 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use cap_std::fs::{Dir, Metadata, OpenOptions};
 use capnp_rpc::CapabilityServerSet;
-use capsa_schema::capsa_capnp::{byte_sink, byte_source, directory, EntryKind, WriteMode};
+use capsa_schema::capsa_capnp::{byte_sink, directory, EntryKind, WriteMode};
 use capsa_schema::error::{self as kinds, error};
+use capsa_schema::stream::{ByteSourceServer, ByteStream};
 use capsa_schema::ErrorKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -332,10 +333,12 @@ impl directory::Server for DirectoryImpl {
             Ok(file)
         })
         .await?;
-        results.get().set_source(capnp_rpc::new_client(FileSource {
-            file: tokio::sync::Mutex::new(tokio::fs::File::from_std(file)),
-            _open: open,
-        }));
+        results
+            .get()
+            .set_source(ByteSourceServer::client(FileSource {
+                file: tokio::sync::Mutex::new(tokio::fs::File::from_std(file)),
+                _open: open,
+            }));
         Ok(())
     }
 
@@ -468,13 +471,11 @@ struct FileSource {
     _open: OpenFile,
 }
 
-impl byte_source::Server for FileSource {
-    async fn read(
-        self: Rc<Self>,
-        params: byte_source::ReadParams,
-        mut results: byte_source::ReadResults,
-    ) -> Result<(), capnp::Error> {
-        let max = capsa_schema::stream::read_size(params.get()?.get_max_bytes(), MAX_READ);
+impl ByteStream for FileSource {
+    const MAX_READ: usize = MAX_READ;
+    type Chunk = Vec<u8>;
+
+    async fn read(&self, max: usize) -> capnp::Result<(Vec<u8>, bool)> {
         let mut file = self.file.lock().await;
         let mut chunk = vec![0; max];
         let mut filled = 0;
@@ -490,11 +491,10 @@ impl byte_source::Server for FileSource {
             }
             filled += n;
         }
-        let mut r = results.get();
         // Short only where the file ended: the end comes with its last bytes.
-        r.set_eof(filled < max);
-        r.set_data(&chunk[..filled]);
-        Ok(())
+        let ended = filled < max;
+        chunk.truncate(filled);
+        Ok((chunk, ended))
     }
 }
 

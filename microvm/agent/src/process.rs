@@ -12,7 +12,7 @@
 //! Dropping the last reference to a Process kills its process group (`Drop`
 //! on [`ProcessImpl`]).
 
-use std::cell::Cell;
+use std::cell::{Cell, OnceCell};
 use std::fs;
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
@@ -26,6 +26,7 @@ use std::time::Duration;
 use capsa_client::Pushed;
 use capsa_schema::capsa_capnp::{byte_source, process};
 use capsa_schema::error::error;
+use capsa_schema::stream::{push, ByteSourceServer};
 use capsa_schema::ErrorKind;
 use futures::future::{FutureExt, Shared};
 use nix::fcntl::{fcntl, FcntlArg};
@@ -37,7 +38,7 @@ use tokio::sync::watch;
 use crate::grants::Granted;
 use crate::reaper::Reaper;
 use crate::status::{from_wait, ExitStatus, KillReason};
-use crate::stream::{ByteSinkImpl, ByteSourceImpl, InputPipe, OutputPipe};
+use crate::stream::{ByteSinkImpl, InputPipe, OutputPipe};
 
 /// Size the agent asks for each stdio pipe: the bound on what a child can
 /// write ahead of its reader.
@@ -290,6 +291,9 @@ pub struct ProcessImpl {
     machine: capnp::capability::Client,
     /// Whether stdout, stderr are pushed into the caller's sinks.
     pushed: [bool; 2],
+    /// One capability per pulled stream, made on first use and handed to
+    /// every caller, so readers take turns on the one pipe.
+    sources: [OnceCell<byte_source::Client>; 2],
     /// One per pushed stream: resolves once its sink is closed.
     pushing: Vec<Shared<futures::channel::oneshot::Receiver<()>>>,
 }
@@ -305,7 +309,7 @@ impl ProcessImpl {
             let Some(sink) = sink.cloned() else { continue };
             let (done, closed) = futures::channel::oneshot::channel::<()>();
             tokio::task::spawn_local(async move {
-                capsa_client::push(|| from.next_chunk(), &sink).await;
+                push(from, &sink).await;
                 drop(done);
             });
             pushing.push(closed.shared());
@@ -314,6 +318,7 @@ impl ProcessImpl {
             child,
             machine,
             pushed: [pushed.stdout.is_some(), pushed.stderr.is_some()],
+            sources: Default::default(),
             pushing,
         }
     }
@@ -331,7 +336,9 @@ impl ProcessImpl {
                 format!("{what} is pushed into the sink given at the start ({what}To)"),
             ));
         }
-        Ok(capnp_rpc::new_client(ByteSourceImpl::new(pipe.clone())))
+        Ok(self.sources[index]
+            .get_or_init(|| ByteSourceServer::client(pipe.clone()))
+            .clone())
     }
 }
 

@@ -9,7 +9,8 @@
 use std::io::{self, ErrorKind};
 use std::rc::Rc;
 
-use capsa_schema::capsa_capnp::{byte_sink, byte_source};
+use capsa_schema::capsa_capnp::byte_sink;
+use capsa_schema::stream::ByteStream;
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
 
@@ -26,57 +27,40 @@ impl InputPipe {
     }
 }
 
-/// The read end of a child's stdout or stderr, shared by every `ByteSource`
-/// handed out for it; reads are served one at a time, in order.
-pub struct OutputPipe(tokio::sync::Mutex<OutputState>);
-
-struct OutputState {
-    receiver: pipe::Receiver,
-    eof: bool,
-}
+/// The read end of a child's stdout or stderr: served by one `ByteSource`
+/// or pushed into the caller's sink, never both.
+pub struct OutputPipe(pipe::Receiver);
 
 impl OutputPipe {
     pub fn new(receiver: pipe::Receiver) -> Self {
-        OutputPipe(tokio::sync::Mutex::new(OutputState {
-            receiver,
-            eof: false,
-        }))
+        OutputPipe(receiver)
     }
+}
 
-    /// The next chunk of at most [`MAX_READ`] bytes for a push into a
-    /// caller's sink; empty at the end of the stream or on an error.
-    pub async fn next_chunk(&self) -> Vec<u8> {
-        self.read(MAX_READ)
-            .await
-            .map(|(chunk, _)| chunk)
-            .unwrap_or_default()
-    }
+impl ByteStream for OutputPipe {
+    const MAX_READ: usize = MAX_READ;
+    type Chunk = Vec<u8>;
 
-    /// Up to `max` bytes, waiting for the first, and whether the stream
-    /// has ended with them (the writer closed and nothing is left); empty
-    /// at end of stream.
-    async fn read(&self, max: usize) -> io::Result<(Vec<u8>, bool)> {
-        let mut state = self.0.lock().await;
-        if state.eof {
-            return Ok((Vec::new(), true));
-        }
+    /// What is in the pipe, up to `max` bytes, once there is something (or
+    /// the writer is gone).
+    async fn read(&self, max: usize) -> capnp::Result<(Vec<u8>, bool)> {
+        let failed =
+            |e: io::Error| capnp::Error::failed(format!("reading the process's output: {e}"));
         let mut buf = vec![0u8; max];
         let mut n = loop {
-            state.receiver.readable().await?;
-            match state.receiver.try_read(&mut buf) {
+            self.0.readable().await.map_err(failed)?;
+            match self.0.try_read(&mut buf) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err(failed(e)),
             }
         };
-        if n == 0 {
-            state.eof = true;
-        }
+        let mut ended = n == 0;
         // Take what else is already in the pipe, without waiting for more.
         while n > 0 && n < buf.len() {
-            match state.receiver.try_read(&mut buf[n..]) {
+            match self.0.try_read(&mut buf[n..]) {
                 Ok(0) => {
-                    state.eof = true;
+                    ended = true;
                     break;
                 }
                 Ok(m) => n += m,
@@ -84,7 +68,7 @@ impl OutputPipe {
             }
         }
         buf.truncate(n);
-        Ok((buf, state.eof))
+        Ok((buf, ended))
     }
 }
 
@@ -119,35 +103,6 @@ impl byte_sink::Server for ByteSinkImpl {
         _: byte_sink::CloseResults,
     ) -> Result<(), capnp::Error> {
         self.pipe.0.lock().await.take();
-        Ok(())
-    }
-}
-
-pub struct ByteSourceImpl {
-    pipe: Rc<OutputPipe>,
-}
-
-impl ByteSourceImpl {
-    pub fn new(pipe: Rc<OutputPipe>) -> Self {
-        ByteSourceImpl { pipe }
-    }
-}
-
-impl byte_source::Server for ByteSourceImpl {
-    async fn read(
-        self: Rc<Self>,
-        params: byte_source::ReadParams,
-        mut results: byte_source::ReadResults,
-    ) -> Result<(), capnp::Error> {
-        let max = capsa_schema::stream::read_size(params.get()?.get_max_bytes(), MAX_READ);
-        let (chunk, ended) = self
-            .pipe
-            .read(max)
-            .await
-            .map_err(|e| capnp::Error::failed(format!("reading the process's output: {e}")))?;
-        let mut r = results.get();
-        r.set_eof(ended);
-        r.set_data(&chunk);
         Ok(())
     }
 }
