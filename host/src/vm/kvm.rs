@@ -25,8 +25,8 @@ pub const AGENT_PORT: u32 = 1024;
 /// stops when its last connection closes).
 const CONNECT_ATTEMPT: Duration = Duration::from_secs(5);
 
-/// A running microVM.
-pub(super) struct KvmMachine(Vm);
+/// A running microVM (boxed: a `Vm` is large beside the other backend).
+pub(super) struct KvmMachine(Box<Vm>);
 
 impl KvmMachine {
     /// Resolves when the VM stops on its own, with a description.
@@ -92,7 +92,7 @@ impl Booting {
 
     /// The machine, now the host's to tear down.
     fn machine(mut self) -> Option<KvmMachine> {
-        self.0.take().map(KvmMachine)
+        self.0.take().map(|vm| KvmMachine(Box::new(vm)))
     }
 }
 
