@@ -1,20 +1,18 @@
-//! The wasmtime engine, its linkers, and the caches of compiled guests.
+//! The wasmtime engine: its configuration (epoch interruption, the pooling
+//! allocator sized by the host's bounds), its linkers, each guest's store
+//! data and memory limiter, and the [`Runtime`] that compiles guests.
 //!
 //! One [`Runtime`] per host. Guests are compiled once per distinct content
 //! and kept as pre-instantiated images, so a second `runBytes` of the same
-//! bytes costs an instantiation, not a compile. The memory cache is keyed by
-//! a fast 128-bit content hash (XXH3) and every hit is confirmed by
-//! comparing the bytes themselves, so a crafted collision cannot pass one
-//! guest off as another; it holds at most a byte budget, the least recently
-//! used going first. Behind it, the disk cache ([`crate::cache`]) keeps
-//! compiled code across host starts, keyed by SHA-256. Bytes that are not a
-//! WASI command are refused before either is consulted or anything compiled.
+//! bytes costs an instantiation, not a compile: the compile cache in memory
+//! ([`crate::memory_cache`]) is looked in first, then the disk cache
+//! ([`crate::cache`]), which keeps compiled code across host starts. Bytes
+//! that are not a WASI command are refused before anything is compiled. The
+//! epoch ticker ([`crate::ticker`]) advances the engine's epoch while
+//! guests run.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use wasmtime::component::{Component, ResourceTable};
@@ -27,7 +25,9 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::cache::{self, DiskCache};
 use crate::format::{self, Format};
+use crate::memory_cache::MemoryCache;
 use crate::quota::MemoryShare;
+use crate::ticker::EpochTicker;
 use crate::{world, SpawnError};
 
 /// How often the engine's epoch advances. A running guest yields to the host
@@ -165,109 +165,6 @@ impl ResourceLimiter for MemoryLimiter {
     }
 }
 
-#[cfg(test)]
-mod limiter_tests {
-    use super::*;
-
-    #[test]
-    fn guests_must_fit_in_the_kernels_mapping_limit() {
-        // The default limit holds the default host and about 9,500 guests.
-        assert!(check_mapping_limit(1024, Some(65_530)).is_ok());
-        assert!(check_mapping_limit(9_556, Some(65_530)).is_ok());
-        let e = check_mapping_limit(20_016, Some(65_530)).unwrap_err();
-        assert!(e.contains("65530") && e.contains("at most 9556"), "{e}");
-        assert!(e.contains("vm.max_map_count=128288"), "{e}");
-        // 100,000 guests with the limit raised; no overflow at the extremes.
-        assert!(check_mapping_limit(100_000, Some(700_000)).is_ok());
-        assert!(check_mapping_limit(u32::MAX, Some(u64::MAX)).is_ok());
-        assert!(check_mapping_limit(u32::MAX, Some(0)).is_err());
-        assert!(check_mapping_limit(u32::MAX, None).is_ok());
-    }
-
-    #[test]
-    fn a_host_beyond_the_mapping_limit_is_refused() {
-        let Some(limit) = mapping_limit() else {
-            panic!("/proc/sys/vm/max_map_count is unreadable");
-        };
-        let too_many =
-            u32::try_from((limit / MAPPINGS_PER_CELL).saturating_add(1)).unwrap_or(u32::MAX);
-        let Err(e) = Runtime::new(1 << 20, too_many, CacheConfig::default()) else {
-            panic!("{too_many} cells fit in a limit of {limit} mappings");
-        };
-        assert!(e.to_string().contains("vm.max_map_count"), "{e}");
-    }
-
-    #[test]
-    fn wide_reservations_while_the_pool_fits_its_address_space() {
-        assert!(wide_reservations(512 << 20, 1024));
-        assert!(wide_reservations(4 << 30, 5461));
-        assert!(!wide_reservations(512 << 20, 5462));
-        assert!(!wide_reservations(512 << 20, 100_000));
-        assert!(!wide_reservations(8 << 30, 1));
-        // Both kinds make an engine.
-        Engine::new(&engine_config(512 << 20, 64)).unwrap();
-        Engine::new(&engine_config(512 << 20, 6000)).unwrap();
-    }
-
-    #[test]
-    fn the_ticker_sleeps_while_no_guest_runs() {
-        let ticker = EpochTicker::start(Engine::default());
-        let idle_for = |ms| {
-            std::thread::sleep(Duration::from_millis(ms));
-            ticker.ticks()
-        };
-        // Past the idle stretch the ticker parks: no more epochs.
-        let parked = idle_for(IDLE_TICKS * 3);
-        assert_eq!(idle_for(300), parked, "an idle ticker kept ticking");
-        // A guest being polled wakes it; a long poll (a computing guest)
-        // keeps it ticking.
-        let busy = ticker.ticking(async {
-            std::thread::sleep(Duration::from_millis(50));
-        });
-        futures::executor::block_on(busy);
-        assert!(ticker.ticks() > parked, "a polled guest got no ticks");
-        drop(ticker);
-    }
-
-    #[test]
-    fn the_memory_cache_drops_the_least_recently_used_past_its_budget() {
-        let mut cache = MemoryCache::<u32>::default();
-        let src = |s: &str| Arc::<[u8]>::from(s.as_bytes());
-        cache.insert(1, src("a"), 1, 40, 100);
-        cache.insert(2, src("b"), 2, 40, 100);
-        assert_eq!(cache.get(1, b"a"), Some(1)); // a is now the newer
-        cache.insert(3, src("c"), 3, 40, 100); // 120 > 100: b goes
-        assert_eq!(
-            (cache.get(2, b"b"), cache.len(), cache.bytes),
-            (None, 2, 80)
-        );
-        assert_eq!(cache.get(1, b"a"), Some(1));
-        // Same key, other bytes (a collision): never the other's entry.
-        assert_eq!(cache.get(1, b"x"), None);
-        // One entry over the whole budget stays until the next comes.
-        cache.insert(4, src("d"), 4, 500, 100);
-        assert_eq!((cache.len(), cache.get(4, b"d")), (1, Some(4)));
-    }
-
-    #[test]
-    fn memories_and_tables_count_together() {
-        let mut l = MemoryLimiter::new(64 << 20);
-        assert!(l.memory_growing(0, 40 << 20, None).unwrap());
-        // A second 40 MiB memory fits alone, not beside the first.
-        assert!(!l.memory_growing(0, 40 << 20, None).unwrap());
-        assert!(l.refused);
-        assert!(l.memory_growing(40 << 20, 60 << 20, None).unwrap());
-        assert!(l.table_growing(0, (4 << 20) / 8, None).unwrap());
-        assert!(!l
-            .table_growing((4 << 20) / 8, (4 << 20) / 8 + 1, None)
-            .unwrap());
-        assert_eq!(l.used, 64 << 20);
-        let mut huge = MemoryLimiter::new(u64::MAX);
-        assert!(huge.memory_growing(0, usize::MAX, None).unwrap());
-        assert!(huge.table_growing(0, usize::MAX, None).unwrap());
-    }
-}
-
 /// The trap raised when a guest has used up its CPU budget.
 #[derive(Debug, thiserror::Error)]
 #[error("CPU budget exceeded")]
@@ -287,7 +184,7 @@ pub struct Runtime {
     cache: RefCell<MemoryCache<Compiled>>,
     disk: Option<Arc<DiskCache>>,
     memory_budget: u64,
-    _ticker: EpochTicker,
+    ticker: EpochTicker,
 }
 
 /// Where compiled guests are kept.
@@ -307,80 +204,6 @@ impl Default for CacheConfig {
             dir: None,
             memory_bytes: 512 << 20,
         }
-    }
-}
-
-/// Compiled guests in memory, by the XXH3 of their bytes, bounded in bytes.
-struct MemoryCache<T> {
-    entries: HashMap<u128, Vec<Entry<T>>>,
-    /// Sum of the entries' costs.
-    bytes: u64,
-    /// Bumped at every use, to find the least recently used.
-    clock: u64,
-}
-
-impl<T> Default for MemoryCache<T> {
-    fn default() -> Self {
-        MemoryCache {
-            entries: HashMap::new(),
-            bytes: 0,
-            clock: 0,
-        }
-    }
-}
-
-struct Entry<T> {
-    source: Arc<[u8]>,
-    compiled: T,
-    /// Its bytes and its compiled code.
-    cost: u64,
-    used: u64,
-}
-
-impl<T: Clone> MemoryCache<T> {
-    fn get(&mut self, key: u128, bytes: &[u8]) -> Option<T> {
-        self.clock += 1;
-        let clock = self.clock;
-        let entry = self
-            .entries
-            .get_mut(&key)?
-            .iter_mut()
-            .find(|e| *e.source == *bytes)?;
-        entry.used = clock;
-        Some(entry.compiled.clone())
-    }
-
-    /// Adds an entry, then drops the least recently used ones (never the
-    /// new one) while over `budget`.
-    fn insert(&mut self, key: u128, source: Arc<[u8]>, compiled: T, cost: u64, budget: u64) {
-        self.clock += 1;
-        self.bytes += cost;
-        self.entries.entry(key).or_default().push(Entry {
-            source,
-            compiled,
-            cost,
-            used: self.clock,
-        });
-        while self.bytes > budget {
-            let oldest = self
-                .entries
-                .iter()
-                .flat_map(|(k, bucket)| {
-                    bucket.iter().enumerate().map(move |(i, e)| (*k, i, e.used))
-                })
-                .filter(|(_, _, used)| *used != self.clock)
-                .min_by_key(|(_, _, used)| *used);
-            let Some((k, i, _)) = oldest else { break };
-            let bucket = self.entries.get_mut(&k).expect("found above");
-            self.bytes -= bucket.swap_remove(i).cost;
-            if bucket.is_empty() {
-                self.entries.remove(&k);
-            }
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.entries.values().map(Vec::len).sum()
     }
 }
 
@@ -592,7 +415,7 @@ impl Runtime {
                 .map(Arc::new)
         });
         Ok(Runtime {
-            _ticker: EpochTicker::start(engine.clone()),
+            ticker: EpochTicker::start(engine.clone(), EPOCH_TICK),
             components: component_linker(&engine)?,
             modules: module_linker(&engine)?,
             engine,
@@ -608,7 +431,7 @@ impl Runtime {
 
     /// The epoch ticker, under which guests run ([`EpochTicker::ticking`]).
     pub fn ticker(&self) -> &EpochTicker {
-        &self._ticker
+        &self.ticker
     }
 
     /// Compiles `bytes` (or finds them in a cache) and links them.
@@ -700,132 +523,65 @@ pub(crate) fn module_linker(
     Ok(linker)
 }
 
-/// Advances the engine's epoch every [`EPOCH_TICK`] while guests run, and
-/// sleeps while none does.
-///
-/// The epoch is what makes a computing guest yield (kill, deadline, CPU
-/// budget, fairness); a guest that waits for I/O needs no tick. So the
-/// ticker thread parks once no guest has been polled for [`IDLE_TICKS`]
-/// ticks, and the next guest to be polled wakes it: an idle host makes no
-/// wake-ups at all instead of a thousand a second. It does not park at the
-/// first idle moment: a guest answering calls is polled briefly many times
-/// a millisecond, and waking a parked thread each time would cost a system
-/// call per call.
-pub struct EpochTicker {
-    shared: Arc<TickerState>,
-    thread: Option<JoinHandle<()>>,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Idle ticks after which the ticker parks.
-const IDLE_TICKS: u64 = 100;
-
-#[derive(Default)]
-struct TickerState {
-    stop: AtomicBool,
-    /// Guests being polled right now.
-    active: AtomicU64,
-    /// Polls so far, to tell an idle stretch from a busy one.
-    polls: AtomicU64,
-    /// The ticker is parked (or about to): the next poll wakes it.
-    parked: AtomicBool,
-    /// Epochs advanced so far.
-    ticks: AtomicU64,
-    thread: std::sync::OnceLock<std::thread::Thread>,
-}
-
-impl EpochTicker {
-    fn start(engine: Engine) -> EpochTicker {
-        let shared = Arc::new(TickerState::default());
-        let state = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("capsa-epoch".into())
-            .spawn(move || {
-                let mut idle = 0u64;
-                let mut seen = state.polls.load(Ordering::SeqCst);
-                while !state.stop.load(Ordering::SeqCst) {
-                    let polls = state.polls.load(Ordering::SeqCst);
-                    let busy = polls != seen || state.active.load(Ordering::SeqCst) > 0;
-                    seen = polls;
-                    idle = if busy { 0 } else { idle + 1 };
-                    if idle > IDLE_TICKS {
-                        // Announce the park, then look again: a poll that
-                        // began meanwhile either is seen here or sees
-                        // `parked` and unparks (both sides are SeqCst).
-                        state.parked.store(true, Ordering::SeqCst);
-                        if state.active.load(Ordering::SeqCst) == 0
-                            && state.polls.load(Ordering::SeqCst) == seen
-                            && !state.stop.load(Ordering::SeqCst)
-                        {
-                            std::thread::park();
-                        }
-                        state.parked.store(false, Ordering::SeqCst);
-                        idle = 0;
-                        continue;
-                    }
-                    std::thread::sleep(EPOCH_TICK);
-                    engine.increment_epoch();
-                    state.ticks.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-            .expect("spawning the epoch thread");
-        let _ = shared.thread.set(thread.thread().clone());
-        EpochTicker {
-            shared,
-            thread: Some(thread),
-        }
+    #[test]
+    fn guests_must_fit_in_the_kernels_mapping_limit() {
+        // The default limit holds the default host and about 9,500 guests.
+        assert!(check_mapping_limit(1024, Some(65_530)).is_ok());
+        assert!(check_mapping_limit(9_556, Some(65_530)).is_ok());
+        let e = check_mapping_limit(20_016, Some(65_530)).unwrap_err();
+        assert!(e.contains("65530") && e.contains("at most 9556"), "{e}");
+        assert!(e.contains("vm.max_map_count=128288"), "{e}");
+        // 100,000 guests with the limit raised; no overflow at the extremes.
+        assert!(check_mapping_limit(100_000, Some(700_000)).is_ok());
+        assert!(check_mapping_limit(u32::MAX, Some(u64::MAX)).is_ok());
+        assert!(check_mapping_limit(u32::MAX, Some(0)).is_err());
+        assert!(check_mapping_limit(u32::MAX, None).is_ok());
     }
 
-    /// `guest` polled under the ticker: while it runs, epochs advance.
-    pub fn ticking<F: std::future::Future>(&self, guest: F) -> Ticking<F> {
-        Ticking {
-            guest,
-            state: self.shared.clone(),
-        }
+    #[test]
+    fn a_host_beyond_the_mapping_limit_is_refused() {
+        let Some(limit) = mapping_limit() else {
+            panic!("/proc/sys/vm/max_map_count is unreadable");
+        };
+        let too_many =
+            u32::try_from((limit / MAPPINGS_PER_CELL).saturating_add(1)).unwrap_or(u32::MAX);
+        let Err(e) = Runtime::new(1 << 20, too_many, CacheConfig::default()) else {
+            panic!("{too_many} cells fit in a limit of {limit} mappings");
+        };
+        assert!(e.to_string().contains("vm.max_map_count"), "{e}");
     }
 
-    /// Epochs advanced so far.
-    pub fn ticks(&self) -> u64 {
-        self.shared.ticks.load(Ordering::Relaxed)
+    #[test]
+    fn wide_reservations_while_the_pool_fits_its_address_space() {
+        assert!(wide_reservations(512 << 20, 1024));
+        assert!(wide_reservations(4 << 30, 5461));
+        assert!(!wide_reservations(512 << 20, 5462));
+        assert!(!wide_reservations(512 << 20, 100_000));
+        assert!(!wide_reservations(8 << 30, 1));
+        // Both kinds make an engine.
+        Engine::new(&engine_config(512 << 20, 64)).unwrap();
+        Engine::new(&engine_config(512 << 20, 6000)).unwrap();
     }
-}
 
-pin_project_lite::pin_project! {
-    /// A guest's future, counted as running while it is polled.
-    pub struct Ticking<F> {
-        #[pin]
-        guest: F,
-        state: Arc<TickerState>,
-    }
-}
-
-impl<F: std::future::Future> std::future::Future for Ticking<F> {
-    type Output = F::Output;
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<F::Output> {
-        let this = self.project();
-        let state = &**this.state;
-        state.active.fetch_add(1, Ordering::SeqCst);
-        state.polls.fetch_add(1, Ordering::SeqCst);
-        if state.parked.swap(false, Ordering::SeqCst) {
-            if let Some(thread) = state.thread.get() {
-                thread.unpark();
-            }
-        }
-        let result = this.guest.poll(cx);
-        state.active.fetch_sub(1, Ordering::SeqCst);
-        result
-    }
-}
-
-impl Drop for EpochTicker {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            t.thread().unpark();
-            let _ = t.join();
-        }
+    #[test]
+    fn memories_and_tables_count_together() {
+        let mut l = MemoryLimiter::new(64 << 20);
+        assert!(l.memory_growing(0, 40 << 20, None).unwrap());
+        // A second 40 MiB memory fits alone, not beside the first.
+        assert!(!l.memory_growing(0, 40 << 20, None).unwrap());
+        assert!(l.refused);
+        assert!(l.memory_growing(40 << 20, 60 << 20, None).unwrap());
+        assert!(l.table_growing(0, (4 << 20) / 8, None).unwrap());
+        assert!(!l
+            .table_growing((4 << 20) / 8, (4 << 20) / 8 + 1, None)
+            .unwrap());
+        assert_eq!(l.used, 64 << 20);
+        let mut huge = MemoryLimiter::new(u64::MAX);
+        assert!(huge.memory_growing(0, usize::MAX, None).unwrap());
+        assert!(huge.table_growing(0, usize::MAX, None).unwrap());
     }
 }

@@ -15,8 +15,9 @@
 //! - [`directory`]: host directories as capabilities, granted to guests;
 //! - [`mirror`] (from `capsa-directory`): a Directory from elsewhere,
 //!   copied in for a child and back;
-//! - [`engine`]: wasmtime configuration, linkers and the compile cache in
-//!   memory; [`cache`]: compiled guests on disk;
+//! - [`engine`]: wasmtime configuration and linkers; [`memory_cache`]:
+//!   compiled guests in memory; [`cache`]: compiled guests on disk;
+//!   [`ticker`]: the thread that advances the engine's epoch;
 //! - [`world`]: the WIT world guests are linked against (`wit/world.wit`),
 //!   and the check that refuses imports outside it;
 //! - [`pipe`]: the bounded in-memory pipes behind every guest's stdio;
@@ -42,6 +43,7 @@ pub mod exec;
 pub mod executor;
 pub(crate) mod format;
 pub(crate) mod host;
+pub(crate) mod memory_cache;
 pub mod pipe;
 pub(crate) mod process;
 pub(crate) mod program;
@@ -52,6 +54,7 @@ pub mod serve;
 pub(crate) mod spawner;
 pub(crate) mod status;
 pub(crate) mod stream;
+pub(crate) mod ticker;
 pub mod tls;
 pub(crate) mod transport;
 pub(crate) mod vm;

@@ -15,7 +15,7 @@ use std::path::Path;
 /// Bottom to top. A module may import modules of lower layers only.
 const LAYERS: &[&[&str]] = &[
     // Leaves: statuses, pipes, flow control, the disk cache, TLS and
-    // admission policy, host directories.
+    // admission policy, host directories, the epoch ticker.
     &[
         "status",
         "pipe",
@@ -24,10 +24,19 @@ const LAYERS: &[&[&str]] = &[
         "tls",
         "admission",
         "directory",
+        "ticker",
     ],
     &["error"],
-    // Formats, the WIT world, byte streams, quotas, the process registry.
-    &["format", "world", "stream", "quota", "registry"],
+    // Formats, the WIT world, byte streams, quotas, the process registry,
+    // the compile cache in memory.
+    &[
+        "format",
+        "world",
+        "stream",
+        "quota",
+        "registry",
+        "memory_cache",
+    ],
     &["engine"],
     // One running guest: a WASM cell or a machine.
     &["cell", "vm"],
