@@ -2,10 +2,12 @@
 //! event), the guest's CID in configuration space, and a [`VsockMuxer`] that
 //! owns every host-side endpoint. See `docs/vsock.md` for the user's view.
 
+mod bench;
 pub mod csm;
 pub mod muxer;
 pub mod packet;
 pub mod stream;
+mod test_utils;
 pub mod unix;
 
 use std::sync::Arc;
@@ -397,248 +399,18 @@ impl VirtioDevice for Vsock {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
 
     use vm_memory::{Bytes, GuestAddress};
-    use vmm_sys_util::eventfd::EventFd;
 
     use super::csm::CONN_BUF_SIZE;
     use super::packet::*;
+    use super::test_utils::{Driver, GUEST_CID, QSIZE, TX_HDR};
     use super::unix::HybridListener;
     use super::*;
-    use crate::devices::virtio::mmio::MmioTransport;
     use crate::devices::virtio::status;
     use crate::devices::virtio::test_utils::{Desc, TestQueue, XorShift, F_WRITE};
-    use crate::event_loop::poll;
-
-    const GUEST_CID: u64 = 3;
-    const QSIZE: u16 = 16;
-    const RX_BUF_BASE: u64 = 0x10000;
-    const RX_DATA: u32 = 4096;
-    const TX_HDR: u64 = 0x100000;
-    const TX_DATA: u64 = 0x101000;
-
-    /// Plays the Linux virtio-vsock driver against the device, through the
-    /// MMIO registers and guest memory only.
-    struct Driver {
-        mem: GuestMemoryMmap,
-        t: MmioTransport<Vsock>,
-        queues: Vec<TestQueue>,
-        rx_bufs: HashMap<u16, u64>,
-        next_rx_slot: u64,
-        wake: EventFd,
-    }
-
-    impl Driver {
-        fn new() -> Self {
-            Self::with_muxer(VsockMuxer::new(GUEST_CID, None))
-        }
-
-        fn with_muxer(muxer: VsockMuxer) -> Self {
-            let d = Self::bare(muxer);
-            let mut d = d;
-            d.negotiate(1 << VIRTIO_F_VERSION_1);
-            assert_eq!(d.r32(0x70) & status::FEATURES_OK, status::FEATURES_OK);
-            d.setup_queues();
-            let st = d.r32(0x70);
-            d.w32(0x70, st | status::DRIVER_OK);
-            assert!(d.t.activated());
-            for _ in 0..8 {
-                d.post_rx();
-            }
-            d.notify(RXQ as u32);
-            d
-        }
-
-        fn bare(muxer: VsockMuxer) -> Self {
-            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
-            let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-            let wake = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-            let t = MmioTransport::new(
-                Vsock::new(GUEST_CID, muxer),
-                mem.clone(),
-                irq,
-                wake.try_clone().unwrap(),
-            );
-            let queues = (0..3)
-                .map(|i| TestQueue::new(&mem, GuestAddress(0x1000 + 0x2000 * i), QSIZE))
-                .collect();
-            Self {
-                mem,
-                t,
-                queues,
-                rx_bufs: HashMap::new(),
-                next_rx_slot: 0,
-                wake,
-            }
-        }
-
-        fn r32(&mut self, off: u64) -> u32 {
-            let mut b = [0u8; 4];
-            self.t.read(off, &mut b);
-            u32::from_le_bytes(b)
-        }
-
-        fn w32(&mut self, off: u64, v: u32) {
-            self.t.write(off, &v.to_le_bytes());
-        }
-
-        fn negotiate(&mut self, features: u64) {
-            assert_eq!(self.r32(0x0), 0x7472_6976);
-            assert_eq!(self.r32(0x4), 2);
-            assert_eq!(self.r32(0x8), VIRTIO_ID_VSOCK);
-            self.w32(0x70, 0);
-            self.w32(0x70, status::ACKNOWLEDGE);
-            self.w32(0x70, status::ACKNOWLEDGE | status::DRIVER);
-            self.w32(0x14, 1);
-            let hi = self.r32(0x10);
-            assert_eq!(hi & 1, 1, "VIRTIO_F_VERSION_1 offered");
-            self.w32(0x24, 0);
-            self.w32(0x20, features as u32);
-            self.w32(0x24, 1);
-            self.w32(0x20, (features >> 32) as u32);
-            self.w32(
-                0x70,
-                status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-            );
-        }
-
-        fn setup_queues(&mut self) {
-            for i in 0..3u32 {
-                self.w32(0x30, i);
-                assert_eq!(self.r32(0x34), u32::from(QUEUE_SIZE));
-                self.w32(0x38, u32::from(QSIZE));
-                let q = &self.queues[i as usize];
-                let (d, a, u) = (q.desc.0, q.avail.0, q.used.0);
-                self.w32(0x80, d as u32);
-                self.w32(0x84, (d >> 32) as u32);
-                self.w32(0x90, a as u32);
-                self.w32(0x94, (a >> 32) as u32);
-                self.w32(0xa0, u as u32);
-                self.w32(0xa4, (u >> 32) as u32);
-                self.w32(0x44, 1);
-            }
-        }
-
-        /// Posts one RX buffer as Linux 6.1 does: header and data in two
-        /// writable descriptors.
-        fn post_rx(&mut self) {
-            let base = RX_BUF_BASE + (self.next_rx_slot % 8) * 0x2000;
-            self.next_rx_slot += 1;
-            let head = self.queues[RXQ].add_chain(
-                &self.mem,
-                &[
-                    Desc::new(base, HDR_SIZE as u32, F_WRITE, 0),
-                    Desc::new(base + 0x100, RX_DATA, F_WRITE, 0),
-                ],
-            );
-            self.rx_bufs.insert(head, base);
-        }
-
-        fn notify(&mut self, q: u32) {
-            self.w32(0x50, q);
-        }
-
-        fn hdr(&self, src_port: u32, dst_port: u32, op: u16) -> PacketHeader {
-            PacketHeader {
-                src_cid: GUEST_CID,
-                dst_cid: HOST_CID,
-                src_port,
-                dst_port,
-                type_: TYPE_STREAM,
-                op,
-                buf_alloc: 64 * 1024,
-                ..Default::default()
-            }
-        }
-
-        /// Queues one packet on TX (header and data in separate descriptors).
-        fn send_raw(&mut self, hdr: &PacketHeader, data: &[u8]) {
-            self.mem
-                .write_slice(&hdr.to_bytes(), GuestAddress(TX_HDR))
-                .unwrap();
-            self.mem.write_slice(data, GuestAddress(TX_DATA)).unwrap();
-            let mut descs = vec![Desc::new(TX_HDR, HDR_SIZE as u32, 0, 0)];
-            if !data.is_empty() {
-                descs.push(Desc::new(TX_DATA, data.len() as u32, 0, 0));
-            }
-            self.queues[TXQ].add_chain(&self.mem, &descs);
-            self.notify(TXQ as u32);
-        }
-
-        fn send(&mut self, hdr: PacketHeader, data: &[u8]) {
-            let mut h = hdr;
-            h.len = data.len() as u32;
-            self.send_raw(&h, data);
-            self.step();
-        }
-
-        /// One turn of the device thread: drain queues, poll host sockets.
-        fn step(&mut self) {
-            let _ = self.wake.read();
-            let dev = self.t.device_mut();
-            dev.process();
-            for _ in 0..3 {
-                let mut fds = Vec::new();
-                dev.fill_pollfds(&mut fds);
-                if fds.is_empty() {
-                    break;
-                }
-                poll(&mut fds, 20).unwrap();
-                dev.on_ready(&fds);
-            }
-        }
-
-        /// Packets the device delivered; their buffers are reposted.
-        fn recv(&mut self) -> Vec<(PacketHeader, Vec<u8>)> {
-            let used = self.queues[RXQ].take_used(&self.mem);
-            let mut out = Vec::new();
-            for (id, len) in used {
-                let base = self.rx_bufs.remove(&(id as u16)).expect("known buffer");
-                if len == 0 {
-                    // A buffer the device refused (too small); not reposted.
-                    continue;
-                }
-                let mut raw = [0u8; HDR_SIZE];
-                self.mem.read_slice(&mut raw, GuestAddress(base)).unwrap();
-                let h = PacketHeader::parse(&raw).unwrap();
-                assert_eq!(len as usize, HDR_SIZE + h.len as usize);
-                let mut data = vec![0u8; h.len as usize];
-                self.mem
-                    .read_slice(&mut data, GuestAddress(base + 0x100))
-                    .unwrap();
-                assert_eq!((h.src_cid, h.dst_cid), (HOST_CID, GUEST_CID));
-                out.push((h, data));
-                self.post_rx();
-            }
-            if !out.is_empty() {
-                self.notify(RXQ as u32);
-            }
-            out
-        }
-
-        fn recv_ops(&mut self) -> Vec<u16> {
-            self.recv().into_iter().map(|(h, _)| h.op).collect()
-        }
-
-        fn muxer(&mut self) -> &mut VsockMuxer {
-            self.t.device_mut().muxer_mut()
-        }
-
-        /// Guest connects from `src` to host `port`, which has a listener.
-        fn guest_connect(&mut self, src: u32, port: u32) -> UnixStream {
-            let (tx, mut rx) = futures::channel::mpsc::unbounded();
-            self.muxer().listen(port, tx);
-            self.send(self.hdr(src, port, OP_REQUEST), &[]);
-            assert_eq!(self.recv_ops(), vec![OP_RESPONSE]);
-            let s = rx.try_recv().unwrap();
-            s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
-                .unwrap();
-            s
-        }
-    }
 
     #[test]
     fn negotiation_and_state() {
@@ -1061,112 +833,5 @@ mod tests {
         }
         d.step();
         d.recv();
-    }
-
-    /// One turn of a device thread that does not linger: process the
-    /// queues, poll the host sockets for at most `timeout_ms`, handle them.
-    #[cfg(feature = "device-bench")]
-    fn pump(d: &mut Driver, timeout_ms: i32) {
-        let _ = d.wake.read();
-        let dev = d.t.device_mut();
-        dev.process();
-        let mut fds = Vec::new();
-        dev.fill_pollfds(&mut fds);
-        if !fds.is_empty() {
-            poll(&mut fds, timeout_ms).unwrap();
-            dev.on_ready(&fds);
-        }
-    }
-
-    /// Benchmark, run by `cargo xtask bench` (feature `device-bench`): the vsock device
-    /// driven from the host side, with this test playing the guest driver
-    /// (no vCPU, no guest kernel). A host thread owns the host end of a
-    /// guest-initiated connection; this thread runs the device and the
-    /// driver.
-    /// - echo round trip: the host writes 64 bytes and waits until the
-    ///   driver has echoed them back through RX and TX; mean wall time over
-    ///   the round trips;
-    /// - host -> guest throughput: the host writes 256 MiB in 64 KiB writes;
-    ///   the driver takes every RX packet and returns credit; bytes over the
-    ///   wall time from the first write to the last byte received.
-    #[cfg(feature = "device-bench")]
-    #[test]
-    fn bench_vsock_device_from_host() {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::time::Instant;
-
-        const ROUND_TRIPS: u32 = 5000;
-        const MSG: usize = 64;
-        const BULK: usize = 256 << 20;
-
-        let mut d = Driver::new();
-        let mut host = d.guest_connect(1000, 52);
-        host.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-            .unwrap();
-        let done = Arc::new(AtomicBool::new(false));
-        let host_done = done.clone();
-        let host_thread = std::thread::spawn(move || {
-            let msg = [0x5au8; MSG];
-            let mut back = [0u8; MSG];
-            let t = Instant::now();
-            for _ in 0..ROUND_TRIPS {
-                host.write_all(&msg).unwrap();
-                host.read_exact(&mut back).unwrap();
-            }
-            let rtt = t.elapsed() / ROUND_TRIPS;
-            let chunk = vec![0xa5u8; 64 << 10];
-            let t = Instant::now();
-            for _ in 0..BULK / chunk.len() {
-                host.write_all(&chunk).unwrap();
-            }
-            host_done.store(true, Ordering::Release);
-            (rtt, t, host)
-        });
-
-        // Guest driver: echo the first ROUND_TRIPS * MSG bytes, count the rest.
-        let echo_total = ROUND_TRIPS as usize * MSG;
-        let mut received = 0usize;
-        let mut credited = 0usize;
-        let mut bulk_end = None;
-        while received < echo_total + BULK {
-            pump(&mut d, 5);
-            let pkts = d.recv();
-            let mut echo = Vec::new();
-            for (h, data) in pkts {
-                if h.op != OP_RW {
-                    continue;
-                }
-                let in_echo = echo_total.saturating_sub(received).min(data.len());
-                echo.extend_from_slice(&data[..in_echo]);
-                received += data.len();
-            }
-            if !echo.is_empty() {
-                let mut h = d.hdr(1000, 52, OP_RW);
-                h.fwd_cnt = received as u32;
-                h.len = echo.len() as u32;
-                d.send_raw(&h, &echo);
-                credited = received;
-            } else if received - credited >= 32 << 10 {
-                let mut h = d.hdr(1000, 52, OP_CREDIT_UPDATE);
-                h.fwd_cnt = received as u32;
-                d.send_raw(&h, &[]);
-                credited = received;
-            }
-            if received >= echo_total + BULK {
-                bulk_end = Some(Instant::now());
-            }
-            assert!(!d.t.device().state().needs_reset);
-        }
-        let (rtt, bulk_start, _host) = host_thread.join().unwrap();
-        assert!(done.load(Ordering::Acquire));
-        let secs = (bulk_end.unwrap() - bulk_start).as_secs_f64();
-        eprintln!(
-            "vsock device, host side: echo round trip ({MSG} B) {:.1} us; \
-             host -> guest throughput {:.0} MiB/s ({} MiB in {:.2} s)",
-            rtt.as_secs_f64() * 1e6,
-            (BULK >> 20) as f64 / secs,
-            BULK >> 20,
-            secs
-        );
     }
 }
