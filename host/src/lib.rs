@@ -68,6 +68,6 @@ pub use error::SpawnError;
 pub use host::{Host, HostConfig, HostError};
 pub use status::{ExitStatus, Limits};
 pub use transport::FlowLimits;
-pub use vm::{VmBackend, VmSettings};
+pub use vm::{report_live_machines, VmBackend, VmSettings};
 
 pub use capsa_schema::capsa_capnp as schema;

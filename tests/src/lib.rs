@@ -50,7 +50,8 @@ pub fn guest(name: &str) -> Vec<u8> {
 
 /// Ends the test process with a report if it is still alive `limit` after
 /// being armed and not yet dropped: each thread's name, the kernel
-/// function it waits in and its kernel stack (where readable), so that a
+/// function it waits in and its kernel stack (where readable), and every
+/// live microVM's vCPU samples and kernel log, so that a
 /// hang fails at once and says where, instead of running into a job's
 /// timeout with nothing to show.
 pub struct Watchdog(Option<std::sync::mpsc::Sender<()>>);
@@ -102,6 +103,9 @@ impl Watchdog {
                         exits[from..].join("\n")
                     );
                 }
+                // Where each microVM's vCPUs are, a second apart, and what
+                // its kernel logged.
+                let _ = writeln!(err, "{}", capsa::report_live_machines());
                 std::process::abort();
             }
         });

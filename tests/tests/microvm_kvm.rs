@@ -55,7 +55,8 @@ fn kvm_config(ready: Duration) -> HostConfig {
 
 /// A machine whose initramfs has no agent (its `/init` is busybox's init,
 /// which never listens on vsock) fails `runBytes` after the ready timeout
-/// with the console's last lines, and leaves no vCPU thread or fd behind.
+/// with the console's last lines, where its vCPUs were and its kernel's
+/// log, and leaves no vCPU thread or fd behind.
 /// This holds however fast the kernel boots.
 fn an_initramfs_without_an_agent_fails_cleanly(ready: Duration) {
     let no_agent = read(&var_path("CAPSA_INITRAMFS_NO_AGENT"));
@@ -82,6 +83,10 @@ fn an_initramfs_without_an_agent_fails_cleanly(ready: Duration) {
             let want = format!("the agent did not answer within {ready:?}");
             assert!(err.contains(&want), "{err}");
             assert!(err.contains("console:"), "{err}");
+            // Where the vCPUs were, three times, and the kernel's log read
+            // from guest memory.
+            assert!(err.contains("vCPU sample 3: vcpu0 rip 0x"), "{err}");
+            assert!(err.contains("kernel log:"), "{err}");
             assert_eq!(host.live_cells(), 0);
         });
         let now = (settled_thread_count(), open_fds());

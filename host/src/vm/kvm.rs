@@ -7,6 +7,7 @@
 //! thread that serves every guest.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use capsa_microvm::{CpuProfile, KernelImage, Vm, VmConfig, VmExit};
@@ -25,8 +26,85 @@ pub const AGENT_PORT: u32 = 1024;
 /// stops when its last connection closes).
 const CONNECT_ATTEMPT: Duration = Duration::from_secs(5);
 
-/// A running microVM (boxed: a `Vm` is large beside the other backend).
-pub(super) struct KvmMachine(Box<Vm>);
+/// How many of the guest kernel's newest log records a report carries.
+const KERNEL_LOG_RECORDS: usize = 40;
+/// How many times a report samples where the vCPUs are, and how far apart.
+const SAMPLES: usize = 3;
+const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Every machine of this process that has not been dropped, for
+/// [`report_live_machines`].
+static LIVE: Mutex<Vec<Weak<Vm>>> = Mutex::new(Vec::new());
+
+fn register(vm: Vm) -> Arc<Vm> {
+    let vm = Arc::new(vm);
+    let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+    live.retain(|w| w.strong_count() > 0);
+    live.push(Arc::downgrade(&vm));
+    vm
+}
+
+/// What a report says of a machine that stopped answering: where each
+/// vCPU is, [`SAMPLES`] times a second apart (a guest spinning in one
+/// place, halted, or moving on), and the newest records of its kernel's
+/// log, which `quiet` kept off the console. `sleep` waits between samples.
+async fn diagnosis<F: std::future::Future<Output = ()>>(
+    vm: &Vm,
+    sleep: impl Fn(Duration) -> F,
+) -> String {
+    let mut out = String::new();
+    if vm.running_vcpus() > 0 {
+        for round in 0..SAMPLES {
+            if round > 0 {
+                sleep(SAMPLE_INTERVAL).await;
+            }
+            let samples: Vec<String> = vm.sample_vcpus().iter().map(|s| s.to_string()).collect();
+            out.push_str(&format!(
+                "; vCPU sample {}: {}",
+                round + 1,
+                samples.join(", ")
+            ));
+        }
+    }
+    match vm.kernel_log(KERNEL_LOG_RECORDS) {
+        Ok(records) => {
+            out.push_str("; kernel log:");
+            for r in records {
+                out.push_str(&format!("\n  <{}>{}", r.level, r.text));
+            }
+        }
+        Err(e) => out.push_str(&format!("; no kernel log: {e}")),
+    }
+    out
+}
+
+/// A report of every microVM of this process still running, for a
+/// watchdog that found a test stalled: each machine's vCPU samples, kernel
+/// log and vsock device state. Blocks for about two seconds per machine.
+pub fn report_live_machines() -> String {
+    let live: Vec<Arc<Vm>> = LIVE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter_map(Weak::upgrade)
+        .collect();
+    let mut out = format!("{} microVM(s) running", live.len());
+    for (i, vm) in live.iter().enumerate() {
+        let report = futures::executor::block_on(diagnosis(vm, |d| {
+            std::thread::sleep(d);
+            std::future::ready(())
+        }));
+        out.push_str(&format!(
+            "\nmachine {}: vsock {:?}{report}",
+            i + 1,
+            vm.vsock_state()
+        ));
+    }
+    out
+}
+
+/// A running microVM.
+pub(super) struct KvmMachine(Arc<Vm>);
 
 impl KvmMachine {
     /// Resolves when the VM stops on its own, with a description.
@@ -48,15 +126,24 @@ impl KvmMachine {
         let _ = tokio::task::spawn_blocking(move || drop(vm)).await;
     }
 
-    /// Tears the VM down and says where its vCPUs left the guest (once
-    /// they are out of it) and what its vsock device saw before: for a
-    /// guest that never answered.
+    /// Tears the VM down and says where its vCPUs were while it ran and
+    /// where they left the guest (once they are out of it), what its vsock
+    /// device saw, and what its kernel logged: for a guest that never
+    /// answered.
     pub(super) async fn tear_down_reporting(self) -> String {
         let whereabouts = self.0.whereabouts();
         let vsock = self.0.vsock_state();
+        let diagnosis = diagnosis(&self.0, tokio::time::sleep).await;
         self.tear_down().await;
         let vcpus = whereabouts.lock().map(|w| w.join("; ")).unwrap_or_default();
-        format!("; vCPUs: {vcpus}; vsock: {vsock:?}")
+        format!("; vCPUs: {vcpus}; vsock: {vsock:?}{diagnosis}")
+    }
+
+    /// What the guest's kernel logged last (after the machine stopped
+    /// too: its memory is there until it is dropped).
+    pub(super) fn kernel_log_tail(&self) -> String {
+        let vm = &self.0;
+        futures::executor::block_on(diagnosis(vm, |_| std::future::ready(())))
     }
 
     /// The console's last lines.
@@ -83,16 +170,16 @@ fn gone() -> SpawnError {
 
 /// A machine still booting. If the boot is abandoned (its future dropped:
 /// the caller went away), the machine is ended off the host's thread.
-struct Booting(Option<Vm>);
+struct Booting(Option<Arc<Vm>>);
 
 impl Booting {
     fn vm(&self) -> Result<&Vm, SpawnError> {
-        self.0.as_ref().ok_or_else(gone)
+        self.0.as_deref().ok_or_else(gone)
     }
 
     /// The machine, now the host's to tear down.
     fn machine(mut self) -> Option<KvmMachine> {
-        self.0.take().map(|vm| KvmMachine(Box::new(vm)))
+        self.0.take().map(KvmMachine)
     }
 }
 
@@ -151,7 +238,7 @@ pub(super) async fn boot(
     let vm = tokio::task::spawn_blocking(move || Vm::start(config))
         .await
         .map_err(|e| SpawnError::Vm(format!("the thread starting the machine: {e}")))??;
-    let booting = Booting(Some(vm));
+    let booting = Booting(Some(register(vm)));
     loop {
         let vm = booting.vm()?;
         // Until the guest's driver is up a connection request gets no
@@ -191,9 +278,10 @@ pub(super) async fn boot(
             };
             let machine = booting.machine().ok_or_else(gone)?;
             let tail = machine.console_tail();
+            let log = machine.kernel_log_tail();
             machine.tear_down().await;
             return Err(SpawnError::Vm(format!(
-                "the VM stopped while booting: {why}; console: {tail}"
+                "the VM stopped while booting: {why}; console: {tail}{log}"
             )));
         }
         if Instant::now() >= deadline {

@@ -36,6 +36,7 @@ mod kvm;
 mod probe;
 mod process;
 
+pub use kvm::report_live_machines;
 use kvm::KvmMachine;
 pub use probe::Probed;
 use process::AgentMachine;
@@ -111,6 +112,14 @@ impl Machine {
     fn console_tail(&self) -> String {
         match self {
             Machine::Kvm(vm) => vm.console_tail(),
+            Machine::Agent(_) => String::new(),
+        }
+    }
+
+    /// The newest records of the guest kernel's log, for errors.
+    fn kernel_log_tail(&self) -> String {
+        match self {
+            Machine::Kvm(vm) => vm.kernel_log_tail(),
             Machine::Agent(_) => String::new(),
         }
     }
@@ -271,9 +280,10 @@ pub(crate) async fn start(
         answer = run.send().promise => answer,
         why = machine.stopped() => {
             let tail = machine.console_tail();
+            let log = machine.kernel_log_tail();
             machine.tear_down().await;
             return Err(SpawnError::Vm(format!(
-                "the VM stopped before its agent took the ELF: {why}; console: {tail}"
+                "the VM stopped before its agent took the ELF: {why}; console: {tail}{log}"
             )));
         }
     };
