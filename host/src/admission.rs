@@ -169,8 +169,12 @@ impl Pending {
         self.queue.is_empty()
     }
 
-    /// Which of the entries `among` to drop for room: the oldest from a
-    /// flagged source, else the oldest silent one, else the oldest.
+    /// Which of the entries `among` to drop for room, oldest first within
+    /// each rank: a flagged source's silent peer, then a flagged source's
+    /// peer that spoke, then a silent peer, then any. A client whose
+    /// address was flagged once (one of its handshakes dropped at the
+    /// start of a flood) and that has sent its hello still goes after
+    /// every idle peer of the flood, which are flagged and silent.
     fn first_to_go(&self, among: impl Fn(&Entry) -> bool) -> Option<u64> {
         let now = Instant::now();
         let flagged = |source: &Source| {
@@ -178,18 +182,27 @@ impl Pending {
                 .get(source)
                 .is_some_and(|at| now.saturating_duration_since(*at) < FLAGGED_FOR)
         };
-        let mut oldest = None;
-        let mut oldest_silent = None;
+        // The first entry of each rank, by arrival.
+        let mut ranks: [Option<u64>; 4] = [None; 4];
         for (id, entry) in self.queue.iter().filter(|(_, e)| among(e)) {
-            if flagged(&entry.source) {
-                return Some(*id);
-            }
-            oldest.get_or_insert(*id);
-            if oldest_silent.is_none() && !entry.has_spoken() {
-                oldest_silent = Some(*id);
+            let rank = match (flagged(&entry.source), entry.has_spoken()) {
+                (true, false) => 0,
+                (true, true) => 1,
+                (false, false) => 2,
+                (false, true) => 3,
+            };
+            ranks[rank].get_or_insert(*id);
+            if rank == 0 {
+                break;
             }
         }
-        oldest_silent.or(oldest)
+        ranks.into_iter().flatten().next()
+    }
+
+    /// Takes `source` off the flagged list: a handshake from it has just
+    /// authenticated, so it is a client, not a flood.
+    pub fn unflag(&mut self, source: Source) {
+        self.flagged.remove(&source);
     }
 
     /// Puts `source` first in line to be dropped for a while: one of its
@@ -441,6 +454,51 @@ mod tests {
             assert!(dropped(older), "{i}");
         }
         assert!(newcomers.iter_mut().all(|t| !dropped(t)));
+        assert!(!dropped(&mut client));
+    }
+
+    #[test]
+    fn a_flagged_client_that_spoke_goes_after_the_silent_flood() {
+        let pending = Rc::new(RefCell::new(Pending::default()));
+        // A client whose address was flagged (a handshake of its dropped
+        // when the flood began) and that has sent its hello.
+        let mut client = Pending::admit(&pending, v4(200), None);
+        client.spoke().now();
+        pending.borrow_mut().flag(v4(200));
+        let mut idle: Vec<Ticket> = (1..MAX_PENDING)
+            .map(|i| Pending::admit(&pending, v4((i % 199) as u8), None))
+            .collect();
+        for i in 1..199 {
+            pending.borrow_mut().flag(v4(i));
+        }
+        let mut newcomers = Vec::new();
+        for (i, older) in idle.iter_mut().enumerate().take(20) {
+            newcomers.push(Pending::admit(
+                &pending,
+                Source::V4([10, 0, 1, i as u8]),
+                None,
+            ));
+            assert!(dropped(older), "{i}");
+            assert!(!dropped(&mut client), "{i}");
+        }
+    }
+
+    #[test]
+    fn a_source_that_authenticates_is_no_longer_flagged() {
+        let pending = Rc::new(RefCell::new(Pending::default()));
+        let mut others: Vec<Ticket> = (1..MAX_PENDING)
+            .map(|i| Pending::admit(&pending, Source::V4([10, 0, 2, i as u8]), None))
+            .collect();
+        pending.borrow_mut().flag(v4(7));
+        pending.borrow_mut().unflag(v4(7));
+        let mut client = Pending::admit(&pending, v4(7), None);
+        for t in others.iter().chain([&client]) {
+            t.spoke().now();
+        }
+        // Everyone spoke and nobody is flagged: the oldest goes, not the
+        // client (which would go first if it were still flagged).
+        let _newcomer = Pending::admit(&pending, v4(9), None);
+        assert!(dropped(&mut others[0]));
         assert!(!dropped(&mut client));
     }
 

@@ -461,7 +461,10 @@ impl Server {
                 };
                 drop(ticket);
                 let stream = match authenticated {
-                    Ok(stream) => stream,
+                    Ok(stream) => {
+                        gate.pending.borrow_mut().unflag(source);
+                        stream
+                    }
                     Err(e) => {
                         tracing::debug!("connection {id} from {peer} not admitted: {e}");
                         gate.pending.borrow_mut().flag(source);
