@@ -25,7 +25,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::cache::{self, DiskCache};
 use crate::format::{self, Format};
-use crate::memory_cache::MemoryCache;
+use crate::memory_cache::{MemoryCache, Source};
 use crate::quota::MemoryShare;
 use crate::ticker::EpochTicker;
 use crate::{world, SpawnError};
@@ -183,7 +183,6 @@ pub struct Runtime {
     modules: wasmtime::Linker<CellState<WasiP1Ctx>>,
     cache: RefCell<MemoryCache<Compiled>>,
     disk: Option<Arc<DiskCache>>,
-    memory_budget: u64,
     ticker: EpochTicker,
 }
 
@@ -419,9 +418,8 @@ impl Runtime {
             components: component_linker(&engine)?,
             modules: module_linker(&engine)?,
             engine,
-            cache: RefCell::new(MemoryCache::default()),
+            cache: RefCell::new(MemoryCache::new(cache.memory_bytes)),
             disk,
-            memory_budget: cache.memory_bytes,
         })
     }
 
@@ -441,8 +439,8 @@ impl Runtime {
     /// serving other guests meanwhile.
     pub async fn compile(&self, bytes: Arc<[u8]>) -> Result<Compiled, SpawnError> {
         let kind = format::detect(&bytes)?;
-        let key = xxhash_rust::xxh3::xxh3_128(&bytes);
-        if let Some(hit) = self.cache.borrow_mut().get(key, &bytes) {
+        let source = Source::new(bytes.clone());
+        if let Some(hit) = self.cache.borrow_mut().get(&source) {
             return Ok(hit);
         }
         if kind == Format::Elf {
@@ -451,13 +449,12 @@ impl Runtime {
         format::check_command(kind, &bytes)?;
         let engine = self.engine.clone();
         let disk = self.disk.clone();
-        let source = bytes.clone();
         let artifact =
             tokio::task::spawn_blocking(move || build(&engine, disk.as_deref(), kind, &bytes))
                 .await
                 .map_err(|e| SpawnError::Compile(e.to_string()))?
                 .map_err(SpawnError::Compile)?;
-        let cost = artifact.code_bytes() + source.len() as u64;
+        let code_bytes = artifact.code_bytes();
         let compiled = match artifact {
             Artifact::Component(component) => {
                 world::check_component(&component, &self.engine)?;
@@ -483,13 +480,10 @@ impl Runtime {
                 )
             }
         };
-        self.cache
-            .borrow_mut()
-            .insert(key, source, compiled.clone(), cost, self.memory_budget);
-        Ok(compiled)
+        Ok(self.cache.borrow_mut().insert(source, compiled, code_bytes))
     }
 
-    /// Number of distinct guests compiled so far.
+    /// Distinct guests the compile cache in memory holds.
     pub fn cached(&self) -> usize {
         self.cache.borrow().len()
     }

@@ -97,7 +97,7 @@ impl Host {
         self.0.live_cells()
     }
 
-    /// Distinct guests compiled so far.
+    /// Distinct compiled guests the host holds in memory.
     pub fn compiled_guests(&self) -> usize {
         self.0.compiled_guests()
     }

@@ -17,7 +17,8 @@
 //!   copied in for a child and back;
 //! - [`engine`]: wasmtime configuration and linkers; [`memory_cache`]:
 //!   compiled guests in memory; [`cache`]: compiled guests on disk;
-//!   [`ticker`]: the thread that advances the engine's epoch;
+//!   [`ticker`]: the thread that advances the engine's epoch; [`lru`]: the
+//!   byte-bounded LRU under the compile cache and the program table;
 //! - [`world`]: the WIT world guests are linked against (`wit/world.wit`),
 //!   and the check that refuses imports outside it;
 //! - [`pipe`]: the bounded in-memory pipes behind every guest's stdio;
@@ -43,6 +44,7 @@ pub mod exec;
 pub mod executor;
 pub(crate) mod format;
 pub(crate) mod host;
+pub(crate) mod lru;
 pub(crate) mod memory_cache;
 pub mod pipe;
 pub(crate) mod process;

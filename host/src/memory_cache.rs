@@ -2,89 +2,67 @@
 //! their bytes. Every hit is confirmed by comparing the bytes themselves,
 //! so a crafted collision cannot pass one guest off as another. Bounded in
 //! bytes (each entry's bytes and compiled code), the least recently used
-//! going first.
+//! going first, by the rules of [`ByteLru`].
 
-use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-/// Compiled guests in memory, by the XXH3 of their bytes, bounded in bytes.
-pub(crate) struct MemoryCache<T> {
-    entries: HashMap<u128, Vec<Entry<T>>>,
-    /// Sum of the entries' costs.
-    bytes: u64,
-    /// Bumped at every use, to find the least recently used.
-    clock: u64,
+use crate::lru::ByteLru;
+
+/// A guest's bytes as the cache's key: hashed by their XXH3, equal only to
+/// the same bytes.
+#[derive(Clone)]
+pub(crate) struct Source {
+    hash: u128,
+    bytes: Arc<[u8]>,
 }
 
-impl<T> Default for MemoryCache<T> {
-    fn default() -> Self {
-        MemoryCache {
-            entries: HashMap::new(),
-            bytes: 0,
-            clock: 0,
+impl Source {
+    pub(crate) fn new(bytes: Arc<[u8]>) -> Source {
+        Source {
+            hash: xxhash_rust::xxh3::xxh3_128(&bytes),
+            bytes,
         }
     }
 }
 
-struct Entry<T> {
-    source: Arc<[u8]>,
-    compiled: T,
-    /// Its bytes and its compiled code.
-    cost: u64,
-    used: u64,
+impl PartialEq for Source {
+    fn eq(&self, other: &Source) -> bool {
+        self.hash == other.hash
+            && (Arc::ptr_eq(&self.bytes, &other.bytes) || *self.bytes == *other.bytes)
+    }
 }
+
+impl Eq for Source {}
+
+impl Hash for Source {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.hash.hash(state);
+    }
+}
+
+/// Compiled guests by their bytes, at most `budget` bytes of bytes and code.
+pub(crate) struct MemoryCache<T>(ByteLru<Source, T>);
 
 impl<T: Clone> MemoryCache<T> {
-    pub(crate) fn get(&mut self, key: u128, bytes: &[u8]) -> Option<T> {
-        self.clock += 1;
-        let clock = self.clock;
-        let entry = self
-            .entries
-            .get_mut(&key)?
-            .iter_mut()
-            .find(|e| *e.source == *bytes)?;
-        entry.used = clock;
-        Some(entry.compiled.clone())
+    pub(crate) fn new(budget: u64) -> Self {
+        MemoryCache(ByteLru::new(budget))
     }
 
-    /// Adds an entry, then drops the least recently used ones (never the
-    /// new one) while over `budget`.
-    pub(crate) fn insert(
-        &mut self,
-        key: u128,
-        source: Arc<[u8]>,
-        compiled: T,
-        cost: u64,
-        budget: u64,
-    ) {
-        self.clock += 1;
-        self.bytes += cost;
-        self.entries.entry(key).or_default().push(Entry {
-            source,
-            compiled,
-            cost,
-            used: self.clock,
-        });
-        while self.bytes > budget {
-            let oldest = self
-                .entries
-                .iter()
-                .flat_map(|(k, bucket)| {
-                    bucket.iter().enumerate().map(move |(i, e)| (*k, i, e.used))
-                })
-                .filter(|(_, _, used)| *used != self.clock)
-                .min_by_key(|(_, _, used)| *used);
-            let Some((k, i, _)) = oldest else { break };
-            let bucket = self.entries.get_mut(&k).expect("found above");
-            self.bytes -= bucket.swap_remove(i).cost;
-            if bucket.is_empty() {
-                self.entries.remove(&k);
-            }
-        }
+    pub(crate) fn get(&mut self, source: &Source) -> Option<T> {
+        self.0.get(source)
     }
 
+    /// Keeps `compiled`, whose code takes `code_bytes`, for `source`;
+    /// returns what the cache holds for it (see [`ByteLru::insert`]).
+    pub(crate) fn insert(&mut self, source: Source, compiled: T, code_bytes: u64) -> T {
+        let cost = code_bytes.saturating_add(source.bytes.len() as u64);
+        self.0.insert(source, compiled, cost)
+    }
+
+    /// How many guests it holds.
     pub(crate) fn len(&self) -> usize {
-        self.entries.values().map(Vec::len).sum()
+        self.0.len()
     }
 }
 
@@ -92,23 +70,45 @@ impl<T: Clone> MemoryCache<T> {
 mod tests {
     use super::*;
 
+    /// Two byte strings whose keys collide: the same hash, other bytes.
+    fn colliding(a: &str, b: &str) -> (Source, Source) {
+        let a = Source::new(Arc::from(a.as_bytes()));
+        let b = Source {
+            hash: a.hash,
+            bytes: Arc::from(b.as_bytes()),
+        };
+        (a, b)
+    }
+
     #[test]
-    fn the_memory_cache_drops_the_least_recently_used_past_its_budget() {
-        let mut cache = MemoryCache::<u32>::default();
-        let src = |s: &str| Arc::<[u8]>::from(s.as_bytes());
-        cache.insert(1, src("a"), 1, 40, 100);
-        cache.insert(2, src("b"), 2, 40, 100);
-        assert_eq!(cache.get(1, b"a"), Some(1)); // a is now the newer
-        cache.insert(3, src("c"), 3, 40, 100); // 120 > 100: b goes
+    fn a_collision_never_finds_the_other_guest() {
+        let mut cache = MemoryCache::new(100);
+        let (a, b) = colliding("a", "b");
+        cache.insert(a.clone(), 1, 10);
+        assert_eq!(cache.get(&b), None);
+        // Both are kept, each under its own bytes.
+        cache.insert(b.clone(), 2, 10);
         assert_eq!(
-            (cache.get(2, b"b"), cache.len(), cache.bytes),
-            (None, 2, 80)
+            (cache.get(&a), cache.get(&b), cache.len()),
+            (Some(1), Some(2), 2)
         );
-        assert_eq!(cache.get(1, b"a"), Some(1));
-        // Same key, other bytes (a collision): never the other's entry.
-        assert_eq!(cache.get(1, b"x"), None);
-        // One entry over the whole budget stays until the next comes.
-        cache.insert(4, src("d"), 4, 500, 100);
-        assert_eq!((cache.len(), cache.get(4, b"d")), (1, Some(4)));
+    }
+
+    #[test]
+    fn the_same_bytes_sent_again_are_found() {
+        let mut cache = MemoryCache::new(100);
+        cache.insert(Source::new(Arc::from(&b"guest"[..])), 1, 10);
+        // Another copy of the bytes, not the same allocation.
+        assert_eq!(cache.get(&Source::new(Arc::from(&b"guest"[..]))), Some(1));
+    }
+
+    #[test]
+    fn an_entry_costs_its_bytes_and_its_code() {
+        let mut cache = MemoryCache::new(100);
+        // 90 of code and 10 of bytes fit; one more byte of code does not.
+        cache.insert(Source::new(Arc::from(&[0u8; 10][..])), 1, 90);
+        assert_eq!(cache.len(), 1);
+        cache.insert(Source::new(Arc::from(&[1u8; 10][..])), 2, 91);
+        assert_eq!(cache.get(&Source::new(Arc::from(&[1u8; 10][..]))), None);
     }
 }

@@ -7,12 +7,12 @@
 //! program is the Executor's (`crate::executor`): it runs through the
 //! Executor that loaded or found it.
 
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::engine::Compiled;
 use crate::format::Format;
+use crate::lru::ByteLru;
 
 pub use capsa_schema::program::Hash;
 
@@ -44,60 +44,25 @@ impl Payload {
 }
 
 /// Programs by hash, holding at most `budget` bytes of them: the least
-/// recently loaded or found go first. A Program capability keeps its own
-/// bytes alive after its entry is evicted.
-pub struct ProgramTable {
-    entries: HashMap<Hash, (Rc<Loaded>, u64)>,
-    bytes: u64,
-    clock: u64,
-    budget: u64,
-}
+/// recently loaded or found go first, by the rules of [`ByteLru`]. A
+/// Program capability keeps its own bytes alive after its entry is evicted.
+pub struct ProgramTable(ByteLru<Hash, Rc<Loaded>>);
 
 impl ProgramTable {
     pub fn new(budget: u64) -> Self {
-        ProgramTable {
-            entries: HashMap::new(),
-            bytes: 0,
-            clock: 0,
-            budget,
-        }
+        ProgramTable(ByteLru::new(budget))
     }
 
     pub fn get(&mut self, hash: &Hash) -> Option<Rc<Loaded>> {
-        self.clock += 1;
-        let (loaded, used) = self.entries.get_mut(hash)?;
-        *used = self.clock;
-        Some(loaded.clone())
+        self.0.get(hash)
     }
 
-    /// Adds `loaded` (or refreshes the entry of the same hash, which holds
-    /// the same bytes) and evicts the least recently used others while
-    /// over budget. A program larger than the whole budget is not kept.
+    /// Adds `loaded`, at the cost of its bytes, and returns the program the
+    /// table holds for its hash: one loaded before it (the same bytes), or
+    /// `loaded` itself (kept, or not when larger than the whole budget).
     pub fn insert(&mut self, loaded: Rc<Loaded>) -> Rc<Loaded> {
-        if let Some(known) = self.get(&loaded.hash) {
-            return known;
-        }
         let cost = loaded.bytes.len() as u64;
-        if cost > self.budget {
-            return loaded;
-        }
-        self.clock += 1;
-        self.bytes += cost;
-        self.entries
-            .insert(loaded.hash, (loaded.clone(), self.clock));
-        while self.bytes > self.budget {
-            let oldest = self
-                .entries
-                .iter()
-                .filter(|(h, _)| **h != loaded.hash)
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(h, _)| *h);
-            let Some(hash) = oldest else { break };
-            if let Some((gone, _)) = self.entries.remove(&hash) {
-                self.bytes -= gone.bytes.len() as u64;
-            }
-        }
-        loaded
+        self.0.insert(loaded.hash, loaded, cost)
     }
 }
 
@@ -114,25 +79,18 @@ mod tests {
         })
     }
 
+    /// The table's own rule: a program costs its bytes; the rest is
+    /// `ByteLru`'s.
     #[test]
-    fn the_table_keeps_its_budget_and_evicts_the_least_recently_used() {
+    fn a_program_costs_its_bytes() {
         let mut table = ProgramTable::new(100);
-        table.insert(loaded(1, 40));
+        table.insert(loaded(1, 60));
         table.insert(loaded(2, 40));
-        // Finding 1 makes 2 the least recently used.
-        assert!(table.get(&[1; 32]).is_some());
-        table.insert(loaded(3, 40));
-        assert!(table.get(&[2; 32]).is_none(), "2 was the oldest");
-        assert!(table.get(&[1; 32]).is_some());
-        assert!(table.get(&[3; 32]).is_some());
-        assert_eq!(table.bytes, 80);
-        // Larger than the whole budget: returned, not kept, nothing evicted.
-        let big = table.insert(loaded(4, 101));
-        assert_eq!(big.bytes.len(), 101);
-        assert!(table.get(&[4; 32]).is_none());
-        assert_eq!(table.entries.len(), 2);
-        // The same hash again is one entry.
-        table.insert(loaded(1, 40));
-        assert_eq!((table.entries.len(), table.bytes), (2, 80));
+        assert!(table.get(&[1; 32]).is_some() && table.get(&[2; 32]).is_some());
+        table.insert(loaded(3, 1));
+        assert!(table.get(&[1; 32]).is_none(), "101 bytes kept in 100");
+        // The same hash again is the program already there.
+        let again = loaded(2, 40);
+        assert!(!Rc::ptr_eq(&table.insert(again.clone()), &again));
     }
 }

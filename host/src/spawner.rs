@@ -315,7 +315,7 @@ impl Spawner {
         self.0.cells.len()
     }
 
-    /// Distinct guests compiled so far.
+    /// Distinct compiled guests the host holds in memory.
     pub(crate) fn compiled_guests(&self) -> usize {
         self.0.runtime.cached()
     }

@@ -15,7 +15,8 @@ use std::path::Path;
 /// Bottom to top. A module may import modules of lower layers only.
 const LAYERS: &[&[&str]] = &[
     // Leaves: statuses, pipes, flow control, the disk cache, TLS and
-    // admission policy, host directories, the epoch ticker.
+    // admission policy, host directories, the epoch ticker, the byte-bounded
+    // LRU.
     &[
         "status",
         "pipe",
@@ -25,6 +26,7 @@ const LAYERS: &[&[&str]] = &[
         "admission",
         "directory",
         "ticker",
+        "lru",
     ],
     &["error"],
     // Formats, the WIT world, byte streams, quotas, the process registry,
