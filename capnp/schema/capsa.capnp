@@ -44,6 +44,13 @@ interface Executor {
   # otherwise, and the caller then `load`s the bytes. Knowing a program's
   # hash is enough to run it: a host shared by clients who must not run
   # each other's programs should not be shared.
+
+  network @5 () -> (network :Network);
+  # The Network granted to whoever holds this Executor: for PID0 that of
+  # `capsa run --net`, for a client of `capsa serve` that of `--net`, for
+  # a child the one its parent gave in `Options.network` (its own
+  # Executor, when it inherits one). `denied` when there is none: no
+  # network is ever ambient.
 }
 
 interface Program {
@@ -184,6 +191,12 @@ enum ErrorKind {
   # An absolute path, a `..`, a NUL byte, or a link that leads outside.
   noSpace @18;
   # The filesystem, or the grant's quota, is full.
+  denied @19;
+  # A Network view does not allow that destination (the message names the
+  # rule that refused it), or there is no Network.
+  unreachable @20;
+  # An allowed destination did not answer: no address, connection refused
+  # or timed out.
 }
 
 struct EnvVar {
@@ -262,6 +275,11 @@ struct Options {
   # closed. `Process.stdout` (`stderr`) then fails. If the sink fails, the
   # rest of the stream is read and dropped, so the child is never stuck on
   # a caller that went away. Unset: pull the stream with `Process.stdout`.
+
+  network @15 :Network;
+  # The network the child may reach, as its Executor's `network()`. Unset:
+  # none, whatever its parent has (a network is granted, never inherited).
+  # Narrow it with `Network.restrict` before handing it on.
 }
 
 interface Process {
@@ -327,4 +345,87 @@ struct ExitStatus {
     # The child could not run to completion for a reason outside the guest
     # (instantiation failed, the VM did not boot, ...).
   }
+}
+
+interface Network {
+  # A view of the network: which destinations its holder may reach, and
+  # how many connections it may hold at once. A view is narrowed with
+  # `restrict`, never widened; a connection is made only if every view from
+  # the one granted at the top down to the one used allows it. Dropping
+  # every reference to a view (or ending the process it was granted to)
+  # closes the connections made through it and the views made from it.
+
+  connect @0 (host :Text, port :UInt16) -> (connection :Connection);
+  # A TCP connection to `host` (a name, or an IPv4 or IPv6 address) at
+  # `port`. A name must match the view's `hosts` and is resolved by the
+  # view (its pins, else DNS); an address must lie in its `ranges`. Either
+  # way the address actually connected to is checked too: private,
+  # loopback and link-local addresses only where the view allows them,
+  # even when a permitted name resolves to one. Fails with `denied` (the
+  # rule that refused), `unreachable` (nothing answered within 10 s, or the
+  # connection was refused) or `quota` (the view's connection limit).
+
+  resolve @1 (host :Text) -> (addresses :List(Text));
+  # The addresses of `host` the view would connect to, in the order it
+  # would try them: its pins for that name, else DNS's answer without
+  # the addresses it does not allow. `denied` for a name outside the view.
+
+  restrict @2 (rules :NetRules) -> (network :Network);
+  # A view that allows what this view and `rules` both allow. Its pins
+  # must give addresses this view allows (`denied` otherwise): a pin never
+  # widens what a name may reach.
+}
+
+struct NetRules {
+  # What a view allows. Every list empty allows nothing.
+
+  hosts @0 :List(Text);
+  # Names a connection may be asked for: exact ("api.example.com"), every
+  # name below a domain ("*.example.com", not example.com itself), or every
+  # name ("*"). Case and a final dot do not matter.
+  ranges @1 :List(Text);
+  # Addresses a connection may be asked for, in CIDR notation ("10.1.0.0/16",
+  # "2001:db8::/32", "0.0.0.0/0" for every IPv4 address); an address alone
+  # is a range of one.
+  ports @2 :List(PortRange);
+  # Ports a connection may go to. Empty: every port.
+  allowPrivate @3 :Bool;
+  # Private addresses (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7)
+  # may be reached. Never by default.
+  allowLoopback @4 :Bool;
+  # Loopback addresses (127/8, ::1) may be reached. Never by default.
+  allowLinkLocal @5 :Bool;
+  # Link-local addresses (169.254/16, fe80::/10) may be reached. Never by
+  # default. Unspecified, multicast and broadcast addresses never are.
+  maxConnections @6 :UInt32;
+  # Connections open at once through this view and the views made from
+  # it. Zero: no limit of its own (its parent's still holds).
+  pins @7 :List(Pin);
+  # Names this view resolves itself, without DNS, for itself and the views
+  # made from it.
+}
+
+struct PortRange {
+  first @0 :UInt16;
+  last @1 :UInt16;
+  # Inclusive; `last` below `first` is a range of one, `first`.
+}
+
+struct Pin {
+  host @0 :Text;
+  addresses @1 :List(Text);
+  # IP addresses, tried in this order.
+}
+
+interface Connection {
+  # Both directions of a TCP connection. Dropping it closes the
+  # connection.
+
+  input @0 () -> (source :ByteSource);
+  # What the peer sends; `eof` once it has closed its side.
+  output @1 () -> (sink :ByteSink);
+  # What goes to the peer; `close` ends this side only (the peer reads
+  # end of stream and may still answer).
+  addresses @2 () -> (local :Text, peer :Text);
+  # Both ends as "ADDRESS:PORT" ("[ADDRESS]:PORT" for IPv6).
 }

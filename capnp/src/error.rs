@@ -5,7 +5,7 @@
 use crate::capsa_capnp::ErrorKind;
 
 /// Every kind with its name in descriptions, as the schema spells it.
-const NAMES: [(ErrorKind, &str); 19] = [
+const NAMES: [(ErrorKind, &str); 21] = [
     (ErrorKind::Failed, "failed"),
     (ErrorKind::BadRequest, "badRequest"),
     (ErrorKind::BadPayload, "badPayload"),
@@ -25,6 +25,8 @@ const NAMES: [(ErrorKind, &str); 19] = [
     (ErrorKind::ReadOnly, "readOnly"),
     (ErrorKind::BadPath, "badPath"),
     (ErrorKind::NoSpace, "noSpace"),
+    (ErrorKind::Denied, "denied"),
+    (ErrorKind::Unreachable, "unreachable"),
 ];
 
 /// What capnp-rpc puts in front of an exception that crossed a connection.

@@ -17,11 +17,13 @@ use tokio::sync::watch;
 use tracing::Instrument;
 use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::sockets::SocketAddrUse;
 use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
 
 use crate::directory::Preopen;
 use crate::engine::{CellState, Compiled, CpuBudgetExceeded, MemoryLimiter, P2Wasi, Runtime};
 use crate::error::SpawnError;
+use crate::netpolicy::View;
 use crate::pipe::{self, GuestInput, GuestOutput, PipeReader, PipeWriter};
 use crate::quota::MemoryShare;
 use crate::status::{wait_status, ExitStatus, KillSwitch, Limits};
@@ -55,6 +57,9 @@ pub struct CellSpec {
     pub memory_share: Option<Arc<MemoryShare>>,
     /// Directories the guest sees as WASI preopens.
     pub preopens: Vec<Preopen>,
+    /// The network the guest reaches through wasi:sockets, if it was
+    /// granted one of this host.
+    pub network: Option<Arc<View>>,
     /// Work done once the guest has ended, before its exit status is
     /// given (writing back directories copied in for it).
     pub after_exit: Vec<futures::future::LocalBoxFuture<'static, ()>>,
@@ -113,6 +118,31 @@ const STDERR_TAIL: usize = 4;
 /// How long a trapped guest's stderr may take to reach the log.
 const STDERR_DRAIN: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// Lets the guest's wasi:sockets open TCP connections the view allows:
+/// every connect is checked against the view's ports, ranges and address
+/// classes (a view's names need lookups, which wasi:sockets does not do
+/// through the view; the guest's connections go to addresses). Nothing
+/// else: no listening socket (it would listen on the host's own
+/// interfaces), no UDP, no lookups through the host's DNS.
+fn allow_sockets(builder: &mut WasiCtxBuilder, view: Arc<View>) {
+    builder.allow_tcp(true);
+    builder.socket_addr_check(move |addr, use_| {
+        let allowed = match use_ {
+            SocketAddrUse::TcpConnect => {
+                !view.revoked().is_cancelled()
+                    && view
+                        .destination(&addr.ip().to_string(), addr.port())
+                        .is_ok()
+            }
+            _ => false,
+        };
+        if !allowed {
+            tracing::debug!("wasi:sockets {use_:?} to {addr} refused by the guest's network");
+        }
+        Box::pin(std::future::ready(allowed))
+    });
+}
+
 /// Starts `compiled` as a new cell. `on_exit` runs once the cell has ended.
 /// `files_on_host_thread`: see [`crate::HostConfig::files_on_host_thread`].
 ///
@@ -143,6 +173,9 @@ pub fn spawn(
         .allow_udp(false)
         .allow_ip_name_lookup(false)
         .allow_blocking_current_thread(files_on_host_thread);
+    if let Some(view) = &spec.network {
+        allow_sockets(&mut builder, view.clone());
+    }
     for preopen in &spec.preopens {
         let perms = match preopen.read_only {
             true => wasmtime_wasi::FsPerms::ReadOnly,

@@ -287,6 +287,7 @@ impl ExecutorImpl {
             want_export: stdio == StdioMode::Rpc,
             memory_share: slot.memory_share(),
             preopens,
+            network: None,
             after_exit,
         };
         if elf {

@@ -81,6 +81,7 @@ impl Host {
             want_export: false,
             memory_share: None,
             preopens: self.0.preopens(),
+            network: self.0.network().map(|(view, _)| view),
             after_exit: Vec::new(),
         };
         let pid0 = self

@@ -46,6 +46,8 @@ pub(crate) mod format;
 pub(crate) mod host;
 pub(crate) mod lru;
 pub(crate) mod memory_cache;
+pub mod netpolicy;
+pub(crate) mod network;
 pub mod pipe;
 pub(crate) mod process;
 pub(crate) mod program;

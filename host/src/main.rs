@@ -272,6 +272,15 @@ struct HostArgs {
     /// least recently used go first.
     #[arg(long, default_value_t = 512)]
     memory_cache_mib: u64,
+    /// The network granted to PID0 (run), to every client (serve) or to
+    /// the program (exec), as its Executor's `network`: terms separated
+    /// by commas, each a host (NAME, *.DOMAIN or *), an address or CIDR
+    /// range, port=N or port=N-M, loopback, private, link-local (address
+    /// classes never reachable otherwise), max=N (connections at once),
+    /// pin:NAME=IP[+IP...] (resolved without DNS), or any (every name and
+    /// public address). Repeatable. Without it there is no network at all.
+    #[arg(long = "net", value_name = "RULES")]
+    net: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -552,7 +561,12 @@ impl HostArgs {
             cache_dir,
             no_cache,
             memory_cache_mib,
+            net,
         } = self;
+        let network = match net.is_empty() {
+            true => None,
+            false => Some(capsa::netpolicy::Rules::parse_cli(&net.join(",")).context("--net")?),
+        };
         let backend = match (allow_vm, vm_as_process, kernel, initramfs) {
             (false, None, _, _) => None,
             (_, Some(agent), _, _) => Some(VmBackend::AgentProcess { agent }),
@@ -591,6 +605,7 @@ impl HostArgs {
             vm,
             flow: capsa::FlowLimits::default(),
             directories: Vec::new(),
+            network,
             directory_timeout: capsa::mirror::CALL_TIMEOUT,
             scratch_dir,
             files_on_host_thread: !files_off_host_thread,

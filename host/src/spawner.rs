@@ -16,12 +16,15 @@ use crate::directory::{DirGrant, Directories, Grants, Preopen};
 use crate::engine::Runtime;
 use crate::error::SpawnError;
 use crate::format::Format;
+use crate::netpolicy::View;
+use crate::network::{NetworkImpl, Networks};
 use crate::program::{Hash, Loaded, Payload, ProgramTable};
 use crate::quota::{Slot, VmMemory};
 use crate::registry::ProcessSet;
 use crate::status::{wait_status, ExitStatus, Limits};
 use crate::transport::FlowLimits;
 use crate::vm::{self, Probed, VmProcess, VmRequest, VmSettings};
+use capsa_schema::capsa_capnp::network;
 
 /// Host-wide settings.
 #[derive(Clone, Debug)]
@@ -42,6 +45,9 @@ pub struct HostConfig {
     /// Host directories granted to PID0 (as WASI preopens) and to every
     /// root Executor (its `directories`); none by default.
     pub directories: Vec<DirGrant>,
+    /// The network PID0 and every root Executor are granted (their
+    /// Executor's `network`, and PID0's wasi:sockets); none by default.
+    pub network: Option<crate::netpolicy::Rules>,
     /// How long one call to a Directory from elsewhere (copied in for a
     /// child, see [`crate::mirror`]) may take.
     pub directory_timeout: std::time::Duration,
@@ -71,6 +77,7 @@ impl Default for HostConfig {
             vm: None,
             flow: FlowLimits::default(),
             directories: Vec::new(),
+            network: None,
             directory_timeout: crate::mirror::CALL_TIMEOUT,
             scratch_dir: None,
             files_on_host_thread: true,
@@ -100,6 +107,12 @@ struct Inner {
     preopens: Vec<Preopen>,
     /// Programs loaded by any Executor, by hash.
     programs: RefCell<ProgramTable>,
+    /// The Network views this host serves, to recognise them in
+    /// `runBytes`.
+    networks: Networks,
+    /// The embedder's network and its server, kept for as long as the
+    /// host runs.
+    network: Option<(Arc<View>, network::Client)>,
 }
 
 /// Why a host could not be created.
@@ -148,9 +161,16 @@ impl Spawner {
             preopens.push(preopen);
             granted.push((grant.path.clone(), client));
         }
+        let networks = Networks::default();
+        let network = config.network.clone().map(|rules| {
+            let view = View::root(rules);
+            (view.clone(), NetworkImpl::client(view, &networks))
+        });
         Ok(Spawner(Rc::new(Inner {
             runtime,
             config,
+            networks,
+            network,
             next_id: Counter::new(0),
             cells: ProcessSet::default(),
             closed: std::cell::Cell::new(false),
@@ -175,6 +195,17 @@ impl Spawner {
     /// The embedder's grants, as every root Executor lists them.
     pub(crate) fn granted(&self) -> Grants {
         self.0.granted.clone()
+    }
+
+    /// The Network views this host serves.
+    pub(crate) fn networks(&self) -> &Networks {
+        &self.0.networks
+    }
+
+    /// The embedder's network, if it granted one, as a capability and as
+    /// the view PID0's wasi:sockets go through.
+    pub(crate) fn network(&self) -> Option<(Arc<View>, network::Client)> {
+        self.0.network.clone()
     }
 
     /// The embedder's grants, as PID0's preopens.

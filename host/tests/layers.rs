@@ -16,7 +16,7 @@ use std::path::Path;
 const LAYERS: &[&[&str]] = &[
     // Leaves: statuses, pipes, flow control, the disk cache, TLS and
     // admission policy, host directories, the epoch ticker, the byte-bounded
-    // LRU.
+    // LRU, what a network view allows.
     &[
         "status",
         "pipe",
@@ -27,14 +27,16 @@ const LAYERS: &[&[&str]] = &[
         "directory",
         "ticker",
         "lru",
+        "netpolicy",
     ],
     &["error"],
-    // Formats, the WIT world, byte streams, quotas, the process registry,
-    // the compile cache in memory.
+    // Formats, the WIT world, byte streams, network views served,
+    // quotas, the process registry, the compile cache in memory.
     &[
         "format",
         "world",
         "stream",
+        "network",
         "quota",
         "registry",
         "memory_cache",
