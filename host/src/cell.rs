@@ -183,7 +183,10 @@ pub fn spawn(
         };
         builder
             .preopened_dir(preopen.host_path(), &preopen.guest_path, perms)
-            .map_err(|e| SpawnError::Grant(format!("{:?}: {e:#}", preopen.guest_path)))?;
+            .map_err(|source| SpawnError::Grant {
+                path: preopen.guest_path.clone(),
+                source,
+            })?;
     }
 
     let (kill_tx, kill_rx) = watch::channel(None);

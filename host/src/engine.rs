@@ -237,7 +237,7 @@ fn build(
     disk: Option<&DiskCache>,
     kind: Format,
     bytes: &[u8],
-) -> Result<Artifact, String> {
+) -> wasmtime::Result<Artifact> {
     let key = disk.map(|_| cache::key_of(bytes));
     if let (Some(disk), Some(key)) = (disk, &key) {
         if let Some(code) = disk.load(key) {
@@ -272,8 +272,7 @@ fn build(
     let artifact = match kind {
         Format::Module => Module::new(engine, bytes).map(Artifact::Module),
         _ => Component::new(engine, bytes).map(Artifact::Component),
-    }
-    .map_err(|e| format!("{e:#}"))?;
+    }?;
     tracing::debug!(
         "{kind:?} of {} bytes compiled in {:.1} ms",
         bytes.len(),
@@ -324,7 +323,7 @@ pub const MAPPINGS_BESIDE_CELLS: u64 = 8192;
 /// the limit every `mmap` of the process fails, `malloc`'s included, and
 /// the process aborts: with 20,016 cells and the default 65,530 a host
 /// died at its 6,000th guest ("memory allocation of 3584 bytes failed").
-pub fn check_mapping_limit(max_cells: u32, limit: Option<u64>) -> Result<(), String> {
+pub fn check_mapping_limit(max_cells: u32, limit: Option<u64>) -> Result<(), TooManyMappings> {
     let Some(limit) = limit else {
         return Ok(());
     };
@@ -334,12 +333,40 @@ pub fn check_mapping_limit(max_cells: u32, limit: Option<u64>) -> Result<(), Str
     if needed <= limit {
         return Ok(());
     }
-    let fits = limit.saturating_sub(MAPPINGS_BESIDE_CELLS) / MAPPINGS_PER_CELL;
-    Err(format!(
-        "{max_cells} guests may need {needed} memory mappings, and this system allows a \
-         process {limit} (vm.max_map_count): lower the number of guests to at most {fits}, \
-         or raise the limit (sysctl -w vm.max_map_count={needed})"
-    ))
+    Err(TooManyMappings {
+        max_cells,
+        needed,
+        limit,
+        fits: limit.saturating_sub(MAPPINGS_BESIDE_CELLS) / MAPPINGS_PER_CELL,
+    })
+}
+
+/// A host asked to hold more guests than this system's memory-mapping
+/// limit allows one process.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{max_cells} guests may need {needed} memory mappings, and this system allows a \
+     process {limit} (vm.max_map_count): lower the number of guests to at most {fits}, \
+     or raise the limit (sysctl -w vm.max_map_count={needed})"
+)]
+pub struct TooManyMappings {
+    pub max_cells: u32,
+    /// Mappings that many guests may need.
+    pub needed: u64,
+    /// `vm.max_map_count`.
+    pub limit: u64,
+    /// Most guests the limit holds.
+    pub fits: u64,
+}
+
+/// Why a [`Runtime`] could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Mappings(#[from] TooManyMappings),
+    /// wasmtime refused the engine's configuration or a linker.
+    #[error("cannot set up the WebAssembly engine: {0:#}")]
+    Engine(#[from] wasmtime::Error),
 }
 
 /// This system's `vm.max_map_count`, if it can be read.
@@ -397,8 +424,12 @@ pub fn engine_config(max_memory: u64, max_cells: u32) -> Config {
 impl Runtime {
     /// `max_memory` bounds every guest memory; `max_cells` is how many
     /// guests may be alive at once in this host.
-    pub fn new(max_memory: u64, max_cells: u32, cache: CacheConfig) -> wasmtime::Result<Runtime> {
-        check_mapping_limit(max_cells, mapping_limit()).map_err(wasmtime::Error::msg)?;
+    pub fn new(
+        max_memory: u64,
+        max_cells: u32,
+        cache: CacheConfig,
+    ) -> Result<Runtime, RuntimeError> {
+        check_mapping_limit(max_cells, mapping_limit())?;
         let engine = Engine::new(&engine_config(max_memory, max_cells))?;
 
         // Without its disk cache the host still works, only slower to start.
@@ -452,7 +483,10 @@ impl Runtime {
         let artifact =
             tokio::task::spawn_blocking(move || build(&engine, disk.as_deref(), kind, &bytes))
                 .await
-                .map_err(|e| SpawnError::Compile(e.to_string()))?
+                .map_err(|source| SpawnError::Blocking {
+                    task: "compiling the guest",
+                    source,
+                })?
                 .map_err(SpawnError::Compile)?;
         let code_bytes = artifact.code_bytes();
         let compiled = match artifact {
@@ -461,10 +495,8 @@ impl Runtime {
                 let pre = self
                     .components
                     .instantiate_pre(&component)
-                    .map_err(|e| SpawnError::Link(format!("{e:#}")))?;
-                Compiled::Component(
-                    CommandPre::new(pre).map_err(|e| SpawnError::Link(format!("{e:#}")))?,
-                )
+                    .map_err(SpawnError::Linker)?;
+                Compiled::Component(CommandPre::new(pre).map_err(SpawnError::Linker)?)
             }
             Artifact::Module(module) => {
                 if module.get_export("_start").is_none() {
@@ -476,7 +508,7 @@ impl Runtime {
                 Compiled::Module(
                     self.modules
                         .instantiate_pre(&module)
-                        .map_err(|e| SpawnError::Link(format!("{e:#}")))?,
+                        .map_err(SpawnError::Linker)?,
                 )
             }
         };
@@ -526,7 +558,9 @@ mod tests {
         // The default limit holds the default host and about 9,500 guests.
         assert!(check_mapping_limit(1024, Some(65_530)).is_ok());
         assert!(check_mapping_limit(9_556, Some(65_530)).is_ok());
-        let e = check_mapping_limit(20_016, Some(65_530)).unwrap_err();
+        let e = check_mapping_limit(20_016, Some(65_530))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("65530") && e.contains("at most 9556"), "{e}");
         assert!(e.contains("vm.max_map_count=128288"), "{e}");
         // 100,000 guests with the limit raised; no overflow at the extremes.
@@ -547,6 +581,9 @@ mod tests {
             panic!("{too_many} cells fit in a limit of {limit} mappings");
         };
         assert!(e.to_string().contains("vm.max_map_count"), "{e}");
+        // The system's limit, not the engine's failure.
+        assert!(matches!(e, RuntimeError::Mappings(_)), "{e}");
+        assert!(!e.to_string().contains("WebAssembly engine"), "{e}");
     }
 
     #[test]

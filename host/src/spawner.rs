@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use crate::cell::{self, Cell, CellSpec};
 use crate::directory::{DirGrant, Directories, Grants, Preopen};
-use crate::engine::Runtime;
+use crate::engine::{Runtime, RuntimeError};
 use crate::error::SpawnError;
 use crate::format::Format;
 use crate::netpolicy::View;
@@ -118,10 +118,10 @@ struct Inner {
 /// Why a host could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
-    /// wasmtime refused the engine's configuration, or the machine cannot
-    /// hold as many guests as asked.
-    #[error("cannot set up the WebAssembly engine: {0}")]
-    Engine(String),
+    /// The engine cannot be set up, or this system cannot hold as many
+    /// guests as asked.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
     /// A directory the embedder granted cannot be opened.
     #[error("cannot grant {}: {error}", path.display())]
     Grant {
@@ -142,8 +142,7 @@ impl Spawner {
             config.limits.memory_bytes,
             config.max_cells,
             config.compile_cache.clone(),
-        )
-        .map_err(|e| HostError::Engine(format!("{e:#}")))?;
+        )?;
         let config_budget = config.compile_cache.memory_bytes;
         let directories = Directories::default();
         let mut granted = Vec::new();
@@ -229,7 +228,10 @@ impl Spawner {
         let hashed = bytes.clone();
         let hash = tokio::task::spawn_blocking(move || crate::cache::key_of(&hashed))
             .await
-            .map_err(|e| SpawnError::Compile(format!("hashing the program: {e}")))?;
+            .map_err(|source| SpawnError::Blocking {
+                task: "hashing the program",
+                source,
+            })?;
         let loaded = Rc::new(Loaded {
             bytes,
             hash,

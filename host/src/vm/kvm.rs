@@ -14,7 +14,7 @@ use capsa_microvm::{CpuProfile, KernelImage, Vm, VmConfig, VmExit};
 
 use super::probe::Probed;
 use super::{AgentStream, VmRequest};
-use crate::error::SpawnError;
+use crate::error::{ConnectAttempt, VmFailure};
 
 /// The vsock port the agent serves its Executor on.
 pub const AGENT_PORT: u32 = 1024;
@@ -109,12 +109,7 @@ pub(super) struct KvmMachine(Arc<Vm>);
 impl KvmMachine {
     /// Resolves when the VM stops on its own, with a description.
     pub(super) async fn stopped(&mut self) -> String {
-        match self.0.wait().await {
-            VmExit::Panic(lines) => format!("kernel panicked: {lines}"),
-            VmExit::Error(e) => format!("the VMM stopped the VM: {e}"),
-            VmExit::Shutdown(how) => format!("the VM shut down ({how})"),
-            VmExit::Stopped => "the VM was stopped".into(),
-        }
+        describe(&self.0.wait().await)
     }
 
     /// Stops the VM and waits until its threads are joined, its fds closed
@@ -164,22 +159,32 @@ fn drop_off_thread<T: Send + 'static>(value: T) {
     }
 }
 
-fn gone() -> SpawnError {
-    SpawnError::Vm("the machine is gone".into())
+/// How a VM ended, in words.
+fn describe(exit: &VmExit) -> String {
+    match exit {
+        VmExit::Panic(lines) => format!("kernel panicked: {lines}"),
+        VmExit::Error(e) => format!("the VMM stopped the VM: {e}"),
+        VmExit::Shutdown(how) => format!("the VM shut down ({how})"),
+        VmExit::Stopped => "the VM was stopped".into(),
+    }
 }
 
 /// A machine still booting. If the boot is abandoned (its future dropped:
 /// the caller went away), the machine is ended off the host's thread.
 struct Booting(Option<Arc<Vm>>);
 
+/// Why a `Booting` always holds its machine: only `machine`, which consumes
+/// it, takes the machine out (the `Option` is for `Drop` to move it).
+const HELD: &str = "a Booting holds its machine until `machine` takes it";
+
 impl Booting {
-    fn vm(&self) -> Result<&Vm, SpawnError> {
-        self.0.as_deref().ok_or_else(gone)
+    fn vm(&self) -> &Vm {
+        self.0.as_deref().expect(HELD)
     }
 
     /// The machine, now the host's to tear down.
-    fn machine(mut self) -> Option<KvmMachine> {
-        self.0.take().map(KvmMachine)
+    fn machine(mut self) -> KvmMachine {
+        KvmMachine(self.0.take().expect(HELD))
     }
 }
 
@@ -202,7 +207,7 @@ pub(super) async fn boot(
     req: &VmRequest,
     deadline: Instant,
     ready_timeout: Duration,
-) -> Result<(KvmMachine, AgentStream), SpawnError> {
+) -> Result<(KvmMachine, AgentStream), VmFailure> {
     let boot_started = Instant::now();
     let kernel = match &req.kernel {
         Some(bytes) => KernelImage::Bytes(bytes.clone()),
@@ -210,11 +215,9 @@ pub(super) async fn boot(
     };
     let initramfs = match &req.initramfs {
         Some(bytes) => bytes.clone(),
-        None => std::fs::read(initramfs).map_err(|e| {
-            SpawnError::Vm(format!(
-                "reading the initramfs {}: {e}",
-                initramfs.display()
-            ))
+        None => std::fs::read(initramfs).map_err(|source| VmFailure::Initramfs {
+            path: initramfs.to_path_buf(),
+            source,
         })?,
     };
     let mut cmdline = String::from("console=ttyS0 reboot=k panic=-1 quiet");
@@ -237,10 +240,10 @@ pub(super) async fn boot(
     };
     let vm = tokio::task::spawn_blocking(move || Vm::start(config))
         .await
-        .map_err(|e| SpawnError::Vm(format!("the thread starting the machine: {e}")))??;
+        .map_err(VmFailure::StartThread)??;
     let booting = Booting(Some(register(vm)));
     loop {
-        let vm = booting.vm()?;
+        let vm = booting.vm();
         // Until the guest's driver is up a connection request gets no
         // answer at all; after that the guest's kernel answers at once (a
         // RESPONSE if the agent listens, else an RST). So an attempt is
@@ -255,43 +258,41 @@ pub(super) async fn boot(
                 _ = vm.wait() => None,
             }
         };
-        let why = match attempt.await {
-            None => "the VM stopped".to_string(),
+        let last = match attempt.await {
+            None => ConnectAttempt::Stopped,
             Some(r) => match r {
                 Ok(Ok(stream)) => {
                     tracing::debug!(
                         "the agent answered {:.2} s after the VM started",
                         boot_started.elapsed().as_secs_f64()
                     );
-                    let machine = booting.machine().ok_or_else(gone)?;
-                    return Ok((machine, Box::pin(stream)));
+                    return Ok((booting.machine(), Box::pin(stream)));
                 }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => "no answer".to_string(),
+                Ok(Err(e)) => ConnectAttempt::Failed(e),
+                Err(_) => ConnectAttempt::NoAnswer,
             },
         };
         if let Some(exit) = vm.exit_status() {
-            let why = match exit {
-                VmExit::Panic(lines) => format!("the kernel panicked: {lines}"),
-                VmExit::Shutdown(how) => format!("the guest shut down ({how})"),
-                other => format!("{other:?}"),
-            };
-            let machine = booting.machine().ok_or_else(gone)?;
-            let tail = machine.console_tail();
-            let log = machine.kernel_log_tail();
+            let machine = booting.machine();
+            let console = machine.console_tail();
+            let report = machine.kernel_log_tail();
             machine.tear_down().await;
-            return Err(SpawnError::Vm(format!(
-                "the VM stopped while booting: {why}; console: {tail}{log}"
-            )));
+            return Err(VmFailure::StoppedBooting {
+                why: describe(&exit),
+                console,
+                report,
+            });
         }
         if Instant::now() >= deadline {
-            let machine = booting.machine().ok_or_else(gone)?;
-            let tail = machine.console_tail();
-            let state = machine.tear_down_reporting().await;
-            return Err(SpawnError::Vm(format!(
-                "the agent did not answer within {ready_timeout:?} ({why}); \
-                 console: {tail}{state}"
-            )));
+            let machine = booting.machine();
+            let console = machine.console_tail();
+            let report = machine.tear_down_reporting().await;
+            return Err(VmFailure::Unanswered {
+                timeout: ready_timeout,
+                last,
+                console,
+                report,
+            });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -28,7 +28,7 @@ use capsa_schema::ErrorKind;
 use futures::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
-use crate::error::SpawnError;
+use crate::error::{SpawnError, VmFailure};
 use crate::status::{wait_status, ExitStatus, KillSwitch, Limits};
 use crate::transport::{self, FlowLimits};
 
@@ -279,12 +279,10 @@ pub(crate) async fn start(
     let answer = tokio::select! {
         answer = run.send().promise => answer,
         why = machine.stopped() => {
-            let tail = machine.console_tail();
-            let log = machine.kernel_log_tail();
+            let console = machine.console_tail();
+            let report = machine.kernel_log_tail();
             machine.tear_down().await;
-            return Err(SpawnError::Vm(format!(
-                "the VM stopped before its agent took the ELF: {why}; console: {tail}{log}"
-            )));
+            return Err(VmFailure::StoppedBeforeRun { why, console, report }.into());
         }
     };
     let process = match answer {
@@ -292,7 +290,7 @@ pub(crate) async fn start(
             Ok(p) => p,
             Err(e) => {
                 machine.tear_down().await;
-                return Err(SpawnError::Vm(format!("the agent refused the ELF: {e}")));
+                return Err(VmFailure::Answer(e).into());
             }
         },
         Err(e) => {

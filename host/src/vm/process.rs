@@ -16,7 +16,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use super::AgentStream;
-use crate::error::SpawnError;
+use crate::error::VmFailure;
 
 /// How many of an agent process's last lines an early exit reports.
 const AGENT_LAST_LINES: usize = 8;
@@ -55,8 +55,8 @@ pub(super) async fn boot(
     agent: &Path,
     deadline: Instant,
     ready_timeout: Duration,
-) -> Result<(AgentMachine, AgentStream), SpawnError> {
-    let dir = TempDir::new().map_err(|e| SpawnError::Vm(format!("temporary directory: {e}")))?;
+) -> Result<(AgentMachine, AgentStream), VmFailure> {
+    let dir = TempDir::new().map_err(VmFailure::TempDir)?;
     let socket = dir.0.join("agent.sock");
     let mut command = tokio::process::Command::new(agent);
     command
@@ -83,9 +83,10 @@ pub(super) async fn boot(
             Ok(())
         });
     }
-    let mut child = command
-        .spawn()
-        .map_err(|e| SpawnError::Vm(format!("starting the agent {}: {e}", agent.display())))?;
+    let mut child = command.spawn().map_err(|source| VmFailure::AgentStart {
+        agent: agent.to_path_buf(),
+        source,
+    })?;
     // The agent's console, as a VM's serial log would be: to the host log,
     // never into a data stream; its last lines explain an agent that exits
     // before answering.
@@ -117,9 +118,10 @@ pub(super) async fn boot(
             }
             Err(e) if Instant::now() >= deadline => {
                 machine.tear_down().await;
-                return Err(SpawnError::Vm(format!(
-                    "the agent did not answer within {ready_timeout:?}: {e}"
-                )));
+                return Err(VmFailure::AgentUnanswered {
+                    timeout: ready_timeout,
+                    source: e,
+                });
             }
             Err(_) => {
                 if let Ok(Some(s)) = machine.child.0.try_wait() {
@@ -127,10 +129,10 @@ pub(super) async fn boot(
                         let _ = tokio::time::timeout(AGENT_LAST_WORDS, console).await;
                     }
                     let said = Vec::from(std::mem::take(&mut *said.borrow_mut()));
-                    return Err(SpawnError::Vm(format!(
-                        "the agent exited before answering: {s}; it said: {}",
-                        said.join(" / ")
-                    )));
+                    return Err(VmFailure::AgentExited {
+                        status: s,
+                        said: said.join(" / "),
+                    });
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
