@@ -93,9 +93,10 @@ impl Host {
         Ok(status)
     }
 
-    /// Cells (and machines) currently running, at every nesting level.
-    pub fn live_cells(&self) -> usize {
-        self.0.live_cells()
+    /// Guests (WASM cells and machines) currently running, at every
+    /// nesting level.
+    pub fn live_guests(&self) -> usize {
+        self.0.live_guests()
     }
 
     /// Distinct compiled guests the host holds in memory.

@@ -9,7 +9,12 @@
 //!   memory as it grows ([`MemoryShare`]);
 //! - for machines, the host's total of machine memory ([`VmMemory`]).
 //!
-//! The host-wide count of live guests (`max_cells`) is the spawner's
+//! A [`Slot`] and a [`Seat`] count the same guest in two places: the Slot
+//! in the Executor that started it (its live children), the Seat in the
+//! client behind that Executor (its share, at every nesting level). A
+//! guest started through an Executor holds a Slot, and the Slot holds the
+//! guest's Seat; neither is held alone. The host-wide count of live guests
+//! (`max_cells`, WASM cells and machines alike) is the spawner's
 //! registry's length.
 
 use std::cell::Cell as Count;
@@ -104,7 +109,8 @@ impl ClientQuota {
 }
 
 /// One guest of a client, and the machine memory it took; both are given
-/// back when it is dropped (when the guest has ended).
+/// back when it is dropped (when the guest has ended). Held inside the
+/// guest's [`Slot`].
 pub(crate) struct Seat {
     quota: Rc<ClientQuota>,
     memory: u64,
@@ -142,8 +148,8 @@ impl Drop for Seat {
     }
 }
 
-/// One live child counted against its Executor (`live`) and its client
-/// (`seat`); released when dropped.
+/// One live child counted against its Executor (`live`) and, through its
+/// [`Seat`], its client; both released when dropped.
 pub(crate) struct Slot {
     live: Rc<Count<u32>>,
     seat: Seat,

@@ -95,7 +95,7 @@ struct Inner {
     config: HostConfig,
     next_id: Counter<u64>,
     /// Every guest running, by id.
-    cells: ProcessSet,
+    guests: ProcessSet,
     closed: std::cell::Cell<bool>,
     probed: Probed,
     directories: Directories,
@@ -171,7 +171,7 @@ impl Spawner {
             networks,
             network,
             next_id: Counter::new(0),
-            cells: ProcessSet::default(),
+            guests: ProcessSet::default(),
             closed: std::cell::Cell::new(false),
             probed: Probed::default(),
             directories,
@@ -269,7 +269,7 @@ impl Spawner {
         if self.0.closed.get() {
             return Err(SpawnError::ShuttingDown);
         }
-        if self.live_cells() >= self.0.config.max_cells as usize {
+        if self.live_guests() >= self.0.config.max_cells as usize {
             return Err(SpawnError::HostFull(self.0.config.max_cells));
         }
         let id = self.0.next_id.get();
@@ -287,7 +287,7 @@ impl Spawner {
             move |_| {
                 drop(slot);
                 if let Some(inner) = weak.upgrade() {
-                    inner.cells.remove(id);
+                    inner.guests.remove(id);
                 }
             },
         )?;
@@ -295,7 +295,7 @@ impl Spawner {
         // it while it runs.
         if cell.try_status().is_none() {
             self.0
-                .cells
+                .guests
                 .insert(id, cell.kill_switch(), cell.status_receiver());
         }
         Ok(cell)
@@ -311,7 +311,7 @@ impl Spawner {
         if self.0.closed.get() {
             return Err(SpawnError::ShuttingDown);
         }
-        if self.live_cells() >= self.0.config.max_cells as usize {
+        if self.live_guests() >= self.0.config.max_cells as usize {
             return Err(SpawnError::HostFull(self.0.config.max_cells));
         }
         let memory = VmMemory::take(
@@ -327,7 +327,7 @@ impl Spawner {
             drop(slot);
             drop(memory);
             if let Some(inner) = weak.upgrade() {
-                inner.cells.remove(id);
+                inner.guests.remove(id);
             }
         })
         .await?;
@@ -339,13 +339,14 @@ impl Spawner {
             wait_status(vm.torn_down()).await;
             return Err(SpawnError::ShuttingDown);
         }
-        self.0.cells.insert(id, vm.kill_switch(), vm.torn_down());
+        self.0.guests.insert(id, vm.kill_switch(), vm.torn_down());
         Ok(vm)
     }
 
-    /// Cells (and machines) currently running, at every nesting level.
-    pub(crate) fn live_cells(&self) -> usize {
-        self.0.cells.len()
+    /// Guests (WASM cells and machines) currently running, at every
+    /// nesting level.
+    pub(crate) fn live_guests(&self) -> usize {
+        self.0.guests.len()
     }
 
     /// Distinct compiled guests the host holds in memory.
@@ -357,6 +358,6 @@ impl Spawner {
     /// are refused from here on.
     pub(crate) async fn shutdown(&self) {
         self.0.closed.set(true);
-        self.0.cells.end_all().await;
+        self.0.guests.end_all().await;
     }
 }

@@ -421,12 +421,12 @@ pub fn assert_kind(err: &str, kind: ErrorKind, says: &str) {
 /// `what` and the count of survivors.
 pub async fn until_nothing_runs(host: &Host, what: &str) {
     for _ in 0..500 {
-        if host.live_cells() == 0 {
+        if host.live_guests() == 0 {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    panic!("{} {what}", host.live_cells());
+    panic!("{} {what}", host.live_guests());
 }
 
 pub async fn wait(p: &process::Client) -> ExitStatus {

@@ -48,7 +48,7 @@ fn child_makes_concurrent_calls_and_spawns_a_grandchild() {
             reply,
             "child-echo[grandchild]: 8 concurrent echoes ok: deep"
         );
-        assert_eq!(host.live_cells(), 2);
+        assert_eq!(host.live_guests(), 2);
     });
 }
 
@@ -336,7 +336,7 @@ fn pushed_streams_are_refused_in_rpc_mode_and_cannot_be_pulled() {
         .map(drop)
         .unwrap_err();
         assert_kind(&refused, ErrorKind::WrongMode, "need data mode");
-        assert_eq!(host.live_cells(), 0, "a refused child was started");
+        assert_eq!(host.live_guests(), 0, "a refused child was started");
 
         let p = run(
             &root,
@@ -532,7 +532,7 @@ fn dropping_the_last_process_reference_kills_the_child() {
         )
         .await
         .unwrap();
-        assert_eq!(host.live_cells(), 2);
+        assert_eq!(host.live_guests(), 2);
         drop((p, p2));
         until_nothing_runs(&host, "children survived their Process").await;
     });
@@ -543,7 +543,7 @@ fn the_demo_pid0_runs_to_a_clean_exit() {
     host(|host| async move {
         let status = host.run_pid0(&guest("pid0"), vec![]).await.unwrap();
         assert_eq!(status, ExitStatus::Exited(0));
-        assert_eq!(host.live_cells(), 0);
+        assert_eq!(host.live_guests(), 0);
     });
 }
 

@@ -87,7 +87,7 @@ fn an_initramfs_without_an_agent_fails_cleanly(ready: Duration) {
             // from guest memory.
             assert!(err.contains("vCPU sample 3: vcpu0 rip 0x"), "{err}");
             assert!(err.contains("kernel log:"), "{err}");
-            assert_eq!(host.live_cells(), 0);
+            assert_eq!(host.live_guests(), 0);
         });
         let now = (settled_thread_count(), open_fds());
         match &baseline {
@@ -544,7 +544,7 @@ mod native_kvm {
             .expect("runBytes should fail");
             assert!(err.contains("Kernel panic"), "{err}");
             assert!(start.elapsed() < READY, "took {:?}", start.elapsed());
-            assert_eq!(host.live_cells(), 0);
+            assert_eq!(host.live_guests(), 0);
         });
     }
 

@@ -172,11 +172,11 @@ fn a_program_runs_under_its_executors_quotas() {
 
 async fn until_live(host: &capsa::Host, n: usize) {
     let start = std::time::Instant::now();
-    while host.live_cells() != n {
+    while host.live_guests() != n {
         assert!(
             start.elapsed() < std::time::Duration::from_secs(10),
             "{} live",
-            host.live_cells()
+            host.live_guests()
         );
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }

@@ -275,7 +275,7 @@ fn mutated_rpc_streams_never_break_the_host() {
             }
         }
         assert_eq!(echo(&witness, "after").await.unwrap(), "after");
-        assert_eq!(host.live_cells(), 0);
+        assert_eq!(host.live_guests(), 0);
     });
 }
 
@@ -396,7 +396,7 @@ fn a_connection_gets_its_own_quotas_and_its_processes_die_with_it() {
         assert_kind(&refused, ErrorKind::Quota, "live children limit of 2");
         // The other connection's quota is its own.
         let _b = run(&two, &guest("hello"), Run { ..cat }).await.unwrap();
-        assert_eq!(host.live_cells(), 4);
+        assert_eq!(host.live_guests(), 4);
 
         // Connection one goes, its capabilities still held here: its three
         // processes end, two's stays.
@@ -407,11 +407,11 @@ fn a_connection_gets_its_own_quotas_and_its_processes_die_with_it() {
             .unwrap()
             .unwrap();
         let start = Instant::now();
-        while host.live_cells() != 1 {
+        while host.live_guests() != 1 {
             assert!(
                 start.elapsed() < Duration::from_secs(10),
                 "{}",
-                host.live_cells()
+                host.live_guests()
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

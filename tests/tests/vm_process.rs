@@ -260,7 +260,7 @@ fn kill_drop_and_deadline_tear_the_machine_down() {
             ..Run::default()
         };
         let p = run(&root, &elf("/bin/sleep"), sleeper()).await.unwrap();
-        assert_eq!(host.live_cells(), 1);
+        assert_eq!(host.live_guests(), 1);
         p.kill_request().send().promise.await.unwrap();
         assert_eq!(wait(&p).await, ExitStatus::Killed);
 
@@ -403,7 +403,7 @@ fn an_agent_that_never_answers_is_bounded_by_the_ready_timeout() {
                 .err()
                 .expect("runBytes should fail");
             assert_kind(&err, ErrorKind::Vm, "the agent did not answer within");
-            assert_eq!(host.live_cells(), 1);
+            assert_eq!(host.live_guests(), 1);
             assert!(echo(&exported_executor(&witness), "ok?")
                 .await
                 .unwrap()
@@ -425,7 +425,7 @@ fn a_bad_elf_is_refused_and_the_machine_goes() {
             .err()
             .expect("runBytes should fail");
         assert_kind(&err, ErrorKind::BadPayload, "ELF executable of class 1");
-        assert_eq!(host.live_cells(), 0);
+        assert_eq!(host.live_guests(), 0);
 
         // A header that passes the check with nothing behind it: the agent
         // cannot execute it, and the process says so.
@@ -504,7 +504,7 @@ fn a_machine_larger_than_the_callers_limits_is_refused() {
         .err()
         .expect("4 billion vCPUs");
         assert_kind(&err, ErrorKind::TooLarge, "vCPUs");
-        assert_eq!(host.live_cells(), 0);
+        assert_eq!(host.live_guests(), 0);
         let p = run(&root, &elf("/bin/true"), Run::default()).await.unwrap();
         assert_eq!(wait(&p).await, ExitStatus::Exited(0));
     });
@@ -605,7 +605,7 @@ fn pid0_exit_leaves_nothing_running() {
                     .await
                     .unwrap();
                 assert_eq!(status, ExitStatus::Exited(0));
-                assert_eq!(host.live_cells(), 0);
+                assert_eq!(host.live_guests(), 0);
             }
         });
         assert_none_left(&needle, "the ELF survived PID0");
@@ -663,7 +663,7 @@ fn a_machine_booting_while_the_host_shuts_down_is_not_kept() {
             host.shutdown().await;
             let err = booting.await.unwrap().expect_err("the machine was kept");
             assert_kind(&err, ErrorKind::ShuttingDown, "shutting down");
-            assert_eq!(host.live_cells(), 0);
+            assert_eq!(host.live_guests(), 0);
         },
     );
     let agents = processes_with(&format!("capsa-vm-{}-", std::process::id()));

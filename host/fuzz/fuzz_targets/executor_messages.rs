@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
             if let Err(e) = capsa_tests::feed_connection(&host, data).await {
                 panic!("{e}");
             }
-            assert_eq!(host.live_cells(), 0, "a process outlived its connection");
+            assert_eq!(host.live_guests(), 0, "a process outlived its connection");
         });
     });
 });
