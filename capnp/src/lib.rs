@@ -1,7 +1,9 @@
 //! The capsa Cap'n Proto schema (`schema/capsa.capnp`), compiled by `build.rs`
 //! for every side: the host, the wasm32-wasip2 guests and the microVM agent,
-//! with the payload detection and the argv rule every `runBytes`
-//! implementation shares.
+//! with what every `runBytes` implementation shares: the payload detection,
+//! the argv rule, the request as read and checked ([`request`]), and the
+//! servers of the capabilities (`Executor`, `Program`, `Process`,
+//! `ByteSource`), each over a small trait a side implements.
 
 pub mod argv;
 pub mod error;
@@ -10,6 +12,7 @@ pub mod hostile;
 pub mod program;
 pub mod request;
 pub mod rpc;
+pub mod serve;
 pub mod status;
 pub mod stream;
 

@@ -1,7 +1,11 @@
-//! The `Executor` capability (`runBytes`, `load`, `program`, `directories`
-//! and `echo`) and the `Program` capability, which runs a loaded program
-//! through the Executor that loaded or found it: its processes have that
-//! Executor's limits, quotas and scope, whoever calls `run`.
+//! The host's Executor: what `runBytes` and `Program.run` do here (format
+//! routing, grants, quotas, limits narrowing, bootstrap choice), `load`
+//! and `program` over the host's program table, and the directories its
+//! holder was granted. The `Executor` and `Program` capabilities are the
+//! schema crate's (`capsa_schema::serve`), served the same way by a
+//! machine's agent; a Program runs through the Executor that loaded or
+//! found it, so its processes have that Executor's limits, quotas and
+//! scope, whoever calls `run`.
 //!
 //! Every Executor carries the nesting depth of the children it starts and the
 //! limits they inherit. The default bootstrap of a child is a new Executor one
@@ -10,12 +14,14 @@
 use std::cell::Cell as Counter;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
-use capsa_schema::argv;
-use capsa_schema::capsa_capnp::{
-    env_var, executor, options, process, program, StdioMode as WireStdio,
-};
+use capsa_schema::capsa_capnp::{directory, executor, process};
 use capsa_schema::error::error;
+use capsa_schema::program::Hash;
+use capsa_schema::request::{Bootstrap, Pushed, Request, Stdio};
+use capsa_schema::serve::executor::{Executes, Payload};
+use capsa_schema::serve::program::Info;
 use capsa_schema::ErrorKind;
 
 use crate::cell::{CellSpec, StdioMode};
@@ -23,14 +29,13 @@ use crate::directory::{Grants, Preopen};
 use crate::engine::EPOCH_TICK;
 use crate::error::SpawnError;
 use crate::format::{self, Format};
-use crate::process::ProcessImpl;
-use crate::program::{Loaded, Payload};
+use crate::process::Target;
+use crate::program::{self, Loaded};
 use crate::quota::Slot;
 use crate::scope::Scope;
 use crate::spawner::Spawner;
 use crate::status::Limits;
 use crate::vm::VmRequest;
-use capsa_client::Pushed;
 use capsa_directory::mirror::{Folder, Mirror};
 use futures::future::LocalBoxFuture;
 
@@ -69,14 +74,13 @@ impl ExecutorImpl {
         }
     }
 
-    /// `Options.directories`, each as a preopen at its path: this host's
-    /// own Directories as they are, others copied in (and written back by
-    /// the returned work once the child has ended; see [`crate::mirror`]).
+    /// Each grant as a preopen at its path: this host's own Directories as
+    /// they are, others copied in (and written back by the returned work
+    /// once the child has ended; see [`crate::mirror`]).
     async fn granted(
         &self,
-        list: capnp::struct_list::Reader<'_, capsa_schema::capsa_capnp::grant::Owned>,
-    ) -> capnp::Result<(Grants, Vec<Preopen>, Vec<LocalBoxFuture<'static, ()>>)> {
-        let grants = forwarded(list)?;
+        grants: &Grants,
+    ) -> capnp::Result<(Vec<Preopen>, Vec<LocalBoxFuture<'static, ()>>)> {
         let mut preopens = Vec::with_capacity(grants.len());
         let mut after_exit = Vec::new();
         for (path, client) in grants.iter() {
@@ -96,7 +100,7 @@ impl ExecutorImpl {
                 }
             }
         }
-        Ok((grants, preopens, after_exit))
+        Ok((preopens, after_exit))
     }
 
     /// Reserves a live-child slot, or refuses when the quotas are used up.
@@ -115,36 +119,11 @@ impl ExecutorImpl {
     }
 }
 
-/// `Options.directories` as read: bounded in number, paths UTF-8. A
-/// machine's are passed on to its agent as they are (the agent checks the
-/// paths against its own filesystem); a WASM child's become preopens.
-fn forwarded(
-    list: capnp::struct_list::Reader<'_, capsa_schema::capsa_capnp::grant::Owned>,
-) -> capnp::Result<Grants> {
-    if list.len() > MAX_GRANTS {
-        return Err(error(
-            ErrorKind::BadRequest,
-            format_args!("at most {MAX_GRANTS} directories may be granted to one child"),
-        ));
-    }
-    list.iter()
-        .map(|grant| {
-            let path = grant.get_path()?.to_str().map_err(|_| {
-                error(
-                    ErrorKind::BadRequest,
-                    "a granted directory's path must be UTF-8",
-                )
-            })?;
-            Ok((path.to_string(), grant.get_directory()?))
-        })
-        .collect()
-}
-
 /// A Directory from elsewhere copied into a private folder: its preopen,
 /// and the work that writes it back and removes the folder.
 async fn copied(
     path: &str,
-    remote: capsa_schema::capsa_capnp::directory::Client,
+    remote: directory::Client,
     scratch: &std::path::Path,
     timeout: std::time::Duration,
 ) -> capnp::Result<(Preopen, LocalBoxFuture<'static, ()>)> {
@@ -168,8 +147,6 @@ async fn copied(
     Ok((preopen, Box::pin(write_back)))
 }
 
-pub use capsa_directory::MAX_GRANTS;
-
 /// A CPU budget in milliseconds as epoch ticks, saturating: a budget too
 /// large to count is as good as none, never a small wrapped one.
 pub fn cpu_ticks(millis: u64) -> u64 {
@@ -177,6 +154,12 @@ pub fn cpu_ticks(millis: u64) -> u64 {
         .unwrap_or(u64::MAX)
         .max(1);
     millis.saturating_mul(1000) / tick_micros
+}
+
+/// A CPU budget asked for as epoch ticks: at least one, since a budget
+/// asked for is never none.
+fn budget_ticks(budget: Duration) -> u64 {
+    cpu_ticks(u64::try_from(budget.as_millis()).unwrap_or(u64::MAX)).max(1)
 }
 
 /// A machine's memory counts against its caller's memory limit: unset, it
@@ -211,49 +194,39 @@ fn vm_vcpus(asked: u32, default: u8) -> Result<u32, SpawnError> {
 impl ExecutorImpl {
     /// `runBytes` with the bytes sent, and `Program.run` with a loaded
     /// program.
-    pub(crate) async fn run(
+    async fn run(
         self: &Rc<Self>,
-        payload: Payload,
-        args: capnp::text_list::Reader<'_>,
-        env_list: capnp::struct_list::Reader<'_, env_var::Owned>,
-        opts: options::Reader<'_>,
+        payload: program::Payload,
+        request: Request,
     ) -> Result<process::Client, capnp::Error> {
-        let args = capsa_schema::request::args(args)?;
-        let env = capsa_schema::request::env(env_list)?;
-        let format = match &payload {
-            Payload::Loaded(loaded) => loaded.format,
-            Payload::Bytes(bytes) => format::detect(bytes).map_err(SpawnError::from)?,
+        let elf = request.format == Format::Elf;
+        // The caller's name is argv[0] as well; without one, argv[0] is the
+        // default every backend shares and the log label is generated.
+        let argv0 = request.argv0().to_string();
+        let name = match request.name.as_str() {
+            "" => format!("child{}", self.depth),
+            _ => request.name,
         };
-        let elf = format == Format::Elf;
+        let grants: Grants = request.grants.into();
         // A machine's agent copies its grants in itself; a WASM child's are
         // preopened here.
-        let (grants, preopens, after_exit) = match elf {
-            true => (forwarded(opts.get_directories()?)?, Vec::new(), Vec::new()),
-            false => self.granted(opts.get_directories()?).await?,
+        let (preopens, after_exit) = match elf {
+            true => (Vec::new(), Vec::new()),
+            false => self.granted(&grants).await?,
         };
         let mut slot = self.reserve()?;
-        let cpu_ticks = cpu_ticks(opts.get_cpu_budget_millis());
+        let asked = request.limits;
         let limits = self.limits.narrowed(
-            opts.get_memory_limit_bytes(),
-            opts.get_deadline_millis(),
-            cpu_ticks,
+            asked.memory_bytes,
+            asked.deadline,
+            asked.cpu_budget.map(budget_ticks),
         );
-        let stdio = match opts.get_stdio()? {
-            WireStdio::Rpc => StdioMode::Rpc,
-            WireStdio::Data => StdioMode::Data,
+        let (stdio, bootstrap, pushed) = match request.stdio {
+            Stdio::Rpc(bootstrap) => (StdioMode::Rpc, Some(bootstrap), Pushed::default()),
+            Stdio::Data(pushed) => (StdioMode::Data, None, pushed),
         };
-        let pushed = Pushed::from_options(opts)?;
-        // An ELF's stdio is always data; a WASM child in RPC mode has no
-        // streams to push.
-        if stdio == StdioMode::Rpc && !elf && pushed.any() {
-            return Err(error(
-                ErrorKind::WrongMode,
-                "stdoutTo and stderrTo need data mode: in RPC mode stdout carries the child's \
-                 connection and stderr goes to the host log",
-            ));
-        }
-        let bootstrap = match opts.get_bootstrap().which()? {
-            options::bootstrap::Inherit(()) => Some(
+        let bootstrap = match bootstrap {
+            Some(Bootstrap::Inherit) => Some(
                 capnp_rpc::new_client::<executor::Client, _>(ExecutorImpl::scoped(
                     self.host.clone(),
                     self.depth + 1,
@@ -263,24 +236,14 @@ impl ExecutorImpl {
                 ))
                 .client,
             ),
-            options::bootstrap::None(()) => None,
-            options::bootstrap::Capability(cap) => {
-                Some(cap.get_as_capability::<capnp::capability::Client>()?)
-            }
-        };
-        // The caller's name is argv[0] as well; without one, argv[0] is the
-        // default every backend shares and the log label is generated.
-        let given = opts.get_name()?.to_str().unwrap_or("");
-        let argv0 = argv::argv0(given).to_string();
-        let name = match given {
-            "" => format!("child{}", self.depth),
-            n => n.to_string(),
+            Some(Bootstrap::Capability(cap)) => Some(cap),
+            Some(Bootstrap::None) | None => None,
         };
         let spec = CellSpec {
             name,
             argv0,
-            args,
-            env,
+            args: request.args,
+            env: request.env,
             limits,
             stdio,
             bootstrap,
@@ -291,17 +254,16 @@ impl ExecutorImpl {
             after_exit,
         };
         if elf {
-            let vm = opts.get_vm();
+            let machine = request.vm;
             let settings = self
                 .host
                 .config()
                 .vm
                 .as_ref()
                 .ok_or(SpawnError::VmDisabled)?;
-            let non_empty = |d: &[u8]| (!d.is_empty()).then(|| d.to_vec());
-            let vcpus = vm_vcpus(vm.get_vcpus(), settings.vcpus)?;
+            let vcpus = vm_vcpus(machine.vcpus, settings.vcpus)?;
             let memory_mib = vm_memory_mib(
-                vm.get_memory_mib(),
+                machine.memory_mib,
                 settings.memory_mib,
                 spec.limits.memory_bytes,
             )?;
@@ -314,137 +276,61 @@ impl ExecutorImpl {
                 limits: spec.limits,
                 vcpus,
                 memory_mib,
-                kernel: non_empty(vm.get_kernel()?),
-                initramfs: non_empty(vm.get_initramfs()?),
+                kernel: machine.kernel,
+                initramfs: machine.initramfs,
                 directories: grants.to_vec(),
             };
             slot.take_memory(u64::from(memory_mib) << 20)?;
-            let process = self.host.spawn_vm(req, Some(slot)).await?;
-            self.scope.track(process.kill_switch(), process.torn_down());
-            return Ok(capnp_rpc::new_client(ProcessImpl::vm(process, pushed)));
+            let vm = self.host.spawn_vm(req, Some(slot)).await?;
+            self.scope.track(vm.kill_switch(), vm.torn_down());
+            return Ok(Target::Vm(vm).client(pushed));
         }
         let cell = self.host.spawn(payload, spec, Some(slot)).await?;
         self.scope.track(cell.kill_switch(), cell.status_receiver());
-        Ok(capnp_rpc::new_client(ProcessImpl::new(cell, pushed)))
-    }
-
-    /// `loaded` as a Program that runs through this Executor.
-    fn bound(self: &Rc<Self>, loaded: Rc<Loaded>) -> program::Client {
-        capnp_rpc::new_client(ProgramImpl {
-            executor: self.clone(),
-            loaded,
-        })
+        Ok(Target::Cell(cell).client(pushed))
     }
 }
 
-impl executor::Server for ExecutorImpl {
-    async fn run_bytes(
-        self: Rc<Self>,
-        params: executor::RunBytesParams,
-        mut results: executor::RunBytesResults,
-    ) -> Result<(), capnp::Error> {
-        let p = params.get()?;
-        let bytes: Arc<[u8]> = Arc::from(p.get_bytes()?);
-        // An unset struct reads as its defaults: every limit inherited.
-        let process = self
-            .run(
-                Payload::Bytes(bytes),
-                p.get_args()?,
-                p.get_env()?,
-                p.get_options()?,
-            )
-            .await?;
-        results.get().set_process(process);
-        Ok(())
+/// The host's side of the Executor capability (the schema crate's
+/// [`Executes`]): WebAssembly runs here, an ELF in a machine.
+impl Executes for ExecutorImpl {
+    type Loaded = Loaded;
+
+    const HOLDER: &'static str = "this host";
+
+    fn format(&self, bytes: &[u8]) -> capnp::Result<Format> {
+        Ok(format::detect(bytes).map_err(SpawnError::from)?)
     }
 
-    async fn load(
-        self: Rc<Self>,
-        params: executor::LoadParams,
-        mut results: executor::LoadResults,
-    ) -> Result<(), capnp::Error> {
-        let bytes: Arc<[u8]> = Arc::from(params.get()?.get_bytes()?);
-        let loaded = self.host.load(bytes).await?;
-        results.get().set_program(self.bound(loaded));
-        Ok(())
+    async fn start(
+        self: &Rc<Self>,
+        payload: Payload<'_, Loaded>,
+        request: Request,
+    ) -> capnp::Result<process::Client> {
+        let payload = match payload {
+            Payload::Bytes(bytes) => program::Payload::Bytes(Arc::from(bytes)),
+            Payload::Loaded(loaded) => program::Payload::Loaded(loaded.clone()),
+        };
+        self.run(payload, request).await
     }
 
-    async fn program(
-        self: Rc<Self>,
-        params: executor::ProgramParams,
-        mut results: executor::ProgramResults,
-    ) -> Result<(), capnp::Error> {
-        let hash = capsa_schema::program::hash_arg(params.get()?.get_hash()?)?;
-        let loaded = self
-            .host
-            .program(&hash)
-            .ok_or_else(|| capsa_schema::program::not_held("this host"))?;
-        results.get().set_program(self.bound(loaded));
-        Ok(())
+    async fn prepare(&self, bytes: &[u8]) -> capnp::Result<Rc<Loaded>> {
+        Ok(self.host.load(Arc::from(bytes)).await?)
     }
 
-    async fn directories(
-        self: Rc<Self>,
-        _: executor::DirectoriesParams,
-        mut results: executor::DirectoriesResults,
-    ) -> Result<(), capnp::Error> {
-        let mut list = results.get().init_grants(self.grants.len() as u32);
-        for (i, (path, directory)) in self.grants.iter().enumerate() {
-            let mut grant = list.reborrow().get(i as u32);
-            grant.set_path(path);
-            grant.set_directory(directory.clone());
-        }
-        Ok(())
+    /// Bytes any client loaded, from the host's program table.
+    fn find(&self, hash: &Hash) -> Option<Rc<Loaded>> {
+        self.host.program(hash)
     }
 
-    async fn echo(
-        self: Rc<Self>,
-        params: executor::EchoParams,
-        mut results: executor::EchoResults,
-    ) -> Result<(), capnp::Error> {
-        results.get().set_response(params.get()?.get_message()?);
-        Ok(())
+    fn grants(&self) -> &[(String, directory::Client)] {
+        &self.grants
     }
 }
 
-/// A loaded program, bound to the Executor that runs it.
-pub(crate) struct ProgramImpl {
-    pub(crate) executor: Rc<ExecutorImpl>,
-    pub(crate) loaded: Rc<Loaded>,
-}
-
-impl program::Server for ProgramImpl {
-    async fn run(
-        self: Rc<Self>,
-        params: program::RunParams,
-        mut results: program::RunResults,
-    ) -> Result<(), capnp::Error> {
-        let p = params.get()?;
-        let process = self
-            .executor
-            .run(
-                Payload::Loaded(self.loaded.clone()),
-                p.get_args()?,
-                p.get_env()?,
-                p.get_options()?,
-            )
-            .await?;
-        results.get().set_process(process);
-        Ok(())
-    }
-
-    async fn info(
-        self: Rc<Self>,
-        _: program::InfoParams,
-        mut results: program::InfoResults,
-    ) -> Result<(), capnp::Error> {
-        capsa_schema::program::set_info(
-            results.get(),
-            &self.loaded.hash,
-            self.loaded.bytes.len(),
-            self.loaded.format.name(),
-        );
-        Ok(())
+impl Info for Loaded {
+    fn info(&self) -> (&Hash, usize, Format) {
+        (&self.hash, self.bytes.len(), self.format)
     }
 }
 
@@ -520,49 +406,98 @@ mod tests {
             (drop (call $write (i32.const 1) (i32.const 8) (i32.const 1) (i32.const 16)))))
     "#;
 
-    /// What `PRINT_ARGV` writes when run with `name` and the argument "x".
-    async fn argv_of(exec: &executor::Client, name: Option<&str>) -> String {
-        let mut req = exec.run_bytes_request();
-        {
-            let mut p = req.get();
-            p.set_bytes(&wat::parse_str(PRINT_ARGV).unwrap());
-            p.reborrow().init_args(1).set(0, "x");
-            let mut options = p.init_options();
-            options.set_stdio(WireStdio::Data);
-            if let Some(name) = name {
-                options.set_name(name);
-            }
-        }
-        let response = req.send().promise.await.unwrap();
-        let process = response.get().unwrap().get_process().unwrap();
-        let stdout = process.stdout_request().send().pipeline.get_source();
-        let mut out = Vec::new();
-        loop {
-            let mut read = stdout.read_request();
-            read.get().set_max_bytes(4096);
-            let chunk = read.send().promise.await.unwrap();
-            let chunk = chunk.get().unwrap();
-            out.extend_from_slice(chunk.get_data().unwrap());
-            if chunk.get_eof() {
-                return String::from_utf8(out).unwrap();
-            }
-        }
-    }
-
-    #[test]
-    fn a_wasm_child_gets_its_name_or_the_shared_default_as_argv0() {
+    /// Runs `test` with the root Executor of a host of its own, then shuts
+    /// the host down.
+    fn on_a_host<F: std::future::Future<Output = ()>>(test: impl FnOnce(executor::Client) -> F) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         tokio::task::LocalSet::new().block_on(&rt, async {
             let host = Host::new(HostConfig::default()).unwrap();
-            let root = host.root_executor();
+            test(host.root_executor()).await;
+            host.shutdown().await;
+        });
+    }
+
+    /// `runBytes` of `PRINT_ARGV` with the argument "x", in data mode, with
+    /// the options `set` makes.
+    fn print_argv(
+        exec: &executor::Client,
+        set: impl FnOnce(capsa_schema::capsa_capnp::options::Builder<'_>),
+    ) -> capsa_client::RunBytesRequest {
+        let mut req = exec.run_bytes_request();
+        let mut p = req.get();
+        p.set_bytes(&wat::parse_str(PRINT_ARGV).unwrap());
+        p.reborrow().init_args(1).set(0, "x");
+        let mut options = p.init_options();
+        options.set_stdio(capsa_schema::capsa_capnp::StdioMode::Data);
+        set(options);
+        req
+    }
+
+    /// What `PRINT_ARGV` writes when run with `name`.
+    async fn argv_of(exec: &executor::Client, name: Option<&str>) -> String {
+        let req = print_argv(exec, |mut options| {
+            if let Some(name) = name {
+                options.set_name(name);
+            }
+        });
+        let response = req.send().promise.await.unwrap();
+        let process = response.get().unwrap().get_process().unwrap();
+        let stdout = process.stdout_request().send().pipeline.get_source();
+        String::from_utf8(capsa_client::read_to_end(&stdout).await.unwrap()).unwrap()
+    }
+
+    /// Why `print_argv` with the options `set` makes is refused.
+    async fn refused(
+        exec: &executor::Client,
+        set: impl FnOnce(capsa_schema::capsa_capnp::options::Builder<'_>),
+    ) -> capnp::Error {
+        match print_argv(exec, set).send().promise.await {
+            Ok(_) => panic!("the request was taken"),
+            Err(e) => e,
+        }
+    }
+
+    /// A request is read as the agent reads it: a name is text like any
+    /// other, and a grant's path, from whichever Directory, is not empty.
+    #[test]
+    fn names_and_grant_paths_are_checked_as_the_agent_checks_them() {
+        use capsa_schema::error::kind;
+        on_a_host(|root| async move {
+            for name in [&b"cut\0short"[..], b"\xff"] {
+                let e = refused(&root, |mut o| o.set_name(capnp::text::Reader::from(name))).await;
+                assert_eq!(kind(&e), ErrorKind::BadRequest, "{e}");
+                assert!(e.to_string().contains("options.name"), "{e}");
+            }
+            // A Directory from elsewhere, which would be copied in.
+            let folder = std::env::temp_dir().join(format!("capsa-grant-{}", std::process::id()));
+            std::fs::create_dir_all(&folder).unwrap();
+            let (elsewhere, _) = capsa_directory::Directories::default()
+                .open(&folder, false)
+                .unwrap();
+            for path in [&b""[..], b"a\0b"] {
+                let e = refused(&root, |o| {
+                    let mut grant = o.init_directories(1).get(0);
+                    grant.set_path(capnp::text::Reader::from(path));
+                    grant.set_directory(elsewhere.clone());
+                })
+                .await;
+                assert_eq!(kind(&e), ErrorKind::BadRequest, "{e}");
+                assert!(e.to_string().contains("path"), "{e}");
+            }
+            let _ = std::fs::remove_dir_all(&folder);
+        });
+    }
+
+    #[test]
+    fn a_wasm_child_gets_its_name_or_the_shared_default_as_argv0() {
+        on_a_host(|root| async move {
             let default = format!("{DEFAULT_ARGV0}\0x\0");
             assert_eq!(argv_of(&root, Some("myname")).await, "myname\0x\0");
             assert_eq!(argv_of(&root, None).await, default);
             assert_eq!(argv_of(&root, Some("")).await, default);
-            host.shutdown().await;
         });
     }
 }

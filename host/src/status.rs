@@ -30,8 +30,13 @@ impl Default for Limits {
 
 impl Limits {
     /// The limits of a child whose parent runs under `self` and asked for
-    /// `requested` (zero meaning "inherit"): never looser than the parent's.
-    pub fn narrowed(&self, memory_bytes: u64, deadline_ms: u64, cpu_ticks: u64) -> Limits {
+    /// these (`None` inherits): never looser than the parent's.
+    pub fn narrowed(
+        &self,
+        memory_bytes: Option<u64>,
+        deadline: Option<Duration>,
+        cpu_ticks: Option<u64>,
+    ) -> Limits {
         fn min_opt<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
             match (a, b) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -39,17 +44,10 @@ impl Limits {
                 (None, b) => b,
             }
         }
-        let memory_bytes = match memory_bytes {
-            0 => self.memory_bytes,
-            m => m.min(self.memory_bytes),
-        };
         Limits {
-            memory_bytes,
-            deadline: min_opt(
-                self.deadline,
-                (deadline_ms > 0).then(|| Duration::from_millis(deadline_ms)),
-            ),
-            cpu_ticks: min_opt(self.cpu_ticks, (cpu_ticks > 0).then_some(cpu_ticks)),
+            memory_bytes: memory_bytes.map_or(self.memory_bytes, |m| m.min(self.memory_bytes)),
+            deadline: min_opt(self.deadline, deadline),
+            cpu_ticks: min_opt(self.cpu_ticks, cpu_ticks),
         }
     }
 }

@@ -255,34 +255,6 @@ pub async fn write_all(sink: &byte_sink::Client, data: &[u8]) -> capnp::Result<(
     Ok(())
 }
 
-/// The caller's sinks for the streams it wants pushed (`Options.stdoutTo`,
-/// `stderrTo`), as a host or an agent reads them from a request.
-#[derive(Default)]
-pub struct Pushed {
-    pub stdout: Option<byte_sink::Client>,
-    pub stderr: Option<byte_sink::Client>,
-}
-
-impl Pushed {
-    pub fn from_options(options: options::Reader<'_>) -> capnp::Result<Pushed> {
-        Ok(Pushed {
-            stdout: options
-                .has_stdout_to()
-                .then(|| options.get_stdout_to())
-                .transpose()?,
-            stderr: options
-                .has_stderr_to()
-                .then(|| options.get_stderr_to())
-                .transpose()?,
-        })
-    }
-
-    /// Whether any stream is pushed.
-    pub fn any(&self) -> bool {
-        self.stdout.is_some() || self.stderr.is_some()
-    }
-}
-
 /// The directories granted to whoever holds `executor`
 /// (`Executor.directories`), each at its path.
 pub async fn directories(

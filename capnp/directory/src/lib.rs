@@ -10,7 +10,3 @@ pub mod mirror;
 pub mod server;
 
 pub use server::{Directories, DirectoryImpl};
-
-/// Most directories one `runBytes` may grant, in the host and in the agent
-/// alike.
-pub const MAX_GRANTS: u32 = 64;

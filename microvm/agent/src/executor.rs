@@ -4,22 +4,22 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::rc::{Rc, Weak};
-use std::time::Duration;
 
 use capsa_directory::Directories;
-use capsa_schema::argv;
-use capsa_schema::capsa_capnp::{directory, env_var, executor, options, process, program};
+use capsa_schema::capsa_capnp::{directory, executor, process};
 use capsa_schema::error::error;
-use capsa_schema::ErrorKind;
-
+use capsa_schema::format::Format;
 use capsa_schema::program::Hash;
+use capsa_schema::request::Request;
+use capsa_schema::serve::executor::{Executes, Payload};
+use capsa_schema::serve::program::Info;
+use capsa_schema::ErrorKind;
 use sha2::{Digest, Sha256};
 
 use crate::format::check_elf;
 use crate::grants::{self, InUse};
-use crate::process::{spawn, ProcessImpl, Spec};
+use crate::process::{spawn, Elf, Spec};
 use crate::reaper::Reaper;
-use capsa_client::Pushed;
 
 /// What every connection's Executor shares.
 pub struct Runner {
@@ -30,8 +30,10 @@ pub struct Runner {
     /// folder of the agent's own when it runs as a host process. The
     /// programs' working directory, where grants land (see [`grants`]).
     pub root: PathBuf,
-    /// `root` as a Directory, for `Executor.directories`.
-    root_dir: directory::Client,
+    /// `root` as a Directory, at "/", for `Executor.directories`: the
+    /// machine's whole filesystem, how a caller puts files in and takes
+    /// results out.
+    grants: [(String, directory::Client); 1],
     in_use: InUse,
     serial: Cell<u64>,
     programs: Programs,
@@ -44,7 +46,7 @@ impl Runner {
             reaper,
             dir,
             root,
-            root_dir,
+            grants: [("/".to_string(), root_dir)],
             in_use: InUse::default(),
             serial: Cell::new(0),
             programs: Programs::default(),
@@ -60,84 +62,27 @@ impl ExecutorImpl {
     pub fn new(runner: Rc<Runner>) -> Self {
         ExecutorImpl { runner }
     }
-}
 
-fn invalid(what: String) -> capnp::Error {
-    error(ErrorKind::BadRequest, what)
-}
-
-fn text(reader: capnp::text::Reader<'_>, what: &str) -> Result<String, capnp::Error> {
-    let s = reader
-        .to_str()
-        .map_err(|_| invalid(format!("{what} is not valid UTF-8")))?;
-    if s.contains('\0') {
-        return Err(invalid(format!("{what} contains a NUL byte")));
-    }
-    Ok(s.to_string())
-}
-
-/// The arguments of `runBytes` and `Program.run`.
-struct RunParams<'a> {
-    args: capnp::text_list::Reader<'a>,
-    env: capnp::struct_list::Reader<'a, env_var::Owned>,
-    options: Option<options::Reader<'a>>,
-}
-
-impl ExecutorImpl {
+    /// Runs `bytes`, an ELF executable, as `request` asks.
     async fn run(
         self: &Rc<Self>,
         bytes: &[u8],
-        params: RunParams<'_>,
+        request: Request,
     ) -> Result<process::Client, capnp::Error> {
-        check_elf(bytes).map_err(|e| error(ErrorKind::BadPayload, e.to_string()))?;
-
-        let args = capsa_schema::request::args(params.args)?;
-        let env = capsa_schema::request::env(params.env)?;
-
         let serial = self.runner.serial.get() + 1;
         self.runner.serial.set(serial);
-        // Stdio is always plain data: an ELF executable has no Cap'n Proto
-        // connection of its own, so `options.stdio` and `options.bootstrap`
-        // do not apply.
-        let mut pushed = Pushed::default();
-        let (name, deadline, cpu_budget, memory_limit, granted) =
-            if let Some(options) = params.options {
-                pushed = Pushed::from_options(options)?;
-                let name = if options.has_name() {
-                    text(options.get_name()?, "options.name")?
-                } else {
-                    String::new()
-                };
-                let deadline = match options.get_deadline_millis() {
-                    0 => None,
-                    ms => Some(Duration::from_millis(ms)),
-                };
-                let cpu_budget = match options.get_cpu_budget_millis() {
-                    0 => None,
-                    ms => Some(Duration::from_millis(ms)),
-                };
-                let memory = match options.get_memory_limit_bytes() {
-                    0 => None,
-                    b => Some(b),
-                };
-                let granted = grants::copy_in(
-                    &self.runner.root,
-                    options.get_directories()?,
-                    &self.runner.in_use,
-                )
-                .await?;
-                (name, deadline, cpu_budget, memory, granted)
-            } else {
-                (String::new(), None, None, None, Vec::new())
-            };
         // The caller's name is argv[0] as well; without one, argv[0] is the
         // default every backend shares and the log label is generated.
-        let argv0 = argv::argv0(&name).to_string();
-        let name = if name.is_empty() {
-            format!("elf-{serial}")
-        } else {
-            name
+        let argv0 = request.argv0().to_string();
+        let name = match request.name.as_str() {
+            "" => format!("elf-{serial}"),
+            _ => request.name,
         };
+        // An ELF's stdio is always data: it has no Cap'n Proto connection
+        // of its own.
+        let pushed = request.stdio.into_pushed();
+        let granted =
+            grants::copy_in(&self.runner.root, request.grants, &self.runner.in_use).await?;
 
         let child = spawn(
             &self.runner.reaper,
@@ -147,11 +92,9 @@ impl ExecutorImpl {
                 bytes,
                 name: name.clone(),
                 argv0,
-                args,
-                env,
-                deadline,
-                cpu_budget,
-                memory_limit,
+                args: request.args,
+                env: request.env,
+                limits: request.limits,
                 cwd: &self.runner.root,
                 granted,
             },
@@ -166,97 +109,52 @@ impl ExecutorImpl {
             error(kind, format!("could not start {name}: {e}"))
         })?;
         eprintln!("capsa-agent: started {name}");
-        Ok(capnp_rpc::new_client(ProcessImpl::new(
-            child,
-            capnp_rpc::new_client::<executor::Client, _>(ExecutorImpl::new(self.runner.clone()))
-                .client,
-            pushed,
-        )))
+        let machine: executor::Client =
+            capnp_rpc::new_client(ExecutorImpl::new(self.runner.clone()));
+        Ok(Elf::client(child, machine.client, pushed))
     }
 }
 
-impl executor::Server for ExecutorImpl {
-    async fn run_bytes(
-        self: Rc<Self>,
-        params: executor::RunBytesParams,
-        mut results: executor::RunBytesResults,
-    ) -> Result<(), capnp::Error> {
-        let p = params.get()?;
-        let run = RunParams {
-            args: p.get_args()?,
-            env: p.get_env()?,
-            options: p.has_options().then(|| p.get_options()).transpose()?,
-        };
-        let process = self.run(p.get_bytes()?, run).await?;
-        results.get().set_process(process);
-        Ok(())
+/// The agent's side of the Executor capability (the schema crate's
+/// [`Executes`]): ELF executables, run as processes of this machine.
+impl Executes for ExecutorImpl {
+    type Loaded = Loaded;
+
+    const HOLDER: &'static str = "this machine";
+
+    fn format(&self, bytes: &[u8]) -> capnp::Result<Format> {
+        check_elf(bytes).map_err(|e| error(ErrorKind::BadPayload, e.to_string()))?;
+        Ok(Format::Elf)
     }
 
-    /// Checks the bytes once; the Program runs them here as `runBytes`.
-    async fn load(
-        self: Rc<Self>,
-        params: executor::LoadParams,
-        mut results: executor::LoadResults,
-    ) -> Result<(), capnp::Error> {
-        let bytes = params.get()?.get_bytes()?;
-        check_elf(bytes).map_err(|e| error(ErrorKind::BadPayload, e.to_string()))?;
-        let loaded = self.runner.programs.load(bytes);
-        results
-            .get()
-            .set_program(capnp_rpc::new_client(ProgramImpl {
-                executor: self,
-                loaded,
-            }));
-        Ok(())
+    async fn start(
+        self: &Rc<Self>,
+        payload: Payload<'_, Loaded>,
+        request: Request,
+    ) -> capnp::Result<process::Client> {
+        match payload {
+            Payload::Bytes(bytes) => self.run(bytes, request).await,
+            Payload::Loaded(loaded) => self.run(&loaded.bytes, request).await,
+        }
+    }
+
+    async fn prepare(&self, bytes: &[u8]) -> capnp::Result<Rc<Loaded>> {
+        self.format(bytes)?;
+        Ok(self.runner.programs.load(bytes))
     }
 
     /// A program loaded in this machine whose Program someone still holds.
-    async fn program(
-        self: Rc<Self>,
-        params: executor::ProgramParams,
-        mut results: executor::ProgramResults,
-    ) -> Result<(), capnp::Error> {
-        let hash = capsa_schema::program::hash_arg(params.get()?.get_hash()?)?;
-        let loaded = self
-            .runner
-            .programs
-            .find(&hash)
-            .ok_or_else(|| capsa_schema::program::not_held("this machine"))?;
-        results
-            .get()
-            .set_program(capnp_rpc::new_client(ProgramImpl {
-                executor: self,
-                loaded,
-            }));
-        Ok(())
+    fn find(&self, hash: &Hash) -> Option<Rc<Loaded>> {
+        self.runner.programs.find(hash)
     }
 
-    /// The machine's whole filesystem, at "/": how a caller puts files in
-    /// and takes results out.
-    async fn directories(
-        self: Rc<Self>,
-        _: executor::DirectoriesParams,
-        mut results: executor::DirectoriesResults,
-    ) -> Result<(), capnp::Error> {
-        let mut grant = results.get().init_grants(1).get(0);
-        grant.set_path("/");
-        grant.set_directory(self.runner.root_dir.clone());
-        Ok(())
-    }
-
-    async fn echo(
-        self: Rc<Self>,
-        params: executor::EchoParams,
-        mut results: executor::EchoResults,
-    ) -> Result<(), capnp::Error> {
-        let message = params.get()?.get_message()?;
-        results.get().set_response(message);
-        Ok(())
+    fn grants(&self) -> &[(String, directory::Client)] {
+        &self.runner.grants
     }
 }
 
 /// Bytes loaded in this machine.
-struct Loaded {
+pub struct Loaded {
     bytes: Vec<u8>,
     hash: Hash,
 }
@@ -287,39 +185,8 @@ impl Programs {
     }
 }
 
-struct ProgramImpl {
-    executor: Rc<ExecutorImpl>,
-    loaded: Rc<Loaded>,
-}
-
-impl program::Server for ProgramImpl {
-    async fn run(
-        self: Rc<Self>,
-        params: program::RunParams,
-        mut results: program::RunResults,
-    ) -> Result<(), capnp::Error> {
-        let p = params.get()?;
-        let run = RunParams {
-            args: p.get_args()?,
-            env: p.get_env()?,
-            options: p.has_options().then(|| p.get_options()).transpose()?,
-        };
-        let process = self.executor.run(&self.loaded.bytes, run).await?;
-        results.get().set_process(process);
-        Ok(())
-    }
-
-    async fn info(
-        self: Rc<Self>,
-        _: program::InfoParams,
-        mut results: program::InfoResults,
-    ) -> Result<(), capnp::Error> {
-        capsa_schema::program::set_info(
-            results.get(),
-            &self.loaded.hash,
-            self.loaded.bytes.len(),
-            capsa_schema::format::Format::Elf.name(),
-        );
-        Ok(())
+impl Info for Loaded {
+    fn info(&self) -> (&Hash, usize, Format) {
+        (&self.hash, self.bytes.len(), Format::Elf)
     }
 }

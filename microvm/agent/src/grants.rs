@@ -28,11 +28,9 @@ use std::path::{Component, Path, PathBuf};
 use std::rc::Rc;
 
 use capsa_directory::mirror::{Mirror, CALL_TIMEOUT};
-use capsa_schema::capsa_capnp::grant;
+use capsa_schema::capsa_capnp::directory;
 use capsa_schema::error::error;
 use capsa_schema::ErrorKind;
-
-pub use capsa_directory::MAX_GRANTS;
 
 /// The guest paths granted to programs now running, shared by every
 /// connection.
@@ -51,18 +49,9 @@ pub struct Granted {
     finished: bool,
 }
 
-fn bad(what: impl std::fmt::Display) -> capnp::Error {
-    error(ErrorKind::BadRequest, what)
-}
-
-/// Where `guest` lands beneath `root`: no `..`, no NUL, not the root itself.
+/// Where `guest` (text of the request, so without NUL) lands beneath
+/// `root`: no `..`, not the root itself.
 fn place(root: &Path, guest: &str) -> capnp::Result<PathBuf> {
-    if guest.contains('\0') {
-        return Err(error(
-            ErrorKind::BadPath,
-            format_args!("{guest:?}: a path must not contain NUL"),
-        ));
-    }
     let mut at = root.to_path_buf();
     let mut depth = 0;
     for part in Path::new(guest).components() {
@@ -81,31 +70,24 @@ fn place(root: &Path, guest: &str) -> capnp::Result<PathBuf> {
         }
     }
     if depth == 0 {
-        return Err(bad(format_args!(
-            "{guest:?}: a directory cannot be granted at the machine's root"
-        )));
+        return Err(error(
+            ErrorKind::BadRequest,
+            format_args!("{guest:?}: a directory cannot be granted at the machine's root"),
+        ));
     }
     Ok(at)
 }
 
-/// Copies each grant in `list` into the machine beneath `root`. Nothing is
-/// left behind if one fails.
+/// Copies each of `grants` into the machine beneath `root`, at its guest
+/// path. Nothing is left behind if one fails.
 pub async fn copy_in(
     root: &Path,
-    list: capnp::struct_list::Reader<'_, grant::Owned>,
+    grants: Vec<(String, directory::Client)>,
     in_use: &InUse,
 ) -> capnp::Result<Vec<Granted>> {
-    if list.len() > MAX_GRANTS {
-        return Err(bad(format_args!(
-            "at most {MAX_GRANTS} directories may be granted to one program"
-        )));
-    }
-    let mut granted = Vec::with_capacity(list.len() as usize);
-    for grant in list {
-        let guest = grant
-            .get_path()?
-            .to_str()
-            .map_err(|_| bad("a granted directory's path must be UTF-8"))?;
+    let mut granted = Vec::with_capacity(grants.len());
+    for (guest, remote) in grants {
+        let guest = guest.as_str();
         let at = place(root, guest)?;
         let taken = in_use
             .borrow()
@@ -146,7 +128,6 @@ pub async fn copy_in(
             Err(e) => return Err(capsa_schema::error::io(&e, guest)),
         };
         in_use.borrow_mut().insert(at.clone());
-        let remote = grant.get_directory()?;
         // Held from here on, so a failed copy is cleaned up too.
         let mut entry = Cleanup {
             at: Some(at),
@@ -251,7 +232,7 @@ mod tests {
         assert_eq!(place(root, "/data").unwrap(), PathBuf::from("/r/data"));
         assert_eq!(place(root, "data/x/").unwrap(), PathBuf::from("/r/data/x"));
         assert_eq!(place(root, "./a//b").unwrap(), PathBuf::from("/r/a/b"));
-        for bad in ["/", ".", "", "/a/../b", "..", "a\0b"] {
+        for bad in ["/", ".", "", "/a/../b", ".."] {
             assert!(place(root, bad).is_err(), "{bad:?}");
         }
         assert_eq!(

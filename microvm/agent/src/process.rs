@@ -9,10 +9,10 @@
 //! kills what is left of the process group, removes the file, writes back
 //! the directories granted to it and publishes the status to every waiter.
 //!
-//! Dropping the last reference to a Process kills its process group (`Drop`
-//! on [`ProcessImpl`]).
+//! Dropping the last reference to a Process kills its process group (the
+//! schema crate's `ProcessServer`, over [`Elf`]).
 
-use std::cell::{Cell, OnceCell};
+use std::cell::Cell;
 use std::fs;
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
@@ -21,14 +21,10 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::rc::Rc;
-use std::time::Duration;
 
-use capsa_client::Pushed;
-use capsa_schema::capsa_capnp::{byte_source, process};
-use capsa_schema::error::error;
-use capsa_schema::stream::{push, ByteSourceServer};
-use capsa_schema::ErrorKind;
-use futures::future::{FutureExt, Shared};
+use capsa_schema::capsa_capnp::{byte_sink, process};
+use capsa_schema::request::{Limits, Pushed};
+use capsa_schema::serve::process::{Output, ProcessServer, Running};
 use nix::fcntl::{fcntl, FcntlArg};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -54,10 +50,9 @@ pub struct Spec<'a> {
     /// argv[1..].
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
-    pub deadline: Option<Duration>,
-    /// CPU time the process group may use (see [`crate::cpu`]).
-    pub cpu_budget: Option<Duration>,
-    pub memory_limit: Option<u64>,
+    /// The memory limit, the deadline and the CPU time the process group
+    /// may use (see [`crate::cpu`]).
+    pub limits: Limits,
     /// The program's working directory: the machine's root.
     pub cwd: &'a Path,
     /// Directories copied in for it, written back when it ends.
@@ -120,8 +115,8 @@ pub fn spawn(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    let memory_limit = spec.memory_limit;
-    let cpu_seconds = spec.cpu_budget.map(crate::cpu::rlimit_seconds);
+    let memory_limit = spec.limits.memory_bytes;
+    let cpu_seconds = spec.limits.cpu_budget.map(crate::cpu::rlimit_seconds);
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls (prctl, setrlimit); it allocates nothing
     // and touches no lock.
@@ -201,8 +196,8 @@ pub fn spawn(
     });
 
     let task_child = child.clone();
-    let deadline = spec.deadline;
-    let cpu_budget = spec.cpu_budget;
+    let deadline = spec.limits.deadline;
+    let cpu_budget = spec.limits.cpu_budget;
     let granted = spec.granted;
     tokio::task::spawn_local(async move {
         let child = task_child;
@@ -285,140 +280,56 @@ fn file_safe(name: &str) -> String {
     }
 }
 
-pub struct ProcessImpl {
+/// An ELF process as its Process serves it (the schema crate's
+/// [`ProcessServer`]).
+pub struct Elf {
     child: Rc<Child>,
     /// The Executor of the machine the process runs in: its `bootstrap()`.
     machine: capnp::capability::Client,
-    /// Whether stdout, stderr are pushed into the caller's sinks.
-    pushed: [bool; 2],
-    /// One capability per pulled stream, made on first use and handed to
-    /// every caller, so readers take turns on the one pipe.
-    sources: [OnceCell<byte_source::Client>; 2],
-    /// One per pushed stream: resolves once its sink is closed.
-    pushing: Vec<Shared<futures::channel::oneshot::Receiver<()>>>,
 }
 
-impl ProcessImpl {
-    pub fn new(child: Rc<Child>, machine: capnp::capability::Client, pushed: Pushed) -> Self {
-        let mut pushing = Vec::new();
-        let streams = [
-            (child.stdout.clone(), pushed.stdout.as_ref()),
-            (child.stderr.clone(), pushed.stderr.as_ref()),
-        ];
-        for (from, sink) in streams {
-            let Some(sink) = sink.cloned() else { continue };
-            let (done, closed) = futures::channel::oneshot::channel::<()>();
-            tokio::task::spawn_local(async move {
-                push(from, &sink).await;
-                drop(done);
-            });
-            pushing.push(closed.shared());
-        }
-        ProcessImpl {
-            child,
-            machine,
-            pushed: [pushed.stdout.is_some(), pushed.stderr.is_some()],
-            sources: Default::default(),
-            pushing,
-        }
-    }
-
-    /// A ByteSource on `pipe`, unless the stream is pushed.
-    fn source(
-        &self,
-        pipe: &Rc<OutputPipe>,
-        index: usize,
-        what: &str,
-    ) -> Result<byte_source::Client, capnp::Error> {
-        if self.pushed[index] {
-            return Err(error(
-                ErrorKind::WrongMode,
-                format!("{what} is pushed into the sink given at the start ({what}To)"),
-            ));
-        }
-        Ok(self.sources[index]
-            .get_or_init(|| ByteSourceServer::client(pipe.clone()))
-            .clone())
+impl Elf {
+    /// The Process of `child`, which runs in the machine `machine` is the
+    /// Executor of, pushing the streams `pushed` names.
+    pub fn client(
+        child: Rc<Child>,
+        machine: capnp::capability::Client,
+        pushed: Pushed,
+    ) -> process::Client {
+        ProcessServer::client(Elf { child, machine }, pushed, |push| {
+            tokio::task::spawn_local(push);
+        })
     }
 }
 
-impl Drop for ProcessImpl {
-    fn drop(&mut self) {
+impl Running for Elf {
+    type Stream = Rc<OutputPipe>;
+
+    async fn wait(&self) -> ExitStatus {
+        self.child.wait().await
+    }
+
+    fn kill(&self) {
         self.child.kill(KillReason::Killed);
     }
-}
 
-impl process::Server for ProcessImpl {
-    async fn wait(
-        self: Rc<Self>,
-        _: process::WaitParams,
-        mut results: process::WaitResults,
-    ) -> Result<(), capnp::Error> {
-        let status = self.child.wait().await;
-        // All of the output is in the caller's sinks before it hears the end.
-        for closed in &self.pushing {
-            let _ = closed.clone().await;
-        }
-        status.write_to(results.get().init_status());
-        Ok(())
+    async fn stdin(&self) -> capnp::Result<byte_sink::Client> {
+        Ok(capnp_rpc::new_client(ByteSinkImpl::new(
+            self.child.stdin.clone(),
+        )))
     }
 
-    async fn kill(
-        self: Rc<Self>,
-        _: process::KillParams,
-        _: process::KillResults,
-    ) -> Result<(), capnp::Error> {
-        self.child.kill(KillReason::Killed);
-        Ok(())
-    }
-
-    async fn stdin(
-        self: Rc<Self>,
-        _: process::StdinParams,
-        mut results: process::StdinResults,
-    ) -> Result<(), capnp::Error> {
-        results
-            .get()
-            .set_sink(capnp_rpc::new_client(ByteSinkImpl::new(
-                self.child.stdin.clone(),
-            )));
-        Ok(())
-    }
-
-    async fn stdout(
-        self: Rc<Self>,
-        _: process::StdoutParams,
-        mut results: process::StdoutResults,
-    ) -> Result<(), capnp::Error> {
-        results
-            .get()
-            .set_source(self.source(&self.child.stdout, 0, "stdout")?);
-        Ok(())
-    }
-
-    async fn stderr(
-        self: Rc<Self>,
-        _: process::StderrParams,
-        mut results: process::StderrResults,
-    ) -> Result<(), capnp::Error> {
-        results
-            .get()
-            .set_source(self.source(&self.child.stderr, 1, "stderr")?);
-        Ok(())
+    fn output(&self, which: Output) -> capnp::Result<Rc<OutputPipe>> {
+        Ok(match which {
+            Output::Stdout => self.child.stdout.clone(),
+            Output::Stderr => self.child.stderr.clone(),
+        })
     }
 
     /// An ELF executable has no Cap'n Proto connection of its own; what it
     /// "exports" is the machine it runs in, as the host's ELF processes do:
     /// the Executor to run more in the same machine.
-    async fn bootstrap(
-        self: Rc<Self>,
-        _: process::BootstrapParams,
-        mut results: process::BootstrapResults,
-    ) -> Result<(), capnp::Error> {
-        results
-            .get()
-            .init_cap()
-            .set_as_capability(self.machine.hook.clone());
-        Ok(())
+    fn export(&self) -> capnp::Result<capnp::capability::Client> {
+        Ok(self.machine.clone())
     }
 }

@@ -466,6 +466,31 @@ fn the_environment_and_name_are_exactly_those_given() {
     });
 }
 
+/// Every option is read and checked, also those an ELF has no use for,
+/// as the host reads them: a request one side refuses, the other refuses
+/// too.
+#[test]
+fn options_an_elf_ignores_are_checked_all_the_same() {
+    let agent = Agent::start(&[]);
+    local(async {
+        let ex = connect(&agent.socket).await;
+        let mut request = Run::default().run_bytes(&ex, &bin("/bin/true"));
+        request
+            .get()
+            .get_options()
+            .unwrap()
+            .init_bootstrap()
+            .init_capability()
+            .set_as::<capnp::text::Owned>("not a capability")
+            .unwrap();
+        let err = error_of(request.send().promise.await);
+        assert!(err.contains("capability"), "{err}");
+        // The connection still serves.
+        let p = run(&ex, &bin("/bin/true"), Run::default()).await.unwrap();
+        assert_eq!(wait(&p).await, Status::Exited(0));
+    });
+}
+
 #[test]
 fn argv0_is_the_name_or_the_shared_default() {
     let agent = Agent::start(&[]);
@@ -1085,9 +1110,10 @@ fn grants_at_bad_or_busy_paths_are_refused() {
             kind_of(run_granted(&ex, &echo, "a/../b", &dir).await),
             ErrorKind::BadPath
         );
+        // Text of the request: refused as the host refuses it.
         assert_eq!(
             kind_of(run_granted(&ex, &echo, "a\0b", &dir).await),
-            ErrorKind::BadPath
+            ErrorKind::BadRequest
         );
         assert_eq!(
             kind_of(run_granted(&ex, &echo, "/", &dir).await),
