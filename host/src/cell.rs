@@ -123,7 +123,9 @@ const STDERR_DRAIN: std::time::Duration = std::time::Duration::from_millis(200);
 /// classes (a view's names need lookups, which wasi:sockets does not do
 /// through the view; the guest's connections go to addresses). Nothing
 /// else: no listening socket (it would listen on the host's own
-/// interfaces), no UDP, no lookups through the host's DNS.
+/// interfaces; binding is allowed only as a connect does it, to any local
+/// address and a port the kernel picks), no UDP, no lookups through the
+/// host's DNS.
 fn allow_sockets(builder: &mut WasiCtxBuilder, view: Arc<View>) {
     builder.allow_tcp(true);
     builder.socket_addr_check(move |addr, use_| {
@@ -134,6 +136,10 @@ fn allow_sockets(builder: &mut WasiCtxBuilder, view: Arc<View>) {
                         .destination(&addr.ip().to_string(), addr.port())
                         .is_ok()
             }
+            // What a connect binds first: any local address, a port the
+            // kernel picks. `TcpListen` (checked even after such a bind)
+            // and UDP fall to the refusal below.
+            SocketAddrUse::TcpBind => addr.ip().is_unspecified() && addr.port() == 0,
             _ => false,
         };
         if !allowed {

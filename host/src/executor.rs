@@ -16,7 +16,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use capsa_schema::capsa_capnp::{directory, executor, process};
+use capsa_schema::capsa_capnp::{directory, executor, network, process};
 use capsa_schema::error::error;
 use capsa_schema::program::Hash;
 use capsa_schema::request::{Bootstrap, Pushed, Request, Stdio};
@@ -29,6 +29,7 @@ use crate::directory::{Grants, Preopen};
 use crate::engine::EPOCH_TICK;
 use crate::error::SpawnError;
 use crate::format::{self, Format};
+use crate::network::NetworkImpl;
 use crate::process::Target;
 use crate::program::{self, Loaded};
 use crate::quota::Slot;
@@ -52,17 +53,20 @@ pub struct ExecutorImpl {
     scope: Scope,
     /// The directories granted to whoever holds this Executor.
     grants: Grants,
+    /// The network granted to whoever holds this Executor.
+    network: Option<network::Client>,
 }
 
 impl ExecutorImpl {
     /// An Executor whose processes (and their descendants) join `scope`,
-    /// held by a grantee of `grants`.
+    /// held by a grantee of `grants` and `network`.
     pub(crate) fn scoped(
         host: Spawner,
         depth: u32,
         limits: Limits,
         scope: Scope,
         grants: Grants,
+        network: Option<network::Client>,
     ) -> Self {
         ExecutorImpl {
             host,
@@ -71,6 +75,7 @@ impl ExecutorImpl {
             live: Rc::new(Counter::new(0)),
             scope,
             grants,
+            network,
         }
     }
 
@@ -210,10 +215,26 @@ impl ExecutorImpl {
         let grants: Grants = request.grants.into();
         // A machine's agent copies its grants in itself; a WASM child's are
         // preopened here.
-        let (preopens, after_exit) = match elf {
+        let (preopens, mut after_exit) = match elf {
             true => (Vec::new(), Vec::new()),
             false => self.granted(&grants).await?,
         };
+        // The child's network: a view of its own, so its exit revokes what
+        // it made, whoever else holds the parent's.
+        let (network, view) = match request.network {
+            Some(_) if elf => {
+                return Err(error(
+                    ErrorKind::BadRequest,
+                    "a microVM cannot be granted a network: it has no network device yet",
+                ))
+            }
+            Some(given) => NetworkImpl::for_child(self.host.networks(), given).await,
+            None => (None, None),
+        };
+        if let Some(held) = network.clone() {
+            // Held until the child has ended.
+            after_exit.push(Box::pin(async move { drop(held) }));
+        }
         let mut slot = self.reserve()?;
         let asked = request.limits;
         let limits = self.limits.narrowed(
@@ -233,6 +254,7 @@ impl ExecutorImpl {
                     limits.clone(),
                     self.scope.clone(),
                     grants.clone(),
+                    network.clone(),
                 ))
                 .client,
             ),
@@ -250,7 +272,7 @@ impl ExecutorImpl {
             want_export: stdio == StdioMode::Rpc,
             memory_share: slot.memory_share(),
             preopens,
-            network: None,
+            network: view,
             after_exit,
         };
         if elf {
@@ -321,6 +343,10 @@ impl Executes for ExecutorImpl {
     /// Bytes any client loaded, from the host's program table.
     fn find(&self, hash: &Hash) -> Option<Rc<Loaded>> {
         self.host.program(hash)
+    }
+
+    fn network(&self) -> Option<network::Client> {
+        self.network.clone()
     }
 
     fn grants(&self) -> &[(String, directory::Client)] {

@@ -48,6 +48,7 @@ impl Host {
             self.config().limits.clone(),
             scope.clone(),
             self.0.granted(),
+            self.0.network().map(|(_, client)| client),
         ))
     }
 

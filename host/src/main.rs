@@ -448,7 +448,7 @@ fn run(command: Command) -> anyhow::Result<i32> {
                 let env: Vec<(&str, &str)> =
                     env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                let spawn = |dirs| Spawn {
+                let spawn = |dirs, network| Spawn {
                     args: &args,
                     env: &env,
                     name: &name,
@@ -456,6 +456,7 @@ fn run(command: Command) -> anyhow::Result<i32> {
                     deadline_ms,
                     cpu_ms,
                     dirs,
+                    network,
                     ..Spawn::default()
                 };
                 match connect {
@@ -475,7 +476,8 @@ fn run(command: Command) -> anyhow::Result<i32> {
                         let grants: Vec<(&str, &_)> =
                             grants.iter().map(|(p, d)| (p.as_str(), d)).collect();
                         let status =
-                            capsa::exec::run(&connection.executor, &bytes, spawn(&grants)).await?;
+                            capsa::exec::run(&connection.executor, &bytes, spawn(&grants, None))
+                                .await?;
                         anyhow::Ok(status)
                     }
                     None => {
@@ -489,7 +491,11 @@ fn run(command: Command) -> anyhow::Result<i32> {
                         let grants = capsa::client::directories(&executor).await?;
                         let grants: Vec<(&str, &_)> =
                             grants.iter().map(|(p, d)| (p.as_str(), d)).collect();
-                        let status = capsa::exec::run(&executor, &bytes, spawn(&grants)).await;
+                        // `--net`: the program gets the host's network.
+                        let network = capsa::client::network(&executor).await.ok();
+                        let status =
+                            capsa::exec::run(&executor, &bytes, spawn(&grants, network.as_ref()))
+                                .await;
                         host.shutdown().await;
                         Ok(status?)
                     }

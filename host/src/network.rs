@@ -191,16 +191,20 @@ impl NetworkImpl {
         server.map(|s| s.view.clone())
     }
 
-    /// A Network for a child: `client` narrowed by nothing but revoked
-    /// when the child's reference goes, if it is a view of this host;
-    /// else `client` itself.
-    pub async fn for_child(networks: &Networks, client: network::Client) -> network::Client {
-        match Self::local_view(networks, &client).await {
+    /// A Network for a child and the view its wasi:sockets go through: a
+    /// view of this host narrowed by nothing but revoked when the child's
+    /// references go; a Network from elsewhere as it is, with no view
+    /// (its sockets stay closed: the checks need a view of this host).
+    pub async fn for_child(
+        networks: &Networks,
+        given: network::Client,
+    ) -> (Option<network::Client>, Option<Arc<View>>) {
+        match Self::local_view(networks, &given).await {
             Some(view) => match view.restrict(unrestricted()) {
-                Ok(child) => Self::client(child, networks),
-                Err(_) => client,
+                Ok(child) => (Some(Self::client(child.clone(), networks)), Some(child)),
+                Err(_) => (Some(given), None),
             },
-            None => client,
+            None => (Some(given), None),
         }
     }
 }

@@ -15,8 +15,8 @@
 
 use capnp::capability::{FromClientHook, RemotePromise, Request};
 use capsa_schema::capsa_capnp::{
-    byte_sink, byte_source, directory, env_var, executor, options, process, program, StdioMode,
-    WriteMode,
+    byte_sink, byte_source, directory, env_var, executor, network, options, process, program,
+    StdioMode, WriteMode,
 };
 
 pub use capsa_schema::status::ExitStatus;
@@ -58,6 +58,8 @@ pub struct Spawn<'a> {
     /// (`Options.stdoutTo`, `stderrTo`) instead of being pulled.
     pub stdout_to: Option<&'a byte_sink::Client>,
     pub stderr_to: Option<&'a byte_sink::Client>,
+    /// The network granted to the child (`Options.network`); `None`: none.
+    pub network: Option<&'a network::Client>,
 }
 
 impl Default for Spawn<'_> {
@@ -77,6 +79,7 @@ impl Default for Spawn<'_> {
             dirs: &[],
             stdout_to: None,
             stderr_to: None,
+            network: None,
         }
     }
 }
@@ -157,12 +160,21 @@ impl Spawn<'_> {
         if let Some(sink) = self.stderr_to {
             o.set_stderr_to(sink.clone());
         }
+        if let Some(network) = self.network {
+            o.set_network(network.clone());
+        }
         if let Some(cap) = self.bootstrap {
             o.init_bootstrap()
                 .init_capability()
                 .set_as_capability(cap.hook.add_ref());
         }
     }
+}
+
+/// The Network granted to whoever holds `executor` (`denied` if none).
+pub async fn network(executor: &executor::Client) -> capnp::Result<network::Client> {
+    let response = executor.network_request().send().promise.await?;
+    response.get()?.get_network()
 }
 
 /// `Executor.load` of `bytes`, sent: pipeline on its `program`.

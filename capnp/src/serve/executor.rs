@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::rc::Rc;
 
-use crate::capsa_capnp::{directory, executor, process};
+use crate::capsa_capnp::{directory, executor, network, process};
 use crate::error::error;
 use crate::format::Format;
 use crate::program::Hash;
@@ -46,6 +46,12 @@ pub trait Executes: Sized + 'static {
     /// The directories granted to whoever holds this Executor, each at its
     /// path.
     fn grants(&self) -> &[(String, directory::Client)];
+
+    /// The Network granted to whoever holds this Executor, if any. None by
+    /// default: a side that grants no network says so (`denied`).
+    fn network(&self) -> Option<network::Client> {
+        None
+    }
 }
 
 /// What a run starts from.
@@ -122,6 +128,21 @@ impl<E: Executes> executor::Server for E {
             grant.set_path(path);
             grant.set_directory(directory.clone());
         }
+        Ok(())
+    }
+
+    async fn network(
+        self: Rc<Self>,
+        _: executor::NetworkParams,
+        mut results: executor::NetworkResults,
+    ) -> Result<(), capnp::Error> {
+        let network = Executes::network(&*self).ok_or_else(|| {
+            error(
+                ErrorKind::Denied,
+                "no network was granted to whoever holds this Executor",
+            )
+        })?;
+        results.get().set_network(network);
         Ok(())
     }
 

@@ -8,6 +8,11 @@
 //! - `exit CODE`: exits with CODE;
 //! - `stderr`: writes one line to stderr and one to stdout;
 //! - `env`: prints its environment, a `NAME=VALUE` line each, sorted;
+//! - `fetch HOST:PORT PATH`: an HTTP/1.0 `GET PATH` over std's
+//!   `TcpStream` (wasi:sockets in a component), the whole response to
+//!   stdout; a connection refused by the host's network says so on stderr;
+//! - `listen`: tries to listen on a TCP port of every interface and says
+//!   on which, or fails;
 //! - anything else, or nothing: greets with its arguments.
 
 use std::io::{self, Read, Write};
@@ -43,6 +48,14 @@ fn emit(bytes: u64, chunk: usize) -> io::Result<()> {
     Ok(())
 }
 
+fn fetch(address: &str, path: &str) -> io::Result<()> {
+    let mut stream = std::net::TcpStream::connect(address)?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n")?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    io::stdout().write_all(&response)
+}
+
 fn number<T: std::str::FromStr>(what: &str, text: Option<&String>) -> Result<T, String> {
     let text = text.ok_or_else(|| format!("missing {what}"))?;
     text.parse().map_err(|_| format!("bad {what}: {text:?}"))
@@ -60,6 +73,17 @@ fn run(args: &[String]) -> Result<(), String> {
             emit(bytes, chunk).map_err(|e| format!("emit: {e}"))
         }
         Some("exit") => exit(number("CODE", args.get(1))?),
+        Some("listen") => {
+            let listener =
+                std::net::TcpListener::bind("0.0.0.0:0").map_err(|e| format!("listen: {e}"))?;
+            println!("listening on {:?}", listener.local_addr());
+            Ok(())
+        }
+        Some("fetch") => {
+            let address = args.get(1).ok_or("missing HOST:PORT")?;
+            let path = args.get(2).map_or("/", String::as_str);
+            fetch(address, path).map_err(|e| format!("fetch {address}: {e}"))
+        }
         Some("env") => {
             let mut vars: Vec<String> = std::env::vars()
                 .map(|(name, value)| format!("{name}={value}"))
