@@ -36,8 +36,15 @@ fn read(path: &std::path::Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// The guest kernel and initramfs built by the xtask.
+/// The guest kernel and initramfs built by the xtask. For a soak, the
+/// machines' vCPUs (`CAPSA_SOAK_VCPUS`, default 1) and a compile cache on
+/// disk (`CAPSA_SOAK_CACHE_DIR`), so that repeated runs of a test with a
+/// WASM guest measure the machine, not the compiler.
 fn kvm_config(ready: Duration) -> HostConfig {
+    let compile_cache = capsa::engine::CacheConfig {
+        dir: std::env::var_os("CAPSA_SOAK_CACHE_DIR").map(Into::into),
+        ..Default::default()
+    };
     HostConfig {
         vm: Some(VmSettings {
             backend: VmBackend::Kvm {
@@ -45,10 +52,11 @@ fn kvm_config(ready: Duration) -> HostConfig {
                 initramfs: var_path("CAPSA_INITRAMFS"),
             },
             ready_timeout: ready,
-            vcpus: 1,
+            vcpus: u8::try_from(soak_cycles("CAPSA_SOAK_VCPUS", 1)).unwrap_or(1),
             memory_mib: 128,
             total_memory_mib: None,
         }),
+        compile_cache,
         ..HostConfig::default()
     }
 }
