@@ -519,3 +519,55 @@ async fn http_server() -> (u16, Rc<RefCell<usize>>) {
     });
     (port, count)
 }
+
+/// `capsa exec --net` grants the host's network to the program, and an
+/// unreadable `--net` is refused before anything runs, naming the flag.
+#[test]
+fn capsa_exec_grants_its_net_to_the_program() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut request = Vec::new();
+        let mut buf = [0; 1024];
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            request.extend_from_slice(&buf[..n]);
+        }
+        stream
+            .write_all(b"HTTP/1.0 200 OK\r\n\r\nfrom the test")
+            .unwrap();
+    });
+    let hello = guests_dir().join("hello.wasm");
+    let address = format!("127.0.0.1:{port}");
+    let out = std::process::Command::new(capsa_bin())
+        .args(["exec", "--no-cache", "--net", "127.0.0.1,loopback"])
+        .arg(&hello)
+        .args(["--", "fetch", &address, "/"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.ends_with("from the test"), "{stdout}");
+    server.join().unwrap();
+
+    let out = std::process::Command::new(capsa_bin())
+        .args(["exec", "--no-cache", "--net", "port=99999"])
+        .arg(&hello)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(
+        stderr.contains("--net") && stderr.contains("99999"),
+        "{stderr}"
+    );
+}
