@@ -571,3 +571,87 @@ fn capsa_exec_grants_its_net_to_the_program() {
         "{stderr}"
     );
 }
+
+#[test]
+fn resolve_gives_what_connect_would_try_and_refuses_the_rest() {
+    let rules = "*.test,any,pin:ok.test=127.0.0.1+192.0.2.1,pin:local.test=127.0.0.1";
+    with_host(config(rules), |host| async move {
+        let net = network_of(&host.root_executor()).await.unwrap();
+        let resolve = |name: &str| {
+            let mut request = net.resolve_request();
+            request.get().set_host(name);
+            async move {
+                let response = request.send().promise.await.map_err(|e| e.to_string())?;
+                let list = response.get().unwrap().get_addresses().unwrap();
+                Ok::<Vec<String>, String>(
+                    list.iter()
+                        .map(|a| a.unwrap().to_str().unwrap().to_string())
+                        .collect(),
+                )
+            }
+        };
+        // A pin, without the loopback address the view does not allow.
+        assert_eq!(resolve("ok.test").await.unwrap(), ["192.0.2.1"]);
+        // Nothing left of a name: denied, naming the class.
+        assert_kind(
+            &refused(resolve("local.test").await),
+            ErrorKind::Denied,
+            "loopback",
+        );
+        assert_kind(
+            &refused(resolve("localhost").await),
+            ErrorKind::Denied,
+            "loopback",
+        );
+        // An address is itself, if the view allows it as one.
+        assert_eq!(resolve("192.0.2.7").await.unwrap(), ["192.0.2.7"]);
+        assert_kind(
+            &refused(resolve("10.0.0.1").await),
+            ErrorKind::Denied,
+            "private",
+        );
+        assert_kind(&refused(resolve("a b").await), ErrorKind::BadRequest, "");
+    });
+}
+
+/// A peer that never reads holds the writer back: writes stop completing
+/// once the kernel's buffers are full, and nothing piles up in the host.
+#[test]
+fn a_peer_that_never_reads_holds_the_writer_back() {
+    with_host(config("127.0.0.1,loopback"), |host| async move {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Accepts and keeps the connection, never reading.
+        let held = tokio::task::spawn_local(async move { listener.accept().await.unwrap() });
+        let net = network_of(&host.root_executor()).await.unwrap();
+        let c = connect(&net, "127.0.0.1", port).await.unwrap();
+        let _peer = held.await.unwrap();
+        let (_input, output) = halves(&c).await;
+        let chunk = vec![7u8; 64 << 10];
+        let rss = rss_kib();
+        let mut written = 0usize;
+        loop {
+            let write = write(&output, &chunk);
+            match tokio::time::timeout(Duration::from_secs(2), write).await {
+                Ok(result) => {
+                    result.unwrap();
+                    written += chunk.len();
+                }
+                Err(_) => break,
+            }
+            assert!(
+                written < 256 << 20,
+                "256 MiB written to a peer that reads nothing"
+            );
+        }
+        eprintln!(
+            "{} KiB taken before the writer was held back",
+            written >> 10
+        );
+        assert!(
+            rss_kib() < rss + 64 * 1024,
+            "the host grew by {} KiB",
+            rss_kib() - rss
+        );
+    });
+}
