@@ -203,6 +203,17 @@ mod native_kvm {
         sink.close_request().send().promise.await.expect("close");
     }
 
+    /// The machine's random number generator is seeded before its first
+    /// program runs: a program's `getrandom` does not wait.
+    #[test]
+    fn a_machines_random_numbers_are_seeded_before_its_programs_run() {
+        on_native_kvm(|_, root, bb| async move {
+            let (out, _, status) = busybox_output(&root, &bb, &["dmesg"], &[]).await;
+            assert_eq!(status, ExitStatus::Exited(0));
+            assert!(out.contains("crng init done"), "{out}");
+        });
+    }
+
     /// Without `name`, argv[0] is "busybox" and busybox runs the applet
     /// args[0] names; args, the environment and exit codes come through.
     /// More ELFs then run in the same machine through its agent's

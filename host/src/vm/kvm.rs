@@ -220,7 +220,11 @@ pub(super) async fn boot(
             source,
         })?,
     };
-    let mut cmdline = String::from("console=ttyS0 reboot=k panic=-1 quiet");
+    // `random.trust_cpu=on`: the guest seeds its random number generator
+    // from the CPU's RDRAND at boot. The machine has no other source (no
+    // virtio-rng device, no disk, few interrupts), so without it a program
+    // calling `getrandom` waits for the kernel's jitter entropy.
+    let mut cmdline = String::from("console=ttyS0 reboot=k panic=-1 quiet random.trust_cpu=on");
     let mut profile = CpuProfile::Native;
     if let Some(p) = probed.get().await.filter(|p| p.emulated) {
         profile = CpuProfile::Compat;
