@@ -222,18 +222,6 @@ pub fn read_rules(rules: net_rules::Reader<'_>) -> Result<Rules, NetError> {
             .map_err(|_| NetError::BadRequest("a rule is not UTF-8".to_string()))
     };
     let capnp_err = |e: capnp::Error| NetError::BadRequest(e.to_string());
-    let bounded = |what: &'static str, count: u32| -> Result<(), NetError> {
-        let count = count as usize;
-        if count > crate::netpolicy::MAX_RULES {
-            return Err(RuleError::TooMany {
-                what,
-                count,
-                max: crate::netpolicy::MAX_RULES,
-            }
-            .into());
-        }
-        Ok(())
-    };
     let mut out = Rules {
         allow_private: rules.get_allow_private(),
         allow_loopback: rules.get_allow_loopback(),
@@ -241,45 +229,31 @@ pub fn read_rules(rules: net_rules::Reader<'_>) -> Result<Rules, NetError> {
         max_connections: rules.get_max_connections(),
         ..Rules::default()
     };
-    let hosts = rules.get_hosts().map_err(capnp_err)?;
-    bounded("hosts", hosts.len())?;
-    for h in hosts.iter() {
+    for h in rules.get_hosts().map_err(capnp_err)?.iter() {
         out.hosts
             .push(HostPattern::parse(&text(h.map_err(capnp_err)?)?)?);
     }
-    let ranges = rules.get_ranges().map_err(capnp_err)?;
-    bounded("ranges", ranges.len())?;
-    for r in ranges.iter() {
+    for r in rules.get_ranges().map_err(capnp_err)?.iter() {
         out.ranges.push(crate::netpolicy::parse_range(&text(
             r.map_err(capnp_err)?,
         )?)?);
     }
-    let ports = rules.get_ports().map_err(capnp_err)?;
-    bounded("port ranges", ports.len())?;
-    for p in ports.iter() {
+    for p in rules.get_ports().map_err(capnp_err)?.iter() {
         let (first, last) = (p.get_first(), p.get_last());
         out.ports.push((first, last.max(first)));
     }
-    let pins = rules.get_pins().map_err(capnp_err)?;
-    bounded("pins", pins.len())?;
-    for pin in pins.iter() {
+    for pin in rules.get_pins().map_err(capnp_err)?.iter() {
         let name = text(pin.get_host().map_err(capnp_err)?)?;
         let list = pin.get_addresses().map_err(capnp_err)?;
-        if list.len() as usize > crate::netpolicy::MAX_PIN_ADDRESSES {
-            return Err(RuleError::TooMany {
-                what: "addresses for one pinned name",
-                count: list.len() as usize,
-                max: crate::netpolicy::MAX_PIN_ADDRESSES,
-            }
-            .into());
-        }
         let mut addresses = Vec::new();
         for a in list.iter() {
             let a = text(a.map_err(capnp_err)?)?;
             addresses.push(a.parse().map_err(|_| RuleError::BadAddress(a.clone()))?);
         }
+        // Bounds the number of addresses.
         out.add_pin(&name, addresses)?;
     }
+    out.check_sizes()?;
     Ok(out)
 }
 

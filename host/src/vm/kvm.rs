@@ -66,16 +66,22 @@ async fn diagnosis<F: std::future::Future<Output = ()>>(
             ));
         }
     }
+    out.push_str(&kernel_log_text(vm));
+    out
+}
+
+/// The newest records of the guest kernel's log, for a report.
+fn kernel_log_text(vm: &Vm) -> String {
     match vm.kernel_log(KERNEL_LOG_RECORDS) {
         Ok(records) => {
-            out.push_str("; kernel log:");
+            let mut out = String::from("; kernel log:");
             for r in records {
                 out.push_str(&format!("\n  <{}>{}", r.level, r.text));
             }
+            out
         }
-        Err(e) => out.push_str(&format!("; no kernel log: {e}")),
+        Err(e) => format!("; no kernel log: {e}"),
     }
-    out
 }
 
 /// A report of every microVM of this process still running, for a
@@ -137,8 +143,7 @@ impl KvmMachine {
     /// What the guest's kernel logged last (after the machine stopped
     /// too: its memory is there until it is dropped).
     pub(super) fn kernel_log_tail(&self) -> String {
-        let vm = &self.0;
-        futures::executor::block_on(diagnosis(vm, |_| std::future::ready(())))
+        kernel_log_text(&self.0)
     }
 
     /// The console's last lines.
